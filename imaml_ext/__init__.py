@@ -1,0 +1,16 @@
+"""imaml_ext: fast, small meta-gradients for gradient-based meta-learning.
+
+Public API (DESIGN.md §3): :func:`imaml`, :func:`maml`, the batched solvers
+:func:`cg` and :func:`hvp`, the fused vector ops in :mod:`imaml_ext.ops`, and
+:func:`backend`, which says which implementation of those ops runs.
+"""
+from . import ops
+from ._build import backend
+from .adapted import Adapted
+from .hvp import hvp, make_hvp
+from .implicit import imaml
+from .solvers import CGResult, cg
+
+__version__ = "0.1.0"
+
+__all__ = ["imaml", "Adapted", "cg", "CGResult", "hvp", "make_hvp", "ops", "backend", "__version__"]

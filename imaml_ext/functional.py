@@ -1,0 +1,108 @@
+"""A user's ``nn.Module`` and loss as pure, task-batched functions of flat parameters.
+
+:class:`TaskLoss` turns ``model`` and ``loss_fn(outputs, targets)`` into
+
+* ``per_task(phi_t [P], x_t [n, ...], y_t [n, ...]) -> scalar``, a pure function
+  in the sense of ``torch.func`` (what :mod:`imaml_ext.hvp` differentiates);
+* ``outputs(phi [T, P], x [T, m, ...]) -> [T, m, ...]`` and
+  ``losses(phi, x, y) -> [T]``, the same vectorised over tasks with ``vmap``;
+* ``grad(phi, x, y) -> ([T, P], [T])``, per-task gradients and losses.
+
+Parameters that do not require grad and buffers are passed to the model as
+constants shared by all tasks.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from .flat import ParamLayout
+
+__all__ = ["TaskLoss", "check_module"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def check_module(model: nn.Module) -> None:
+    """Reject models whose forward would update state under ``vmap``.
+
+    Batch-norm layers with running statistics in training mode write to their
+    buffers on every forward pass, which cannot be done for T tasks at once
+    (and would mix the tasks' statistics).  MAML and iMAML use batch
+    statistics: build such layers with ``track_running_stats=False``.
+    """
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.training \
+                and getattr(mod, "track_running_stats", False) and mod.running_mean is not None:
+            raise ValueError(
+                f"layer '{name or type(mod).__name__}' ({type(mod).__name__}) keeps running "
+                "statistics and updates them in training mode, which cannot be batched over "
+                "tasks; construct it with track_running_stats=False (MAML/iMAML use batch "
+                "statistics), or put the model in eval mode to use its stored statistics")
+
+
+class TaskLoss:
+    """``model`` + ``loss_fn`` as functions of a flat parameter vector per task."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        check_module(model)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.layout = ParamLayout.from_module(model)
+        if self.layout.numel == 0:
+            raise ValueError("the model has no parameters that require grad: nothing to meta-learn")
+        params = [p for p in model.parameters() if p.requires_grad]
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if any(not d.is_floating_point for d in dtypes):
+            raise TypeError(f"parameters that require grad must be floating point, got {sorted(map(str, dtypes))}")
+        if len(dtypes) > 1:
+            raise TypeError(
+                f"all trainable parameters must share one dtype to be packed into a flat "
+                f"buffer, got {sorted(map(str, dtypes))}; call model.to(dtype) first")
+        if len(devices) > 1:
+            raise ValueError(f"all trainable parameters must be on one device, got {sorted(map(str, devices))}")
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        trainable = set(self.layout.names)
+        self.constants: Dict[str, torch.Tensor] = {
+            n: p for n, p in model.named_parameters() if n not in trainable}
+        self.constants.update(dict(model.named_buffers()))
+
+    def theta(self) -> torch.Tensor:
+        """The model's trainable parameters as one ``[P]`` vector (differentiable)."""
+        return self.layout.flatten(dict(self.model.named_parameters()))
+
+    def _call(self, phi_t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        tensors = self.layout.unflatten(phi_t)
+        tensors.update(self.constants)
+        return functional_call(self.model, tensors, (x_t,))
+
+    def per_task(self, phi_t: torch.Tensor, x_t: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
+        """Scalar loss of one task: ``loss_fn(model_phi_t(x_t), y_t)``."""
+        return self.loss_fn(self._call(phi_t, x_t), y_t)
+
+    def outputs(self, phi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Model outputs for every task: phi [T, P], x [T, m, ...] -> [T, m, ...]."""
+        return vmap(self._call)(phi, x)
+
+    def losses(self, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-task losses [T]."""
+        return vmap(self.per_task)(phi, x, y)
+
+    def grad(self, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-task gradients ``[T, P]`` and losses ``[T]`` at ``phi`` (no graph kept).
+
+        The tasks are independent, so the gradient of the summed loss with
+        respect to ``phi`` holds each task's own gradient in its row.
+        """
+        with torch.enable_grad():
+            p = phi.detach().requires_grad_(True)
+            losses = self.losses(p, x, y)
+            (g,) = torch.autograd.grad(losses.sum(), p, allow_unused=True)
+        if g is None:
+            g = torch.zeros_like(phi)
+        return g, losses.detach()

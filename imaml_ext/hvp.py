@@ -1,0 +1,97 @@
+"""Batched Hessian-vector products of per-task losses.
+
+For T independent tasks with losses f(φ_t; x_t, y_t), ``make_hvp`` returns a
+function v ↦ [H_1 v_1, ..., H_T v_T] (``[T, P] -> [T, P]``), where H_t is the
+Hessian of task t's loss with respect to its own parameters at φ_t.
+
+Two modes:
+
+* ``"reverse"`` (reverse-over-reverse): the per-task gradient graph
+  g(φ) = ∇ Σ_t f_t is built once; each product is one backward pass
+  through it, ∇_φ ⟨g(φ), v⟩.  Because the tasks do not share parameters,
+  ∇_φ ⟨g, v⟩ holds H_t v_t in row t.  Cheap per product, keeps the graph.
+* ``"forward"`` (forward-over-reverse): ``jvp`` of ``grad`` under ``vmap``,
+  with no retained graph; each product re-runs forward and backward.
+
+``"auto"`` picks the mode measured faster on the device
+(``benchmarks/bench_hvp.py``).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.func import grad, jvp, vmap
+
+__all__ = ["make_hvp", "hvp", "HVP_MODES", "default_mode"]
+
+HVP_MODES = ("reverse", "forward")
+PerTaskLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+
+def default_mode(device: torch.device) -> str:
+    """The HVP mode measured faster on ``device``'s type (see benchmarks/RESULTS.md)."""
+    return "reverse"
+
+
+def _reverse(f: PerTaskLoss, phi, x, y) -> Matvec:
+    with torch.enable_grad():
+        p = phi.detach().requires_grad_(True)
+        total = vmap(f)(p, x, y).sum()
+        (g,) = torch.autograd.grad(total, p, create_graph=True, allow_unused=True)
+    if g is None or not g.requires_grad:
+        # The loss is affine in φ: its Hessian is zero.
+        return torch.zeros_like
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            (hv,) = torch.autograd.grad(g, p, grad_outputs=v, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(v) if hv is None else hv
+
+    return matvec
+
+
+def _forward(f: PerTaskLoss, phi, x, y) -> Matvec:
+    phi = phi.detach()
+    grad_f = grad(f)
+
+    def one_task(p, v, x_t, y_t):
+        return jvp(lambda q: grad_f(q, x_t, y_t), (p,), (v,))[1]
+
+    batched = vmap(one_task)
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        return batched(phi, v, x, y)
+
+    return matvec
+
+
+def make_hvp(f: PerTaskLoss, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+             mode: str = "auto") -> Matvec:
+    """Batched Hessian-vector product at ``phi``.
+
+    Args:
+        f: per-task loss ``f(phi_t [P], x_t, y_t) -> scalar``, a pure function.
+        phi: ``[T, P]`` point at which the Hessians are taken.
+        x, y: per-task data, leading dimension T.
+        mode: ``"reverse"``, ``"forward"`` or ``"auto"``.
+
+    Returns:
+        ``matvec(v [T, P]) -> [T, P]`` with row t equal to H_t v_t.
+    """
+    if phi.dim() != 2:
+        raise ValueError(f"phi must be [T, P], got shape {tuple(phi.shape)}")
+    if mode == "auto":
+        mode = default_mode(phi.device)
+    if mode == "reverse":
+        return _reverse(f, phi, x, y)
+    if mode == "forward":
+        return _forward(f, phi, x, y)
+    raise ValueError(f"unknown HVP mode {mode!r}; choose one of {HVP_MODES + ('auto',)}")
+
+
+def hvp(f: PerTaskLoss, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+        v: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+    """One batched Hessian-vector product ``[T, P]`` (see :func:`make_hvp`)."""
+    return make_hvp(f, phi, x, y, mode)(v)

@@ -1,0 +1,47 @@
+"""Checks of user input shared by the meta-gradient entry points."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .functional import TaskLoss
+
+__all__ = ["check_task_batch", "check_positive", "check_nonnegative", "check_steps"]
+
+
+def check_task_batch(task_loss: TaskLoss, x: torch.Tensor, y: torch.Tensor, what: str = "support") -> None:
+    """``x`` [T, n, ...] and ``y`` [T, n, ...]: task dimension first, same T and n,
+    on the model's device, finite."""
+    for name, t in ((f"{what}_x", x), (f"{what}_y", y)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(
+                f"{name} must have the task dimension first, [T, n, ...], got shape {tuple(t.shape)}; "
+                f"for a single task use {name}.unsqueeze(0)")
+        if t.device != task_loss.device:
+            raise ValueError(f"{name} is on {t.device} but the model is on {task_loss.device}; move one of them")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{what}_x has {x.shape[0]} tasks but {what}_y has {y.shape[0]}; "
+                         "both need the same task dimension T first")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"{what}_x has {x.shape[1]} examples per task but {what}_y has {y.shape[1]}")
+    for name, t in ((f"{what}_x", x), (f"{what}_y", y)):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def check_nonnegative(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+
+
+def check_steps(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")

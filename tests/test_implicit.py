@@ -1,0 +1,212 @@
+"""iMAML meta-gradients against closed forms and independent dense computations."""
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import imaml_ext as im
+from imaml_ext.inner import NonFiniteLossError
+
+LAM = 2.0
+
+
+def half_mse(out, target):
+    return 0.5 * ((out.squeeze(-1) - target) ** 2).mean()
+
+
+def ridge_tasks(T=4, d=5, n=12, m=9):
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(T, n, d, generator=g, dtype=torch.float64)
+    ys = torch.randn(T, n, generator=g, dtype=torch.float64)
+    xq = torch.randn(T, m, d, generator=g, dtype=torch.float64)
+    yq = torch.randn(T, m, generator=g, dtype=torch.float64)
+    return xs, ys, xq, yq
+
+
+def ridge_closed_form(theta, xs, ys, xq, yq, lam):
+    """φ_t* = (H_t + λI)⁻¹(X_tᵀy_t/n + λθ) with H_t = X_tᵀX_t/n;
+    meta-gradient of Σ_t L_t(φ_t*) is Σ_t λ(H_t + λI)⁻¹ ∇L_t(φ_t*)."""
+    T, n, d = xs.shape
+    eye = torch.eye(d, dtype=theta.dtype)
+    H = xs.transpose(1, 2) @ xs / n
+    phi = torch.linalg.solve(H + lam * eye, (xs.transpose(1, 2) @ ys.unsqueeze(-1)).squeeze(-1) / n + lam * theta)
+    resid = (xq @ phi.unsqueeze(-1)).squeeze(-1) - yq
+    grad_q = (xq.transpose(1, 2) @ resid.unsqueeze(-1)).squeeze(-1) / xq.shape[1]
+    meta = lam * torch.linalg.solve(H + lam * eye, grad_q)
+    return phi, meta.sum(0)
+
+
+@pytest.mark.parametrize("solver,kw", [
+    ("gd", dict(inner_steps=3000, inner_lr=0.2)),
+    ("hf", dict(inner_steps=2, inner_cg_steps=12)),
+])
+def test_ridge_regression_matches_closed_form(solver, kw):
+    xs, ys, xq, yq = ridge_tasks()
+    model = nn.Linear(5, 1, bias=False).double()
+    theta = model.weight.detach().flatten().clone()
+    adapted = im.imaml(model, xs, ys, half_mse, lam=LAM, inner_solver=solver,
+                       cg_steps=30, cg_tol=1e-14, **kw)
+    loss = sum(half_mse(adapted(xq)[t], yq[t]) for t in range(xq.shape[0]))
+    loss.backward()
+    phi_ref, meta_ref = ridge_closed_form(theta, xs, ys, xq, yq, LAM)
+    phi = adapted.flat.detach()
+    assert (phi - phi_ref).norm() / phi_ref.norm() < 1e-8
+    got = model.weight.grad.flatten()
+    assert (got - meta_ref).norm() / meta_ref.norm() < 1e-8
+
+
+def test_tanh_mlp_matches_dense_inverse():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    T = 3
+    xs, ys = torch.randn(T, 10, 2, dtype=torch.float64), torch.randint(0, 3, (T, 10))
+    xq, yq = torch.randn(T, 8, 2, dtype=torch.float64), torch.randint(0, 3, (T, 8))
+    adapted = im.imaml(model, xs, ys, F.cross_entropy, lam=LAM, inner_steps=300, inner_lr=0.1,
+                       cg_steps=100, cg_tol=1e-15)
+    F.cross_entropy(adapted(xq).flatten(0, 1), yq.flatten()).backward()
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    # Independent dense computation at the same φ*.
+    tl = adapted.task_loss
+    phi = adapted.flat.detach()
+    expected = torch.zeros_like(got)
+    P = phi.shape[1]
+    for t in range(T):
+        H = torch.autograd.functional.hessian(lambda p: tl.per_task(p, xs[t], ys[t]), phi[t])
+        p = phi[t].clone().requires_grad_(True)
+        q_loss = F.cross_entropy(tl._call(p, xq[t]), yq[t], reduction="sum") / (T * 8)
+        (gq,) = torch.autograd.grad(q_loss, p)
+        expected += torch.linalg.solve(torch.eye(P, dtype=torch.float64) + H / LAM, gq)
+    assert (got - expected).norm() / expected.norm() < 1e-9
+    assert (adapted.info["cg"].state == im.solvers.CONVERGED).all()
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_batched_equals_single_task_calls(mode):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    T = 3
+    xs, ys = torch.randn(T, 6, 3, dtype=torch.float64), torch.randint(0, 2, (T, 6))
+    xq, yq = torch.randn(T, 5, 3, dtype=torch.float64), torch.randint(0, 2, (T, 5))
+    kw = dict(lam=1.5, inner_steps=10, inner_lr=0.3, cg_steps=7, hvp_mode=mode)
+
+    adapted = im.imaml(model, xs, ys, F.cross_entropy, **kw)
+    sum(F.cross_entropy(adapted(xq)[t], yq[t]) for t in range(T)).backward()
+    batched = [p.grad.clone() for p in model.parameters()]
+    phis = adapted.flat.detach()
+
+    model.zero_grad()
+    for t in range(T):
+        single = im.imaml(model, xs[t:t + 1], ys[t:t + 1], F.cross_entropy, **kw)
+        torch.testing.assert_close(single.flat.detach()[0], phis[t], rtol=1e-12, atol=1e-13)
+        F.cross_entropy(single(xq[t:t + 1])[0], yq[t]).backward()
+    for b, s in zip(batched, model.parameters()):
+        torch.testing.assert_close(b, s.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_operator_option_and_imaml_dev_compat():
+    """compat='imaml_dev' = GD on L̂, then one pull-back step, and the system
+    (1 + d)·I + H/(λ + 10), checked on a ridge problem in closed form."""
+    xs, ys, xq, yq = ridge_tasks(T=2)
+    model = nn.Linear(5, 1, bias=False).double()
+    theta = model.weight.detach().flatten().clone()
+    lam, lr, steps, d = 1.0, 0.1, 5, 1.0
+    adapted = im.imaml(model, xs, ys, half_mse, lam=lam, inner_steps=steps, inner_lr=lr,
+                       cg_steps=40, cg_tol=1e-14, compat="imaml_dev", cg_damping=d)
+    sum(half_mse(adapted(xq)[t], yq[t]) for t in range(2)).backward()
+
+    n = xs.shape[1]
+    H = xs.transpose(1, 2) @ xs / n
+    b = (xs.transpose(1, 2) @ ys.unsqueeze(-1)).squeeze(-1) / n
+    phi = theta.expand(2, -1).clone()
+    for _ in range(steps):
+        phi = phi - lr * ((H @ phi.unsqueeze(-1)).squeeze(-1) - b)
+    phi = phi - lr * lam * (phi - theta)
+    torch.testing.assert_close(adapted.flat.detach(), phi, rtol=1e-12, atol=1e-13)
+    resid = (xq @ phi.unsqueeze(-1)).squeeze(-1) - yq
+    gq = (xq.transpose(1, 2) @ resid.unsqueeze(-1)).squeeze(-1) / xq.shape[1]
+    A = (1 + d) * torch.eye(5, dtype=torch.float64) + H / (lam + 10)
+    torch.testing.assert_close(model.weight.grad.flatten(), torch.linalg.solve(A, gq).sum(0),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_memory_graph_free_inner_loop():
+    """The adapted buffer's graph has one node from the implicit function,
+    whatever the number of inner steps."""
+    model = nn.Linear(4, 1).double()
+    xs, ys = torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    adapted = im.imaml(model, xs, ys, half_mse, inner_steps=50)
+    assert type(adapted.flat.grad_fn).__name__.startswith("_ImplicitMetaGrad")
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        self.x = torch.randn(2, 5, 3)
+        self.y = torch.randint(0, 2, (2, 5))
+
+    def test_mismatched_tasks(self):
+        with pytest.raises(ValueError, match="2 tasks but support_y has 3"):
+            im.imaml(self.model, self.x, torch.randint(0, 2, (3, 5)))
+
+    def test_missing_task_dimension(self):
+        with pytest.raises(ValueError, match="task dimension first"):
+            im.imaml(self.model, self.x[0], self.y[0, 0])
+
+    def test_non_floating_parameters(self):
+        model = nn.Linear(3, 2)
+        model.weight = nn.Parameter(torch.ones(2, 3, dtype=torch.int64), requires_grad=False)
+        model.bias.requires_grad_(False)
+        with pytest.raises(ValueError, match="no parameters that require grad"):
+            im.imaml(model, self.x, self.y)
+
+    def test_mixed_dtypes(self):
+        model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2).double())
+        with pytest.raises(TypeError, match="one dtype"):
+            im.imaml(model, self.x, self.y)
+
+    @pytest.mark.parametrize("lam", [0.0, -1.0, float("nan")])
+    def test_bad_lambda(self, lam):
+        with pytest.raises(ValueError, match="lam must be a positive"):
+            im.imaml(self.model, self.x, self.y, lam=lam)
+
+    @pytest.mark.parametrize("name", ["inner_steps", "cg_steps"])
+    def test_negative_steps(self, name):
+        with pytest.raises(ValueError, match=f"{name} must be a non-negative integer"):
+            im.imaml(self.model, self.x, self.y, **{name: -1})
+
+    def test_nan_in_data(self):
+        x = self.x.clone()
+        x[1, 2, 0] = float("nan")
+        with pytest.raises(ValueError, match="support_x contains NaN"):
+            im.imaml(self.model, x, self.y)
+
+    def test_batchnorm_running_stats(self):
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+        with pytest.raises(ValueError, match="track_running_stats=False"):
+            im.imaml(model, self.x, self.y)
+
+    def test_batchnorm_batch_stats_work(self):
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2))
+        adapted = im.imaml(model, self.x, self.y, inner_steps=2)
+        F.cross_entropy(adapted(self.x).flatten(0, 1), self.y.flatten()).backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+    def test_unknown_solver_and_compat(self):
+        with pytest.raises(ValueError, match="inner_solver"):
+            im.imaml(self.model, self.x, self.y, inner_solver="adam")
+        with pytest.raises(ValueError, match="compat"):
+            im.imaml(self.model, self.x, self.y, compat="paper")
+
+    def test_divergent_inner_loop_names_task_and_step(self):
+        model = nn.Linear(3, 1)
+        x = torch.randn(2, 5, 3)
+        x[1] *= 1e3
+        y = torch.randn(2, 5)
+        with pytest.raises(NonFiniteLossError, match="task 1 at step"):
+            im.imaml(model, x, y, half_mse, inner_lr=10.0, inner_steps=200)
+
+    def test_wrong_shape_query(self):
+        adapted = im.imaml(self.model, self.x, self.y, inner_steps=1)
+        with pytest.raises(ValueError, match=r"\[T=2, m, ...\]"):
+            adapted(torch.randn(3, 4, 3))

@@ -1,0 +1,98 @@
+"""Batched conjugate gradient against dense solves."""
+import pytest
+import torch
+
+import imaml_ext as im
+from imaml_ext.solvers import CONVERGED, NONPOSITIVE_CURVATURE, RUNNING
+
+
+def random_spd(T, P, cond=50.0, dtype=torch.float64):
+    q, _ = torch.linalg.qr(torch.randn(T, P, P, dtype=dtype))
+    eig = torch.logspace(0, torch.log10(torch.tensor(cond)).item(), P, dtype=dtype)
+    return q @ torch.diag_embed(eig.expand(T, P)) @ q.transpose(1, 2)
+
+
+def batched_matvec(M):
+    return lambda v: torch.einsum("tij,tj->ti", M, v)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+def test_cg_matches_dense_solve(dtype, rtol):
+    T, P = 6, 12
+    M = random_spd(T, P).to(dtype)
+    rhs = torch.randn(T, P, dtype=dtype)
+    res = im.cg(batched_matvec(M), rhs, max_iter=4 * P, tol=1e-12 if dtype == torch.float64 else 1e-6)
+    ref = torch.linalg.solve(M.double(), rhs.double())
+    err = (res.x.double() - ref).norm() / ref.norm()
+    assert err < rtol
+    assert (res.state == CONVERGED).all()
+    assert (res.iterations <= P + 2).all() if dtype == torch.float64 else True
+
+
+def test_cg_shift_scale_operator():
+    T, P = 4, 9
+    M = random_spd(T, P)
+    rhs = torch.randn(T, P, dtype=torch.float64)
+    a, b = 1.3, 0.25
+    res = im.cg(batched_matvec(M), rhs, shift=a, scale=b, max_iter=3 * P, tol=1e-13)
+    A = a * torch.eye(P, dtype=torch.float64) + b * M
+    torch.testing.assert_close(res.x, torch.linalg.solve(A, rhs), rtol=1e-10, atol=1e-12)
+
+
+def test_cg_warm_start():
+    T, P = 3, 8
+    M = random_spd(T, P)
+    rhs = torch.randn(T, P, dtype=torch.float64)
+    x0 = torch.randn(T, P, dtype=torch.float64)
+    res = im.cg(batched_matvec(M), rhs, x0=x0, max_iter=3 * P, tol=1e-13)
+    torch.testing.assert_close(res.x, torch.linalg.solve(M, rhs), rtol=1e-10, atol=1e-12)
+
+
+def test_indefinite_task_stops_without_nan_and_others_continue():
+    T, P = 3, 10
+    M = random_spd(T, P)
+    M[1] = -M[1]                       # negative definite: pᵀAp < 0 at once
+    rhs = torch.randn(T, P, dtype=torch.float64)
+    res = im.cg(batched_matvec(M), rhs, max_iter=3 * P, tol=1e-12)
+    assert torch.isfinite(res.x).all()
+    assert res.state[1] == NONPOSITIVE_CURVATURE
+    assert res.iterations[1] == 0
+    assert torch.equal(res.x[1], torch.zeros(P, dtype=torch.float64))  # last iterate kept: x0
+    for t in (0, 2):
+        assert res.state[t] == CONVERGED
+        torch.testing.assert_close(res.x[t], torch.linalg.solve(M[t], rhs[t]), rtol=1e-9, atol=1e-11)
+    assert "stopped" in res.summary()
+
+
+def test_tasks_stop_independently():
+    """A well-conditioned task converges in few steps and is then frozen, while a
+    harder one keeps iterating."""
+    T, P = 2, 30
+    M = torch.stack([torch.eye(P, dtype=torch.float64) * 2.0, random_spd(1, P, cond=1e4)[0]])
+    rhs = torch.randn(T, P, dtype=torch.float64)
+    res = im.cg(batched_matvec(M), rhs, max_iter=P, tol=1e-10)
+    assert res.iterations[0] == 1 and res.state[0] == CONVERGED
+    assert res.iterations[1] > 5
+    torch.testing.assert_close(res.x[0], rhs[0] / 2.0)
+
+
+def test_max_iter_reached_is_reported():
+    M = random_spd(2, 20, cond=1e3)
+    res = im.cg(batched_matvec(M), torch.randn(2, 20, dtype=torch.float64), max_iter=2)
+    assert (res.state == RUNNING).all() and (res.iterations == 2).all()
+
+
+def test_zero_rhs_converges_at_start():
+    M = random_spd(2, 5)
+    res = im.cg(batched_matvec(M), torch.zeros(2, 5, dtype=torch.float64), max_iter=5)
+    assert (res.state == CONVERGED).all() and (res.iterations == 0).all()
+    assert torch.equal(res.x, torch.zeros(2, 5, dtype=torch.float64))
+
+
+def test_cg_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\[T, P\]"):
+        im.cg(lambda v: v, torch.randn(5))
+    with pytest.raises(TypeError, match="floating"):
+        im.cg(lambda v: v, torch.ones(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="max_iter"):
+        im.cg(lambda v: v, torch.randn(2, 3), max_iter=-1)
