@@ -1,0 +1,127 @@
+// Helpers for the CPU kernels: parallel loops over fixed-size chunks of the
+// rows of a [T, P] buffer, and vectorized per-chunk sums.
+//
+// Reductions are deterministic: each chunk is summed in a fixed order and the
+// chunk partials of a row are then added in chunk order, so the result does not
+// depend on the number of threads.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace imaml_ext::cpu {
+
+// Elements per chunk. Fixed (not derived from the thread count) so that the
+// summation order, and hence every result bit, is reproducible.
+constexpr int64_t kChunk = 8192;
+
+inline int64_t num_chunks(int64_t P) {
+  return (P + kChunk - 1) / kChunk;
+}
+
+// Calls f(t, c, begin, end) for chunk c = [begin, end) of every row t, with
+// the T * num_chunks(P) chunks spread over at::parallel_for's threads.
+template <typename F>
+void for_each_chunk(int64_t T, int64_t P, const F& f) {
+  const int64_t nc = num_chunks(P);
+  at::parallel_for(0, T * nc, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t t = i / nc;
+      const int64_t c = i % nc;
+      f(t, c, c * kChunk, std::min(P, (c + 1) * kChunk));
+    }
+  });
+}
+
+// Loads n <= Vec::size() elements from ptr; lanes past n are zero.
+template <typename scalar_t>
+inline at::vec::Vectorized<scalar_t> load(const scalar_t* ptr, int64_t n) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  return n == Vec::size() ? Vec::loadu(ptr) : Vec::loadu(ptr, n);
+}
+
+// Stores the first n <= Vec::size() lanes of v to ptr.
+template <typename scalar_t>
+inline void store(const at::vec::Vectorized<scalar_t>& v, scalar_t* ptr,
+                  int64_t n) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  if (n == Vec::size()) {
+    v.store(ptr);
+  } else {
+    v.store(ptr, static_cast<int>(n));
+  }
+}
+
+// Returns the sum over [begin, end) of term(i, n), a Vectorized<scalar_t>
+// built from the n elements starting at i (n < Vec::size() only at the end of
+// the range; lanes past n must be zero, which load() guarantees for products
+// of loaded values). term may also store updated values: every index is
+// visited exactly once.
+template <typename scalar_t, typename F>
+scalar_t reduce_chunk(int64_t begin, int64_t end, const F& term) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  Vec acc0(scalar_t(0)), acc1(scalar_t(0)), acc2(scalar_t(0)), acc3(scalar_t(0));
+  int64_t i = begin;
+  for (; i + 4 * W <= end; i += 4 * W) {
+    acc0 = acc0 + term(i, W);
+    acc1 = acc1 + term(i + W, W);
+    acc2 = acc2 + term(i + 2 * W, W);
+    acc3 = acc3 + term(i + 3 * W, W);
+  }
+  for (; i < end; i += W) {
+    acc0 = acc0 + term(i, std::min(W, end - i));
+  }
+  acc0 = (acc0 + acc1) + (acc2 + acc3);
+  scalar_t lanes[W];
+  acc0.store(lanes);
+  scalar_t sum = 0;
+  for (int64_t k = 0; k < W; ++k) {
+    sum += lanes[k];
+  }
+  return sum;
+}
+
+// Calls body(i, n) over [begin, end) in steps of Vec::size() elements
+// (n < Vec::size() only for the last step).
+template <typename scalar_t, typename F>
+void map_chunk(int64_t begin, int64_t end, const F& body) {
+  constexpr int64_t W = at::vec::Vectorized<scalar_t>::size();
+  int64_t i = begin;
+  for (; i + W <= end; i += W) {
+    body(i, W);
+  }
+  if (i < end) {
+    body(i, end - i);
+  }
+}
+
+// Per-chunk partial sums of a [T, P] reduction, summed per row in chunk order.
+template <typename scalar_t>
+class Partials {
+ public:
+  Partials(int64_t T, int64_t P)
+      : nc_(num_chunks(P)), values_(T * nc_, scalar_t(0)) {}
+
+  scalar_t& at(int64_t t, int64_t c) {
+    return values_[t * nc_ + c];
+  }
+
+  scalar_t row_sum(int64_t t) const {
+    scalar_t sum = 0;
+    for (int64_t c = 0; c < nc_; ++c) {
+      sum += values_[t * nc_ + c];
+    }
+    return sum;
+  }
+
+ private:
+  int64_t nc_;
+  std::vector<scalar_t> values_;
+};
+
+}  // namespace imaml_ext::cpu

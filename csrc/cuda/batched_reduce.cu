@@ -1,0 +1,61 @@
+// CUDA kernels of imaml_ext::batched_dot and imaml_ext::batched_sq_norm
+// (see csrc/library.cpp for the contracts). One launch when a row fits one
+// slice; otherwise per-slice partials, then one block per row sums them.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "common.cuh"
+
+namespace imaml_ext::cuda {
+
+namespace {
+
+// out[t] = <x_t, y_t>; y may equal x.
+at::Tensor batched_dot_impl(const at::Tensor& x, const at::Tensor& y) {
+  const int64_t T = x.size(0);
+  const int64_t P = x.size(1);
+  at::Tensor out = at::empty({T}, x.options());
+  if (T == 0) return out;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t nb = slices_per_row(T, P);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batched_dot", [&] {
+    if (nb == 1) {
+      row_dot_partial_kernel<scalar_t><<<grid_blocks(T, 1), kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), P, 1,
+          out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    at::Tensor part = at::empty({T * nb}, x.options());
+    row_dot_partial_kernel<scalar_t><<<grid_blocks(T, nb), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), P, nb,
+        part.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    row_total_kernel<scalar_t><<<grid_blocks(T, 1), kThreads, 0, stream>>>(
+        part.data_ptr<scalar_t>(), nb, /*subtract=*/false, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor batched_dot_cuda(const at::Tensor& x, const at::Tensor& y) {
+  check_batched_dot(x, y);
+  return batched_dot_impl(x, y);
+}
+
+at::Tensor batched_sq_norm_cuda(const at::Tensor& x) {
+  check_batched_sq_norm(x);
+  return batched_dot_impl(x, x);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(imaml_ext, CUDA, m) {
+  m.impl("batched_dot", &batched_dot_cuda);
+  m.impl("batched_sq_norm", &batched_sq_norm_cuda);
+}
+
+}  // namespace imaml_ext::cuda
