@@ -7,10 +7,12 @@ Public API (DESIGN.md §3): :func:`imaml`, :func:`maml`, the batched solvers
 from . import ops
 from ._build import backend
 from .adapted import Adapted
+from .finite import NonFiniteLossError
 from .hvp import hvp, make_hvp
 from .implicit import imaml
 from .solvers import CGResult, cg
+from .unrolled import maml, reptile_grad
 
 __version__ = "0.1.0"
 
-__all__ = ["imaml", "Adapted", "cg", "CGResult", "hvp", "make_hvp", "ops", "backend", "__version__"]
+__all__ = ["imaml", "maml", "reptile_grad", "NonFiniteLossError", "Adapted", "cg", "CGResult", "hvp", "make_hvp", "ops", "backend", "__version__"]

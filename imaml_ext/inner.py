@@ -18,35 +18,12 @@ from __future__ import annotations
 import torch
 
 from . import ops
+from .finite import FiniteWatch, NonFiniteLossError
 from .functional import TaskLoss
 from .hvp import make_hvp
 from .solvers import cg
 
 __all__ = ["solve_gd", "solve_hf", "solve_imaml_dev", "NonFiniteLossError"]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The support loss became NaN or infinite during the inner solve."""
-
-
-class _FiniteWatch:
-    """Records, on the device, the first inner step at which each task's loss was not finite."""
-
-    def __init__(self, num_tasks: int, device: torch.device):
-        self.first_bad = torch.full((num_tasks,), -1, dtype=torch.int64, device=device)
-
-    def update(self, step: int, losses: torch.Tensor) -> None:
-        bad = ~torch.isfinite(losses) & (self.first_bad < 0)
-        self.first_bad = torch.where(bad, step, self.first_bad)
-
-    def raise_if_bad(self, solver: str) -> None:
-        bad = (self.first_bad >= 0).nonzero().flatten().tolist()
-        if bad:
-            where = ", ".join(f"task {t} at step {self.first_bad[t].item()}" for t in bad[:8])
-            more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
-            raise NonFiniteLossError(
-                f"{solver}: the support loss became non-finite ({where}{more}); "
-                "lower inner_lr, check the data and loss_fn, or clip with max_grad_norm")
 
 
 def _start(theta: torch.Tensor, num_tasks: int) -> torch.Tensor:
@@ -62,7 +39,7 @@ def solve_gd(task_loss: TaskLoss, theta: torch.Tensor, x: torch.Tensor, y: torch
     """
     theta = theta.detach().contiguous()
     phi = _start(theta, x.shape[0])
-    watch = _FiniteWatch(x.shape[0], phi.device)
+    watch = FiniteWatch(x.shape[0], phi.device)
     for k in range(steps):
         g, losses = task_loss.grad(phi, x, y)
         watch.update(k, losses)
@@ -100,7 +77,7 @@ def solve_hf(task_loss: TaskLoss, theta: torch.Tensor, x: torch.Tensor, y: torch
     """
     theta = theta.detach().contiguous()
     phi = _start(theta, x.shape[0])
-    watch = _FiniteWatch(x.shape[0], phi.device)
+    watch = FiniteWatch(x.shape[0], phi.device)
     for k in range(steps):
         g, losses = task_loss.grad(phi, x, y)
         watch.update(k, losses)
