@@ -1,0 +1,127 @@
+"""Figures: learning curves from metrics JSONL files, and the demo's sinusoid fits.
+
+Needs matplotlib, the optional ``plot`` extra (``pip install 'imaml_ext[plot]'``);
+it is imported only when a figure is drawn, with the Agg (file-only) backend.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = ["MissingDependencyError", "require_matplotlib", "read_metrics", "plot_curves", "plot_fits"]
+
+
+class MissingDependencyError(ImportError):
+    """An optional dependency is not installed."""
+
+
+def require_matplotlib():
+    """``matplotlib.pyplot`` on the Agg backend, or MissingDependencyError saying how to install it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingDependencyError(
+            "plots need matplotlib, the optional 'plot' extra: pip install 'imaml_ext[plot]' "
+            "(or pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_metrics(path: os.PathLike) -> Dict[str, List[dict]]:
+    """The records of a metrics JSONL file, grouped by ``split`` (train / val), in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file not found: {path}")
+    groups: Dict[str, List[dict]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number} is not JSON ({exc})") from None
+        if "step" not in record or "loss" not in record:
+            raise ValueError(f"{path}:{number} lacks 'step' or 'loss'; is this a metrics.jsonl of imaml-ext train?")
+        groups.setdefault(record.get("split", "train"), []).append(record)
+    if not groups:
+        raise ValueError(f"{path} holds no metrics")
+    return groups
+
+
+def plot_curves(paths: Sequence[os.PathLike], out: os.PathLike,
+                labels: Optional[Sequence[str]] = None) -> Path:
+    """Query loss and (if logged) accuracy against meta-step, one line per run
+    (validation dashed with markers), saved as a PNG at ``out``."""
+    if labels is not None and len(labels) != len(paths):
+        raise ValueError(f"{len(labels)} labels for {len(paths)} metrics files")
+    runs = [read_metrics(p) for p in paths]
+    labels = list(labels) if labels is not None else [_label(Path(p)) for p in paths]
+    has_acc = any(r.get("acc") is not None for groups in runs for recs in groups.values() for r in recs)
+    plt = require_matplotlib()
+    import matplotlib.ticker as ticker
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
+    keys = [("loss", "query loss")] + ([("acc", "query accuracy")] if has_acc else [])
+    for ax, (key, title) in zip(axes[0], keys):
+        for index, (groups, label) in enumerate(zip(runs, labels)):
+            color = f"C{index % 10}"
+            for split, records in sorted(groups.items(), key=lambda kv: kv[0] != "train"):
+                points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+                if not points:
+                    continue
+                steps, values = zip(*points)
+                style = dict(linestyle="-") if split == "train" else dict(linestyle="--", marker="o", markersize=3)
+                ax.plot(steps, values, color=color, label=f"{label} ({split})", **style)
+        ax.set_xlabel("meta-step")
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+        if key == "loss":
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
+            ax.yaxis.set_minor_formatter(ticker.ScalarFormatter())
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _label(path: Path) -> str:
+    """A run's name: its folder for ``<run>/metrics.jsonl``, else the file name."""
+    return path.parent.name if path.name == "metrics.jsonl" and path.parent.name else path.stem
+
+
+def plot_fits(x_grid: torch.Tensor, truth: torch.Tensor, support_x: torch.Tensor, support_y: torch.Tensor,
+              fits: Dict[str, torch.Tensor], out: os.PathLike, title: str = "") -> Path:
+    """Sinusoid fits of several methods on a few tasks, one panel per task.
+
+    x_grid [G], truth [T, G], support_x / support_y [T, K], fits
+    {method: [T, G]}; saved as a PNG at ``out``.
+    """
+    plt = require_matplotlib()
+    tasks = truth.shape[0]
+    fig, axes = plt.subplots(1, tasks, figsize=(3.6 * tasks, 3.2), squeeze=False, sharey=True)
+    for t, ax in enumerate(axes[0]):
+        ax.plot(x_grid, truth[t], color="black", linewidth=2, label="true function")
+        for index, (name, values) in enumerate(fits.items()):
+            ax.plot(x_grid, values[t], color=f"C{index}", label=name)
+        ax.scatter(support_x[t], support_y[t], color="black", marker="^", zorder=5, label="support points")
+        ax.set_xlabel("x")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("y")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
