@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,11 +28,8 @@ def machine(device: str) -> str:
     import torch
     if device == "cuda":
         return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
+    from imaml_ext._build import _cpu_name
+    model = _cpu_name()
     return f"{model}, {torch.get_num_threads()} threads"
 
 

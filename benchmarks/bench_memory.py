@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -199,11 +198,8 @@ def machine(device: str, threads: int) -> str:
     import torch
     if device == "cuda":
         return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
+    from imaml_ext._build import _cpu_name
+    model = _cpu_name()
     return f"{model}, {os.cpu_count()} cores, {threads or torch.get_num_threads()} torch threads"
 
 

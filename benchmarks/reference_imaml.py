@@ -4,7 +4,8 @@ It follows the official iMAML algorithm one task at a time, on flat
 parameter vectors: GD on the λ-regularised support loss, then CG on
 (I + H/λ) v = ∇L_query with each Hessian-vector product computed by
 double backward from a fresh forward pass, scalars handled on the host.
-It uses the paper's operator (not the official code's), so its result
+It uses the paper's operator (not the official code's) and, like
+``imaml_ext.cg``, stops a task's CG at non-positive curvature, so its result
 equals ``imaml_ext.imaml``'s up to rounding.
 """
 from __future__ import annotations
@@ -53,7 +54,10 @@ def reference_meta_grad(model, xs, ys, xq, yq, *, lam, inner_steps, inner_lr, cg
         rs = float(r @ r)
         for _ in range(cg_steps):
             Ap = matvec(p)
-            alpha = rs / float(p @ Ap)
+            pAp = float(p @ Ap)
+            if pAp <= 0:  # non-positive curvature: keep the last iterate, as im.cg does
+                break
+            alpha = rs / pAp
             x += alpha * p
             r -= alpha * Ap
             rs_new = float(r @ r)

@@ -53,17 +53,22 @@ class ParamLayout:
 
     def unflatten(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Named views of ``flat`` (``[..., P]``), each ``[..., *shape]``; no copy
-        when ``flat`` is contiguous."""
+        when ``flat`` is contiguous.
+
+        One ``split`` rather than a ``narrow`` per parameter: its backward is a
+        single concatenation, where each narrow's backward would fill a zero
+        buffer of the whole ``[..., P]`` size.
+        """
         if flat.shape[-1] != self.numel:
             raise ValueError(
                 f"flat buffer has {flat.shape[-1]} numbers in its last dimension, "
                 f"the parameter layout needs {self.numel}")
         lead = flat.shape[:-1]
         return {
-            name: flat.narrow(-1, off, shape.numel()).view(*lead, *shape)
-            for name, shape, off in zip(self.names, self.shapes, self.offsets)
+            name: piece.view(*lead, *shape)
+            for name, shape, piece in zip(self.names, self.shapes, self.split(flat))
         }
 
     def split(self, flat: torch.Tensor) -> List[torch.Tensor]:
         """Per-parameter slices of ``flat`` (``[..., P]``), each ``[..., numel_i]``."""
-        return [flat.narrow(-1, off, shape.numel()) for shape, off in zip(self.shapes, self.offsets)]
+        return list(flat.split([shape.numel() for shape in self.shapes], dim=-1))
