@@ -1,7 +1,7 @@
 """Seconds per iMAML meta-gradient on the Omniglot conv net: imaml_ext vs a per-task loop.
 
 Setting (the project's core benchmark): 5-way 1-shot, 15 queries per class,
-T = 32 tasks, 16 inner GD steps, λ = 2, 5 CG steps, float32.  Each variant
+T = 32 tasks, 16 inner GD steps, λ = 2, 5 CG steps, float32 (``--dtype``).  Each variant
 runs in its own subprocess (so the PyTorch-fallback variant really loads no
 compiled ops); each reports the median of ``--repeats`` timed runs after one
 warm-up.  The baseline is ``reference_imaml.reference_meta_grad``, checked to
@@ -38,11 +38,12 @@ def make_problem(args):
     from imaml_ext.models import OmniglotConvNet
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
-    model = OmniglotConvNet(ways=args.ways).to(dev)
+    dtype = getattr(torch, args.dtype)
+    model = OmniglotConvNet(ways=args.ways).to(dev, dtype)
     n, m = args.ways * args.shots, args.ways * args.queries
-    xs = torch.rand(args.tasks, n, 1, 28, 28, device=dev)
+    xs = torch.rand(args.tasks, n, 1, 28, 28, device=dev, dtype=dtype)
     ys = torch.arange(args.ways, device=dev).repeat_interleave(args.shots).repeat(args.tasks, 1)
-    xq = torch.rand(args.tasks, m, 1, 28, 28, device=dev)
+    xq = torch.rand(args.tasks, m, 1, 28, 28, device=dev, dtype=dtype)
     yq = torch.arange(args.ways, device=dev).repeat_interleave(args.queries).repeat(args.tasks, 1)
     return model, xs, ys, xq, yq
 
@@ -98,6 +99,8 @@ def main(argv=None):
     ap.add_argument("--lam", type=float, default=2.0)
     ap.add_argument("--cg-steps", type=int, default=5)
     ap.add_argument("--hvp-mode", default="auto")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                    help="float64 checks that the meta-gradients agree to rounding")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
@@ -128,7 +131,8 @@ def main(argv=None):
 
     base = next((r["median_s"] for r in rows if r["variant"] == "reference-loop"), None)
     print(f"\nmachine: {machine(args.device)}; device {args.device}; T={args.tasks}, "
-          f"{args.ways}-way {args.shots}-shot, {args.inner_steps} inner steps, {args.cg_steps} CG steps; "
+          f"{args.ways}-way {args.shots}-shot, {args.inner_steps} inner steps, {args.cg_steps} CG steps, "
+          f"{args.dtype}; "
           f"median of {args.repeats}")
     print(f"| variant | backend | median s / meta-batch | speed-up vs reference loop | rel. diff of meta-grad |")
     print("|---|---|---|---|---|")

@@ -13,8 +13,8 @@ Two modes:
 * ``"forward"`` (forward-over-reverse): ``jvp`` of ``grad`` under ``vmap``,
   with no retained graph; each product re-runs forward and backward.
 
-``"auto"`` picks the mode measured faster on the device
-(``benchmarks/bench_hvp.py``).
+``"auto"`` picks :func:`default_mode` for the device (``"reverse"``, the
+faster in ``benchmarks/bench_hvp.py`` on CPU).
 """
 from __future__ import annotations
 
@@ -31,7 +31,12 @@ Matvec = Callable[[torch.Tensor], torch.Tensor]
 
 
 def default_mode(device: torch.device) -> str:
-    """The HVP mode measured faster on ``device``'s type (see benchmarks/RESULTS.md)."""
+    """The default HVP mode for ``device``.
+
+    ``"reverse"``: measured faster on CPU (benchmarks/RESULTS.md,
+    ``bench_hvp.py``); on CUDA it stays the default until ``bench_hvp.py
+    --device cuda`` says otherwise.
+    """
     return "reverse"
 
 
