@@ -14,11 +14,12 @@
 #   backend    imaml_ext must report compiled CUDA ops
 #   tests-ops  pytest tests/test_ops.py tests/test_build.py (CUDA tests included)
 #   tests-rest pytest on the rest of tests/
-#   bench-*    benchmarks/bench_ops.py --device cuda, then every other
-#              benchmarks/bench_*.py that accepts --device, with --device cuda
+#   bench-*    benchmarks/bench_ops.py, bench_imaml.py, bench_hvp.py and
+#              bench_memory.py (ResNet-18, K = 10, 50, 100), all --device cuda
 # All tests run with IMAML_EXT_REQUIRE_COMPILED=1, so a fallback to the
 # PyTorch reference ops fails. OUTDIR/summary.md gets the step table and the
-# bench_ops table, printed last. Budget: about 8 minutes.
+# bench_ops table, printed last. Each step runs under its own time limit
+# (the second argument of `step` below).
 #
 # Environment: PYTHON (default /opt/torch/.venv/bin/python, else python3),
 # TORCH_CUDA_ARCH_LIST (default 9.0), CUDA_HOME, MAX_JOBS, and
@@ -89,12 +90,16 @@ step tests-rest 300 "$PY" -m pytest tests -x -q -rs \
     --ignore=tests/test_ops.py --ignore=tests/test_build.py
 
 step bench-ops 180 "$PY" benchmarks/bench_ops.py --device cuda --json "$OUT/bench_ops.json"
-for script in benchmarks/bench_*.py; do
-    name=$(basename "$script" .py)
-    [ "$name" = bench_ops ] && continue
-    grep -q -- "--device" "$script" || continue
-    step "$name" 120 "$PY" "$script" --device cuda
-done
+# The end-to-end benchmarks, sized to fit the suite's budget: the iMAML
+# meta-batch with and without the compiled ops (and the per-task loop), the
+# HVP modes, and MAML memory on torch_maml's ResNet-18 setting up to K = 100
+# (full MAML points that would not fit in memory are skipped by the script).
+step bench_imaml 240 "$PY" benchmarks/bench_imaml.py --device cuda --repeats 7 \
+    --json "$OUT/bench_imaml.json"
+step bench_hvp 120 "$PY" benchmarks/bench_hvp.py --device cuda
+step bench_memory 300 "$PY" benchmarks/bench_memory.py --device cuda --preset resnet18 \
+    --steps 10 50 100 --methods full checkpointed imaml --json "$OUT/bench_memory.json" \
+    --plot "$OUT/bench_memory.png"
 
 {
     echo "# imaml_ext GPU suite ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
