@@ -83,7 +83,11 @@ class TaskLoss:
 
     def per_task(self, phi_t: torch.Tensor, x_t: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
         """Scalar loss of one task: ``loss_fn(model_phi_t(x_t), y_t)``."""
-        return self.loss_fn(self._call(phi_t, x_t), y_t)
+        loss = self.loss_fn(self._call(phi_t, x_t), y_t)
+        if loss.dim() != 0:
+            raise ValueError(f"loss_fn must return one scalar per task, got shape {tuple(loss.shape)}; "
+                             "use reduction='mean' (or 'sum')")
+        return loss
 
     def outputs(self, phi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Model outputs for every task: phi [T, P], x [T, m, ...] -> [T, m, ...]."""

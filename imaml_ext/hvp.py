@@ -67,7 +67,17 @@ def _forward(f: PerTaskLoss, phi, x, y) -> Matvec:
     batched = vmap(one_task)
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
-        return batched(phi, v, x, y)
+        try:
+            return batched(phi, v, x, y)
+        except RuntimeError as e:
+            # Some losses' backward formulas (F.mse_loss's, for one) have no
+            # forward-mode derivative and fail with this PyTorch message.
+            if "ZeroTensors are immutable" not in str(e):
+                raise
+            raise RuntimeError(
+                "forward-over-reverse HVP is not supported by this loss_fn's backward in PyTorch "
+                f"({e}); use hvp_mode='reverse', or write the loss from elementary ops, "
+                "e.g. ((out - y) ** 2).mean() instead of F.mse_loss") from e
 
     return matvec
 

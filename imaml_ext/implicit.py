@@ -22,7 +22,7 @@ from . import inner
 from .adapted import Adapted
 from .functional import TaskLoss
 from .hvp import HVP_MODES, make_hvp
-from .solvers import cg
+from .solvers import NONFINITE, cg
 from .validation import check_nonnegative, check_positive, check_steps, check_task_batch
 
 __all__ = ["imaml", "INNER_SOLVERS"]
@@ -52,7 +52,10 @@ class _ImplicitMetaGrad(torch.autograd.Function):
         result = cg(matvec, grad_phi.contiguous(), shift=cfg["a"], scale=cfg["b"],
                     max_iter=cfg["cg_steps"], tol=cfg["cg_tol"])
         cfg["info"]["cg"] = result
-        return result.x.sum(0), None, None
+        # A task whose CG met a non-finite value (a NaN query gradient, say)
+        # contributes NaN, as a differentiated loop would: never a silent 0.
+        x = torch.where((result.state == NONFINITE)[:, None], torch.nan, result.x)
+        return x.sum(0), None, None
 
 
 def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
@@ -75,7 +78,7 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         inner_steps: GD steps (``"gd"``) or Newton steps (``"hf"``).
         inner_lr: GD step size (``"gd"`` and ``compat="imaml_dev"``).
         inner_solver: ``"gd"`` or ``"hf"`` (see :mod:`imaml_ext.inner`).
-        cg_steps: CG iterations of the backward solve.
+        cg_steps: CG iterations of the backward solve (≥ 1).
         cg_tol: relative residual at which a task's backward CG stops early.
         inner_cg_steps: CG iterations per Newton step of ``"hf"``.
         max_grad_norm: > 0 clips each task's inner gradient to this norm (``"gd"``).
@@ -96,7 +99,9 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
     check_positive("lam", lam)
     check_positive("inner_lr", inner_lr)
     check_steps("inner_steps", inner_steps)
-    check_steps("cg_steps", cg_steps)
+    if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
+        raise ValueError(f"cg_steps must be a positive integer (0 CG steps would give a zero "
+                         f"meta-gradient), got {cg_steps!r}")
     check_steps("inner_cg_steps", inner_cg_steps)
     check_nonnegative("cg_tol", cg_tol)
     check_nonnegative("max_grad_norm", max_grad_norm)
@@ -106,6 +111,17 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         raise ValueError(f"hvp_mode must be one of {HVP_MODES + ('auto',)}, got {hvp_mode!r}")
     if compat not in COMPAT_MODES:
         raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+    if inner_solver == "hf" and compat == "imaml_dev":
+        raise ValueError("compat='imaml_dev' runs the official code's GD inner loop; "
+                         "use inner_solver='gd' with it")
+    if inner_solver == "hf" and max_grad_norm > 0:
+        raise ValueError("max_grad_norm clips the GD inner loop's gradients; "
+                         "inner_solver='hf' does not use it")
+    if task_loss.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"imaml needs float32 or float64 parameters, got {task_loss.dtype}; "
+                        "call model.float() (or .double()) first")
+    if operator is not None and (not isinstance(operator, (tuple, list)) or len(operator) != 2):
+        raise ValueError(f"operator must be a pair (a, b) for A = a·I + b·H, got {operator!r}")
 
     x, y = support_x, support_y
     if compat == "imaml_dev":

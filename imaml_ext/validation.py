@@ -22,6 +22,9 @@ def check_task_batch(task_loss: TaskLoss, x: torch.Tensor, y: torch.Tensor, what
                 f"for a single task use {name}.unsqueeze(0)")
         if t.device != task_loss.device:
             raise ValueError(f"{name} is on {t.device} but the model is on {task_loss.device}; move one of them")
+        if t.is_floating_point() and t.dtype != task_loss.dtype:
+            raise TypeError(f"{name} is {t.dtype} but the model's parameters are {task_loss.dtype}; "
+                            f"use {name}.to({task_loss.dtype}) or convert the model")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"{what}_x has {x.shape[0]} tasks but {what}_y has {y.shape[0]}; "
                          "both need the same task dimension T first")
