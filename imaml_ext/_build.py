@@ -137,7 +137,7 @@ def _load() -> Backend:
         return Backend("pytorch", False, False, None,
                        "IMAML_EXT_NO_EXT=1 is set: using the PyTorch reference ops")
     try:
-        cpu_source, cpu_note = _load_cpu()
+        cpu_source, cpu_note = _load_library("cpu")
     except _Unavailable as e:
         reason = f"compiled ops unavailable: {e}"
         _fallback(
@@ -158,7 +158,7 @@ def _load() -> Backend:
         notes.append("no CUDA ops (no CUDA device visible)")
     else:
         try:
-            notes.append(_load_cuda())
+            notes.append(_load_library("cuda")[1])
             cuda = True
         except _Unavailable as e:
             notes.append(f"CUDA ops unavailable: {e}")
@@ -177,50 +177,35 @@ def _fallback(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _load_cpu() -> tuple[str, str]:
-    """Loads the op definitions and CPU kernels; returns (source, note)."""
+def _load_library(device: str) -> tuple[str, str]:
+    """Loads the ``"cpu"`` or ``"cuda"`` kernels: the ahead-of-time build, else a
+    just-in-time one.  Returns (source: ``"aot"`` or ``"jit"``, a note on where
+    they came from)."""
+    label, module = {"cpu": ("CPU", "_C"), "cuda": ("CUDA", "_C_cuda")}[device]
+
+    def verify(kind: str) -> None:
+        _check_kernels(label, kind)
+        if device == "cuda":
+            _smoke_test_cuda(kind)
+
     problems = []
     if _flag("IMAML_EXT_JIT"):
         problems.append("IMAML_EXT_JIT=1 skips the ahead-of-time build")
     else:
         try:
-            _load_aot("_C")
+            _load_aot(module)
         except _Unavailable as e:
             problems.append(str(e))
         else:
-            _check_kernels("CPU", "ahead-of-time")
-            return "aot", "CPU ops from the ahead-of-time build"
+            verify("ahead-of-time")
+            return "aot", f"{label} ops from the ahead-of-time build"
     try:
-        where = _load_jit("cpu")
+        where = _load_jit(device)
     except _Unavailable as e:
         problems.append(str(e))
         raise _Unavailable("; ".join(problems)) from None
-    _check_kernels("CPU", "just-in-time")
-    return "jit", f"{'; '.join(problems)}; CPU ops compiled just in time in {where}"
-
-
-def _load_cuda() -> str:
-    """Loads the CUDA kernels; returns a note on where they came from."""
-    problems = []
-    if _flag("IMAML_EXT_JIT"):
-        problems.append("IMAML_EXT_JIT=1 skips the ahead-of-time build")
-    else:
-        try:
-            _load_aot("_C_cuda")
-        except _Unavailable as e:
-            problems.append(str(e))
-        else:
-            _check_kernels("CUDA", "ahead-of-time")
-            _smoke_test_cuda("ahead-of-time")
-            return "CUDA ops from the ahead-of-time build"
-    try:
-        where = _load_jit("cuda")
-    except _Unavailable as e:
-        problems.append(str(e))
-        raise _Unavailable("; ".join(problems)) from None
-    _check_kernels("CUDA", "just-in-time")
-    _smoke_test_cuda("just-in-time")
-    return f"{'; '.join(problems)}; CUDA ops compiled just in time in {where}"
+    verify("just-in-time")
+    return "jit", f"{'; '.join(problems)}; {label} ops compiled just in time in {where}"
 
 
 def _load_aot(module: str) -> None:
