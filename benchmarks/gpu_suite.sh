@@ -14,7 +14,8 @@
 #   backend    imaml_ext must report compiled CUDA ops
 #   tests-ops  pytest tests/test_ops.py tests/test_build.py (CUDA tests included)
 #   tests-rest pytest on the rest of tests/
-#   bench-*    benchmarks/bench_ops.py, bench_imaml.py, bench_hvp.py and
+#   bench-*    benchmarks/bench_ops.py, bench_imaml.py, bench_imaml_ops_ab.py,
+#              bench_hvp.py and
 #              bench_memory.py (ResNet-18, K = 10, 50, 100), all --device cuda
 # All tests run with IMAML_EXT_REQUIRE_COMPILED=1, so a fallback to the
 # PyTorch reference ops fails. OUTDIR/summary.md gets the step table and the
@@ -96,6 +97,7 @@ step bench-ops 180 "$PY" benchmarks/bench_ops.py --device cuda --json "$OUT/benc
 # (full MAML points that would not fit in memory are skipped by the script).
 step bench_imaml 240 "$PY" benchmarks/bench_imaml.py --device cuda --repeats 7 \
     --json "$OUT/bench_imaml.json"
+step bench_imaml_ops_ab 180 "$PY" benchmarks/bench_imaml_ops_ab.py --device cuda --pairs 15
 step bench_hvp 120 "$PY" benchmarks/bench_hvp.py --device cuda
 step bench_memory 300 "$PY" benchmarks/bench_memory.py --device cuda --preset resnet18 \
     --steps 10 50 100 --methods full checkpointed imaml --json "$OUT/bench_memory.json" \

@@ -1,0 +1,92 @@
+"""End-to-end effect of the compiled ops on one iMAML meta-batch, A/B in one process.
+
+The same problem as ``bench_imaml.py`` (Omniglot conv net, 5-way 1-shot,
+T = 32, 16 inner GD steps, 5 CG steps).  Each repetition times one
+meta-batch with the compiled ops and one with the PyTorch reference ops
+(``imaml_ext.ops.reference``, selected by making ``ops._compiled`` answer
+False), in alternating order, so that drift in the machine's speed hits
+both alike.  Reports the median of each and the median of the per-pair
+ratios (reference / compiled: > 1 means the compiled ops are faster).
+
+    python benchmarks/bench_imaml_ops_ab.py [--device cuda] [--pairs 15]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import imaml_ext as im  # noqa: E402
+from imaml_ext import ops  # noqa: E402
+from bench_imaml import machine, make_problem  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--tasks", type=int, default=32)
+    ap.add_argument("--ways", type=int, default=5)
+    ap.add_argument("--shots", type=int, default=1)
+    ap.add_argument("--queries", type=int, default=15)
+    ap.add_argument("--inner-steps", type=int, default=16)
+    ap.add_argument("--inner-lr", type=float, default=0.1)
+    ap.add_argument("--lam", type=float, default=2.0)
+    ap.add_argument("--cg-steps", type=int, default=5)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--pairs", type=int, default=15)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    dev = torch.device(args.device)
+    compiled = ops._compiled
+    if not compiled(dev):
+        print(f"no compiled ops for {dev} ({im.backend()}): nothing to compare", file=sys.stderr)
+        return 1
+    model, xs, ys, xq, yq = make_problem(args)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def meta_batch(use_compiled: bool) -> float:
+        ops._compiled = compiled if use_compiled else (lambda device: False)
+        try:
+            model.zero_grad(set_to_none=True)
+            sync()
+            start = time.perf_counter()
+            adapted = im.imaml(model, xs, ys, F.cross_entropy, lam=args.lam, inner_steps=args.inner_steps,
+                               inner_lr=args.inner_lr, cg_steps=args.cg_steps)
+            F.cross_entropy(adapted(xq).flatten(0, 1), yq.flatten()).backward()
+            sync()
+            return time.perf_counter() - start
+        finally:
+            ops._compiled = compiled
+
+    meta_batch(True), meta_batch(False)  # warm-up
+    times = {True: [], False: []}
+    ratios = []
+    for i in range(args.pairs):
+        order = (True, False) if i % 2 == 0 else (False, True)
+        pair = {use: meta_batch(use) for use in order}
+        for use, t in pair.items():
+            times[use].append(t)
+        ratios.append(pair[False] / pair[True])
+    print(f"machine: {machine(args.device)}; T={args.tasks}, {args.ways}-way {args.shots}-shot, "
+          f"{args.inner_steps} inner steps, {args.cg_steps} CG steps, {args.dtype}; {args.pairs} pairs")
+    print("| ops | median s / meta-batch |")
+    print("|---|---:|")
+    print(f"| compiled | {statistics.median(times[True]):.3f} |")
+    print(f"| PyTorch reference | {statistics.median(times[False]):.3f} |")
+    q = statistics.quantiles(ratios, n=4)
+    print(f"per-pair ratio reference / compiled: median {statistics.median(ratios):.3f} "
+          f"(quartiles {q[0]:.3f} to {q[2]:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
