@@ -87,8 +87,8 @@ def one_variant(args) -> dict:
                 times_s=times, rel_diff_vs_reference=rel)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_problem_args(ap: argparse.ArgumentParser) -> None:
+    """The benchmark problem's options (device, task shape, iMAML settings, dtype, seed)."""
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tasks", type=int, default=32)
     ap.add_argument("--ways", type=int, default=5)
@@ -101,8 +101,13 @@ def main(argv=None):
     ap.add_argument("--hvp-mode", default="auto")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                     help="float64 checks that the meta-gradients agree to rounding")
-    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_problem_args(ap)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--variant", help=argparse.SUPPRESS)

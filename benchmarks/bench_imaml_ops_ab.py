@@ -26,23 +26,13 @@ sys.path.insert(0, HERE)
 
 import imaml_ext as im  # noqa: E402
 from imaml_ext import ops  # noqa: E402
-from bench_imaml import machine, make_problem  # noqa: E402
+from bench_imaml import add_problem_args, machine, make_problem  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--tasks", type=int, default=32)
-    ap.add_argument("--ways", type=int, default=5)
-    ap.add_argument("--shots", type=int, default=1)
-    ap.add_argument("--queries", type=int, default=15)
-    ap.add_argument("--inner-steps", type=int, default=16)
-    ap.add_argument("--inner-lr", type=float, default=0.1)
-    ap.add_argument("--lam", type=float, default=2.0)
-    ap.add_argument("--cg-steps", type=int, default=5)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    add_problem_args(ap)
     ap.add_argument("--pairs", type=int, default=15)
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
     dev = torch.device(args.device)
@@ -60,7 +50,7 @@ def main(argv=None) -> int:
             sync()
             start = time.perf_counter()
             adapted = im.imaml(model, xs, ys, F.cross_entropy, lam=args.lam, inner_steps=args.inner_steps,
-                               inner_lr=args.inner_lr, cg_steps=args.cg_steps)
+                               inner_lr=args.inner_lr, cg_steps=args.cg_steps, hvp_mode=args.hvp_mode)
             F.cross_entropy(adapted(xq).flatten(0, 1), yq.flatten()).backward()
             sync()
             return time.perf_counter() - start
