@@ -76,12 +76,7 @@ class _Args:
 
     def per_param(self, name: str, t: torch.Tensor) -> None:
         self._same_dtype(name, t)
-        P = self.ref.shape[1]
-        if t.dim() != 1 or t.shape[0] != P:
-            raise ValueError(
-                f"{self.op}: {name} must have shape [P] = [{P}] (broadcast over tasks), "
-                f"got {list(t.shape)}")
-        self._common(name, t)
+        self._vector(name, t, "P", self.ref.shape[1], "broadcast over tasks")
 
     def _tensor(self, name: str, t) -> None:
         if not isinstance(t, torch.Tensor):
@@ -96,11 +91,13 @@ class _Args:
                 f"(convert with .to({self.ref_name}.dtype))")
 
     def _task_vector(self, name: str, t: torch.Tensor) -> None:
-        T = self.ref.shape[0]
-        if t.dim() != 1 or t.shape[0] != T:
+        self._vector(name, t, "T", self.ref.shape[0], f"one entry per task of {self.ref_name}")
+
+    def _vector(self, name: str, t: torch.Tensor, size_name: str, size: int, meaning: str) -> None:
+        if t.dim() != 1 or t.shape[0] != size:
             raise ValueError(
-                f"{self.op}: {name} must have shape [T] = [{T}] (one entry per task of "
-                f"{self.ref_name}), got {list(t.shape)}")
+                f"{self.op}: {name} must have shape [{size_name}] = [{size}] ({meaning}), "
+                f"got {list(t.shape)}")
         self._common(name, t)
 
     def _common(self, name: str, t: torch.Tensor) -> None:
