@@ -469,6 +469,47 @@ def test_aliased_outputs_are_rejected():
 
 
 # ---------------------------------------------------------------------------
+# Storage offsets: the CUDA kernels use 16-byte packs only where every row they
+# touch is aligned alike (csrc/cuda/packs.h); buffers that start a few elements
+# into their storage, alike or each differently, must give the same results.
+
+
+def _at_offset(t, offset):
+    """A contiguous copy of t whose data starts `offset` elements into its storage."""
+    buf = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    return buf[offset:].view(t.shape).copy_(t)
+
+
+_OFFSETS = {"aligned": lambda i: 0, "shifted": lambda i: 1, "mixed": lambda i: i % 3}
+
+
+@pytest.mark.parametrize("layout", list(_OFFSETS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,P", [(5, 37), (4, 40000)])
+@pytest.mark.parametrize("op", _OPS)
+def test_ops_match_reference_at_any_storage_offset(device, op, T, P, dtype, layout):
+    if op == "cg_step_":
+        args = _cg_inputs(T, P, dtype, device)
+    else:
+        args = list(_valid_args(op, device, T, P, dtype).values())
+        if op == "prox_sgd_step_":
+            args[1][::2] *= 100.0  # rows that get clipped
+    got = [_at_offset(a, _OFFSETS[layout](i)) if isinstance(a, torch.Tensor) else a
+           for i, a in enumerate(args)]
+    offsets = [a.storage_offset() for a in got if isinstance(a, torch.Tensor)]
+    assert offsets == [_OFFSETS[layout](i) for i, a in enumerate(args)
+                       if isinstance(a, torch.Tensor)]
+    want = _clone_all(args)
+    out_got = _compiled(op)(*got)
+    out_want = getattr(ref, op)(*want)
+    if out_want is not None:
+        torch.testing.assert_close(out_got, out_want, **TOL[dtype])
+    for g, w in zip(got, want):
+        if isinstance(g, torch.Tensor):
+            torch.testing.assert_close(g, w, equal_nan=True, **TOL[dtype])
+
+
+# ---------------------------------------------------------------------------
 # opcheck (schema, fake kernels, functionalization under AOT dispatch)
 
 

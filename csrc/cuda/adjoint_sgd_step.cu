@@ -23,12 +23,24 @@ __global__ void __launch_bounds__(kThreads) adjoint_sgd_step_kernel(
     scalar_t lr, int64_t P, int64_t nb, scalar_t* __restrict__ part) {
   const Slice sl = block_slice(nb, P);
   const int64_t off = sl.t * P;
+  scalar_t* __restrict__ adj_t = adj + off;
+  const scalar_t* __restrict__ Ha_t = Ha + off;
+  const scalar_t* __restrict__ g_t = g + off;
   scalar_t acc = 0;
-  for (int64_t i = sl.begin + threadIdx.x; i < sl.end; i += kThreads) {
-    const scalar_t av = adj[off + i];
-    acc += g[off + i] * av;
-    adj[off + i] = av - lr * Ha[off + i];
-  }
+  for_each_pack<pack_width<scalar_t>()>(
+      packed_slice(sl.begin, sl.end, adj_t, Ha_t, g_t), threadIdx.x, kThreads,
+      [&](int64_t i, auto w) {
+        constexpr int N = decltype(w)::value;
+        const auto hv = load<N>(Ha_t + i);
+        const auto gv = load<N>(g_t + i);
+        auto av = load<N>(adj_t + i);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          acc += gv.v[k] * av.v[k];
+          av.v[k] = av.v[k] - lr * hv.v[k];
+        }
+        store<N>(adj_t + i, av);
+      });
   acc = block_sum(acc);
   if (threadIdx.x == 0) {
     if (part != nullptr) {

@@ -34,10 +34,14 @@ __device__ scalar_t pap_share(const scalar_t* __restrict__ p,
                               const scalar_t* __restrict__ Hp, int64_t begin,
                               int64_t end, scalar_t a, scalar_t b) {
   scalar_t acc = 0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    const scalar_t pv = p[i];
-    acc += pv * (a * pv + b * Hp[i]);
-  }
+  for_each_pack<pack_width<scalar_t>()>(
+      packed_slice(begin, end, p, Hp), threadIdx.x, kThreads, [&](int64_t i, auto w) {
+        constexpr int N = decltype(w)::value;
+        const auto pv = load<N>(p + i);
+        const auto hv = load<N>(Hp + i);
+#pragma unroll
+        for (int k = 0; k < N; ++k) acc += pv.v[k] * (a * pv.v[k] + b * hv.v[k]);
+      });
   return acc;
 }
 
@@ -51,14 +55,22 @@ __device__ scalar_t update_xr_share(scalar_t* __restrict__ x,
                                     int64_t begin, int64_t end, scalar_t a,
                                     scalar_t b, scalar_t alpha) {
   scalar_t acc = 0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    const scalar_t pv = p[i];
-    const scalar_t ap = a * pv + b * Hp[i];
-    x[i] = x[i] + alpha * pv;
-    const scalar_t rv = r[i] - alpha * ap;
-    r[i] = rv;
-    acc += rv * rv;
-  }
+  for_each_pack<pack_width<scalar_t>()>(
+      packed_slice(begin, end, x, r, p, Hp), threadIdx.x, kThreads, [&](int64_t i, auto w) {
+        constexpr int N = decltype(w)::value;
+        const auto pv = load<N>(p + i);
+        const auto hv = load<N>(Hp + i);
+        auto xv = load<N>(x + i);
+        auto rv = load<N>(r + i);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          xv.v[k] = xv.v[k] + alpha * pv.v[k];
+          rv.v[k] = rv.v[k] - alpha * (a * pv.v[k] + b * hv.v[k]);
+          acc += rv.v[k] * rv.v[k];
+        }
+        store<N>(x + i, xv);
+        store<N>(r + i, rv);
+      });
   return acc;
 }
 
@@ -66,9 +78,15 @@ __device__ scalar_t update_xr_share(scalar_t* __restrict__ x,
 template <typename scalar_t>
 __device__ void update_p(scalar_t* __restrict__ p, const scalar_t* __restrict__ r,
                          int64_t begin, int64_t end, scalar_t beta) {
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    p[i] = r[i] + beta * p[i];
-  }
+  for_each_pack<pack_width<scalar_t>()>(
+      packed_slice(begin, end, p, r), threadIdx.x, kThreads, [&](int64_t i, auto w) {
+        constexpr int N = decltype(w)::value;
+        const auto rv = load<N>(r + i);
+        auto pv = load<N>(p + i);
+#pragma unroll
+        for (int k = 0; k < N; ++k) pv.v[k] = rv.v[k] + beta * pv.v[k];
+        store<N>(p + i, pv);
+      });
 }
 
 template <typename scalar_t>

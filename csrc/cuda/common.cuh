@@ -1,6 +1,7 @@
 // Helpers for the CUDA kernels: launch geometry over the rows of a [T, P]
 // buffer, deterministic block reductions, and the row-reduction kernels that
-// several ops share.
+// several ops share. Element loops go through for_each_pack (packs.h), which
+// uses 16-byte loads and stores where the rows are aligned.
 //
 // Each row of P elements is cut into `nb` contiguous slices, one per block:
 // a 1-D grid of T * nb blocks where block k handles slice k % nb of row
@@ -20,6 +21,8 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+
+#include "packs.h"
 
 namespace imaml_ext::cuda {
 
@@ -104,6 +107,23 @@ __device__ scalar_t row_total(const scalar_t* part, int64_t t, int64_t nb) {
   return block_sum(v);
 }
 
+// This thread's share of <x, y> over [begin, end) of one row (y may be x).
+template <typename scalar_t>
+__device__ scalar_t dot_share(const scalar_t* __restrict__ x,
+                              const scalar_t* __restrict__ y, int64_t begin,
+                              int64_t end) {
+  scalar_t acc = 0;
+  for_each_pack<pack_width<scalar_t>()>(
+      packed_slice(begin, end, x, y), threadIdx.x, kThreads, [&](int64_t i, auto w) {
+        constexpr int N = decltype(w)::value;
+        const auto xv = load<N>(x + i);
+        const auto yv = load<N>(y + i);
+#pragma unroll
+        for (int k = 0; k < N; ++k) acc += xv.v[k] * yv.v[k];
+      });
+  return acc;
+}
+
 // part[k] = <x, y> over slice k (k = blockIdx.x) of x, y: [T, P]. With
 // nb == 1, part[t] is the full row's inner product.
 template <typename scalar_t>
@@ -112,11 +132,7 @@ __global__ void __launch_bounds__(kThreads) row_dot_partial_kernel(
     int64_t nb, scalar_t* __restrict__ part) {
   const Slice sl = block_slice(nb, P);
   const int64_t off = sl.t * P;
-  scalar_t acc = 0;
-  for (int64_t i = sl.begin + threadIdx.x; i < sl.end; i += kThreads) {
-    acc += x[off + i] * y[off + i];
-  }
-  acc = block_sum(acc);
+  const scalar_t acc = block_sum(dot_share(x + off, y + off, sl.begin, sl.end));
   if (threadIdx.x == 0) part[blockIdx.x] = acc;
 }
 

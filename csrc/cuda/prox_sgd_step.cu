@@ -29,20 +29,28 @@ __global__ void __launch_bounds__(kThreads) prox_sgd_step_kernel(
     if (part_sq != nullptr) {
       sq = row_total(part_sq, sl.t, nb);
     } else {
-      scalar_t acc = 0;
-      for (int64_t i = sl.begin + threadIdx.x; i < sl.end; i += kThreads) {
-        const scalar_t gv = g[off + i];
-        acc += gv * gv;
-      }
-      sq = block_sum(acc);
+      sq = block_sum(dot_share(g + off, g + off, sl.begin, sl.end));
     }
     const scalar_t q = max_norm / (sqrt(sq) + scalar_t(1e-6));
     scale = q < scalar_t(1) ? q : scalar_t(1);
   }
-  for (int64_t i = sl.begin + threadIdx.x; i < sl.end; i += kThreads) {
-    const scalar_t pv = phi[off + i];
-    phi[off + i] = pv - lr * (scale * g[off + i] + lam * (pv - theta[i]));
-  }
+  scalar_t* __restrict__ phi_t = phi + off;
+  const scalar_t* __restrict__ g_t = g + off;
+  // theta is one row shared by all tasks: it is aligned like phi_t only when
+  // t*P is a multiple of the pack width (see packs.h).
+  for_each_pack<pack_width<scalar_t>()>(
+      packed_slice(sl.begin, sl.end, phi_t, g_t, theta), threadIdx.x, kThreads,
+      [&](int64_t i, auto w) {
+        constexpr int N = decltype(w)::value;
+        const auto gv = load<N>(g_t + i);
+        const auto tv = load<N>(theta + i);
+        auto pv = load<N>(phi_t + i);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          pv.v[k] = pv.v[k] - lr * (scale * gv.v[k] + lam * (pv.v[k] - tv.v[k]));
+        }
+        store<N>(phi_t + i, pv);
+      });
 }
 
 void prox_sgd_step_cuda(at::Tensor& phi, const at::Tensor& g,
