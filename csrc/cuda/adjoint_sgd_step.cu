@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(kThreads) adjoint_sgd_step_kernel(
   const scalar_t* __restrict__ Ha_t = Ha + off;
   const scalar_t* __restrict__ g_t = g + off;
   scalar_t acc = 0;
-  for_each_pack<pack_width<scalar_t>()>(
+  for_each_pack(
       packed_slice(sl.begin, sl.end, adj_t, Ha_t, g_t), threadIdx.x, kThreads,
       [&](int64_t i, auto w) {
         constexpr int N = decltype(w)::value;

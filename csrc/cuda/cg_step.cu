@@ -34,7 +34,7 @@ __device__ scalar_t pap_share(const scalar_t* __restrict__ p,
                               const scalar_t* __restrict__ Hp, int64_t begin,
                               int64_t end, scalar_t a, scalar_t b) {
   scalar_t acc = 0;
-  for_each_pack<pack_width<scalar_t>()>(
+  for_each_pack(
       packed_slice(begin, end, p, Hp), threadIdx.x, kThreads, [&](int64_t i, auto w) {
         constexpr int N = decltype(w)::value;
         const auto pv = load<N>(p + i);
@@ -55,7 +55,7 @@ __device__ scalar_t update_xr_share(scalar_t* __restrict__ x,
                                     int64_t begin, int64_t end, scalar_t a,
                                     scalar_t b, scalar_t alpha) {
   scalar_t acc = 0;
-  for_each_pack<pack_width<scalar_t>()>(
+  for_each_pack(
       packed_slice(begin, end, x, r, p, Hp), threadIdx.x, kThreads, [&](int64_t i, auto w) {
         constexpr int N = decltype(w)::value;
         const auto pv = load<N>(p + i);
@@ -78,7 +78,7 @@ __device__ scalar_t update_xr_share(scalar_t* __restrict__ x,
 template <typename scalar_t>
 __device__ void update_p(scalar_t* __restrict__ p, const scalar_t* __restrict__ r,
                          int64_t begin, int64_t end, scalar_t beta) {
-  for_each_pack<pack_width<scalar_t>()>(
+  for_each_pack(
       packed_slice(begin, end, p, r), threadIdx.x, kThreads, [&](int64_t i, auto w) {
         constexpr int N = decltype(w)::value;
         const auto rv = load<N>(r + i);

@@ -113,7 +113,7 @@ __device__ scalar_t dot_share(const scalar_t* __restrict__ x,
                               const scalar_t* __restrict__ y, int64_t begin,
                               int64_t end) {
   scalar_t acc = 0;
-  for_each_pack<pack_width<scalar_t>()>(
+  for_each_pack(
       packed_slice(begin, end, x, y), threadIdx.x, kThreads, [&](int64_t i, auto w) {
         constexpr int N = decltype(w)::value;
         const auto xv = load<N>(x + i);

@@ -10,9 +10,9 @@
 // address modulo 16 at `begin`, so that one cut aligns them all. Row t of
 // several [T, P] buffers fresh from the allocator always qualifies, whatever P.
 // A row shared by all tasks (theta of prox_sgd_step_) is aligned like row t
-// only when t*P is a multiple of the pack width, and views that start at
-// different storage offsets may never be: such slices are visited element by
-// element.
+// only when t*P is a multiple of the pack width; it is left out of the cut and
+// read with load_any. Views that start at different storage offsets
+// may never be aligned alike: such slices are visited element by element.
 //
 // Plain C++ when not compiled by nvcc, so that the cut and the visiting order
 // are tested on the host (tests/native/packs_test.cpp).
@@ -33,7 +33,7 @@ constexpr int kPackBytes = 16;
 
 // Elements per pack: 4 for float, 2 for double.
 template <typename scalar_t>
-constexpr int pack_width() {
+IMAML_EXT_HOST_DEVICE constexpr int pack_width() {
   return kPackBytes / static_cast<int>(sizeof(scalar_t));
 }
 
@@ -48,9 +48,27 @@ struct alignas(sizeof(scalar_t) * N) Pack {
 template <int N>
 using Width = std::integral_constant<int, N>;
 
+IMAML_EXT_HOST_DEVICE unsigned misalignment(const void* ptr) {
+  return static_cast<unsigned>(reinterpret_cast<std::uintptr_t>(ptr) % kPackBytes);
+}
+
 template <int N, typename scalar_t>
 IMAML_EXT_HOST_DEVICE Pack<scalar_t, N> load(const scalar_t* ptr) {
   return *reinterpret_cast<const Pack<scalar_t, N>*>(ptr);
+}
+
+// N elements from a row that is not part of the cut: one packed load where
+// ptr happens to be aligned, else one element at a time.
+template <int N, typename scalar_t>
+IMAML_EXT_HOST_DEVICE Pack<scalar_t, N> load_any(const scalar_t* ptr) {
+  if constexpr (N > 1) {
+    if (misalignment(ptr) != 0) {
+      Pack<scalar_t, N> pack;
+      for (int k = 0; k < N; ++k) pack.v[k] = ptr[k];
+      return pack;
+    }
+  }
+  return load<N>(ptr);
 }
 
 template <int N, typename scalar_t>
@@ -58,19 +76,17 @@ IMAML_EXT_HOST_DEVICE void store(scalar_t* ptr, const Pack<scalar_t, N>& pack) {
   *reinterpret_cast<Pack<scalar_t, N>*>(ptr) = pack;
 }
 
+// The cut of a slice for packs of W elements.
+template <int W>
 struct PackedSlice {
   int64_t begin, head_end, body_end, end;
 };
 
-IMAML_EXT_HOST_DEVICE unsigned misalignment(const void* ptr) {
-  return static_cast<unsigned>(reinterpret_cast<std::uintptr_t>(ptr) % kPackBytes);
-}
-
 // The cut of [begin, end) for rows whose element i is row[i] in each of the
 // given row pointers (all of element type scalar_t, const or not).
 template <typename scalar_t, typename... Rows>
-IMAML_EXT_HOST_DEVICE PackedSlice packed_slice(int64_t begin, int64_t end,
-                                               const scalar_t* first, Rows... rest) {
+IMAML_EXT_HOST_DEVICE PackedSlice<pack_width<scalar_t>()> packed_slice(
+    int64_t begin, int64_t end, const scalar_t* first, Rows... rest) {
   constexpr int64_t W = pack_width<scalar_t>();
   const unsigned mis = misalignment(first + begin);
   const bool shared = ((misalignment(rest + begin) == mis) && ...);
@@ -91,7 +107,7 @@ IMAML_EXT_HOST_DEVICE PackedSlice packed_slice(int64_t begin, int64_t end,
 #pragma nv_exec_check_disable
 #endif
 template <int W, typename F>
-IMAML_EXT_HOST_DEVICE void for_each_pack(const PackedSlice& s, int64_t tid,
+IMAML_EXT_HOST_DEVICE void for_each_pack(const PackedSlice<W>& s, int64_t tid,
                                          int64_t nthreads, F&& f) {
   for (int64_t i = s.begin + tid; i < s.head_end; i += nthreads) f(i, Width<1>{});
   for (int64_t i = s.head_end + tid * W; i < s.body_end; i += nthreads * W) f(i, Width<W>{});

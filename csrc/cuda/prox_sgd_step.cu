@@ -37,13 +37,13 @@ __global__ void __launch_bounds__(kThreads) prox_sgd_step_kernel(
   scalar_t* __restrict__ phi_t = phi + off;
   const scalar_t* __restrict__ g_t = g + off;
   // theta is one row shared by all tasks: it is aligned like phi_t only when
-  // t*P is a multiple of the pack width (see packs.h).
-  for_each_pack<pack_width<scalar_t>()>(
-      packed_slice(sl.begin, sl.end, phi_t, g_t, theta), threadIdx.x, kThreads,
+  // t*P is a multiple of the pack width, so it stays out of the cut.
+  for_each_pack(
+      packed_slice(sl.begin, sl.end, phi_t, g_t), threadIdx.x, kThreads,
       [&](int64_t i, auto w) {
         constexpr int N = decltype(w)::value;
         const auto gv = load<N>(g_t + i);
-        const auto tv = load<N>(theta + i);
+        const auto tv = load_any<N>(theta + i);
         auto pv = load<N>(phi_t + i);
 #pragma unroll
         for (int k = 0; k < N; ++k) {

@@ -1,7 +1,8 @@
 // Host test of csrc/cuda/packs.h: over many row lengths, slicings, storage
 // offsets and thread counts, every element of a slice is visited exactly once,
 // every pack visit is 16-byte aligned in every row, packs are used whenever
-// the rows share their alignment, and packed loads and stores move the right
+// the rows share their alignment, a row left out of the cut is read right
+// whatever its alignment, and packed loads and stores move the right
 // values. Prints one summary line; exits non-zero on the first failure.
 #include <cstdint>
 #include <cstdio>
@@ -12,6 +13,7 @@
 
 using imaml_ext::cuda::for_each_pack;
 using imaml_ext::cuda::load;
+using imaml_ext::cuda::load_any;
 using imaml_ext::cuda::misalignment;
 using imaml_ext::cuda::pack_width;
 using imaml_ext::cuda::packed_slice;
@@ -43,12 +45,13 @@ struct Buffer {
   }
 };
 
-// y[i] = 2 x[i] + 1 and a sum of x[i] over [begin, end), visited by
-// `nthreads` simulated threads; checks coverage, alignment and values.
+// y[i] = 2 x[i] + z[i] and a sum of x[i] over [begin, end), visited by
+// `nthreads` simulated threads, the cut made on x and y only; checks
+// coverage, alignment and values.
 template <typename T>
-void check_slice(const T* x, T* y, int64_t begin, int64_t end, int nthreads) {
+void check_slice(const T* x, T* y, const T* z, int64_t begin, int64_t end, int nthreads) {
   constexpr int W = pack_width<T>();
-  const PackedSlice s = packed_slice(begin, end, x, static_cast<const T*>(y));
+  const PackedSlice<W> s = packed_slice(begin, end, x, static_cast<const T*>(y));
   CHECK(s.begin == begin && s.end == end && begin <= s.head_end &&
             s.head_end <= s.body_end && s.body_end <= end && (s.body_end - s.head_end) % W == 0,
         "cut [%lld %lld %lld %lld]", (long long)s.begin, (long long)s.head_end,
@@ -65,7 +68,7 @@ void check_slice(const T* x, T* y, int64_t begin, int64_t end, int nthreads) {
   T sum = 0;
   for (int tid = 0; tid < nthreads; ++tid) {
     int64_t last = -1;
-    for_each_pack<W>(s, tid, nthreads, [&](int64_t i, auto width) {
+    for_each_pack(s, tid, nthreads, [&](int64_t i, auto width) {
       constexpr int N = decltype(width)::value;
       CHECK(i >= begin && i + N <= end, "visit [%lld, +%d) outside the slice", (long long)i, N);
       CHECK(i > last, "visits of one thread out of order");
@@ -76,10 +79,11 @@ void check_slice(const T* x, T* y, int64_t begin, int64_t end, int nthreads) {
         ++g_packs;
       }
       auto xv = load<N>(x + i);
+      const auto zv = load_any<N>(z + i);
       for (int k = 0; k < N; ++k) {
         ++visits[i - begin + k];
         sum += xv.v[k];
-        xv.v[k] = 2 * xv.v[k] + 1;
+        xv.v[k] = 2 * xv.v[k] + zv.v[k];
       }
       store<N>(y + i, xv);
     });
@@ -88,7 +92,7 @@ void check_slice(const T* x, T* y, int64_t begin, int64_t end, int nthreads) {
   for (int64_t i = begin; i < end; ++i) {
     CHECK(visits[i - begin] == 1, "element %lld visited %d times", (long long)i,
           visits[i - begin]);
-    CHECK(y[i] == 2 * x[i] + 1, "wrong value stored at %lld", (long long)i);
+    CHECK(y[i] == 2 * x[i] + z[i], "wrong value stored at %lld", (long long)i);
     want += x[i];
   }
   // Small integers: every order of summation is exact.
@@ -103,11 +107,14 @@ void check_rows() {
     for (int64_t T_rows : {1, 3}) {
       for (int off_x = 0; off_x < W; ++off_x) {
         for (int off_y = 0; off_y < W; ++off_y) {
-          Buffer<T> xb(T_rows * P, off_x), yb(T_rows * P, off_y);
+          // z: one row of P shared by all rows t, like theta of prox_sgd_step_.
+          const int off_z = (off_x + off_y) % W;
+          Buffer<T> xb(T_rows * P, off_x), yb(T_rows * P, off_y), zb(P, off_z);
           for (int64_t i = 0; i < T_rows * P; ++i) {
             xb.data[i] = static_cast<T>((i * 7) % 13);
             yb.data[i] = -1;
           }
+          for (int64_t i = 0; i < P; ++i) zb.data[i] = static_cast<T>(i % 5);
           // Row t cut into nb slices the way the kernels cut it.
           for (int64_t nb : {1, 2, 3, 7}) {
             const int64_t len = (P + nb - 1) / nb;
@@ -116,7 +123,7 @@ void check_rows() {
                 const int64_t begin = sl * len < P ? sl * len : P;
                 const int64_t end = begin + len < P ? begin + len : P;
                 for (int nthreads : {1, 3, 32}) {
-                  check_slice(xb.data + t * P, yb.data + t * P, begin, end, nthreads);
+                  check_slice(xb.data + t * P, yb.data + t * P, zb.data, begin, end, nthreads);
                 }
               }
             }
