@@ -1,6 +1,7 @@
-// CUDA kernels of imaml_ext::batched_dot and imaml_ext::batched_sq_norm
+// CUDA entry points of imaml_ext::batched_dot and imaml_ext::batched_sq_norm
 // (see csrc/library.cpp for the contracts). One launch when a row fits one
-// slice; otherwise per-slice partials, then one block per row sums them.
+// slice; otherwise per-slice partials, then one block per row sums them
+// (batched_dot_launch in block_reduce.cuh).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -19,24 +20,15 @@ at::Tensor batched_dot_impl(const at::Tensor& x, const at::Tensor& y) {
   at::Tensor out = at::empty({T}, x.options());
   if (T == 0) return out;
   const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t nb = slices_per_row(T, P);
+  grid_blocks(T, nb);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batched_dot", [&] {
-    if (nb == 1) {
-      row_dot_partial_kernel<scalar_t><<<grid_blocks(T, 1), kThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), P, 1,
-          out.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-    at::Tensor part = at::empty({T * nb}, x.options());
-    row_dot_partial_kernel<scalar_t><<<grid_blocks(T, nb), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), P, nb,
-        part.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    row_total_kernel<scalar_t><<<grid_blocks(T, 1), kThreads, 0, stream>>>(
-        part.data_ptr<scalar_t>(), nb, /*subtract=*/false, out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::Tensor part;
+    if (nb > 1) part = at::empty({T * nb}, x.options());
+    batched_dot_launch(StreamLauncher{c10::cuda::getCurrentCUDAStream()},
+                       x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+                       out.data_ptr<scalar_t>(), T, P, nb,
+                       part.defined() ? part.data_ptr<scalar_t>() : nullptr);
   });
   return out;
 }

@@ -52,8 +52,17 @@ IMAML_EXT_HOST_DEVICE unsigned misalignment(const void* ptr) {
   return static_cast<unsigned>(reinterpret_cast<std::uintptr_t>(ptr) % kPackBytes);
 }
 
+// A GPU faults on a misaligned vector access; the host emulation of the
+// kernels (tests/native/cuda_emulation.h) defines this hook to do the same.
+#if defined(IMAML_EXT_EMULATED_ALIGNMENT_FAULT)
+#define IMAML_EXT_CHECK_PACK_ALIGNMENT(ptr, bytes) IMAML_EXT_EMULATED_ALIGNMENT_FAULT(ptr, bytes)
+#else
+#define IMAML_EXT_CHECK_PACK_ALIGNMENT(ptr, bytes)
+#endif
+
 template <int N, typename scalar_t>
 IMAML_EXT_HOST_DEVICE Pack<scalar_t, N> load(const scalar_t* ptr) {
+  IMAML_EXT_CHECK_PACK_ALIGNMENT(ptr, sizeof(Pack<scalar_t, N>));
   return *reinterpret_cast<const Pack<scalar_t, N>*>(ptr);
 }
 
@@ -73,6 +82,7 @@ IMAML_EXT_HOST_DEVICE Pack<scalar_t, N> load_any(const scalar_t* ptr) {
 
 template <int N, typename scalar_t>
 IMAML_EXT_HOST_DEVICE void store(scalar_t* ptr, const Pack<scalar_t, N>& pack) {
+  IMAML_EXT_CHECK_PACK_ALIGNMENT(ptr, sizeof(Pack<scalar_t, N>));
   *reinterpret_cast<Pack<scalar_t, N>*>(ptr) = pack;
 }
 

@@ -6,10 +6,10 @@
 // values. Prints one summary line; exits non-zero on the first failure.
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <vector>
 
 #include "../../csrc/cuda/packs.h"
+#include "test_support.h"
 
 using imaml_ext::cuda::for_each_pack;
 using imaml_ext::cuda::load;
@@ -23,27 +23,6 @@ using imaml_ext::cuda::store;
 namespace {
 
 int64_t g_cases = 0, g_packs = 0;
-
-#define CHECK(cond, ...)                                        \
-  do {                                                          \
-    if (!(cond)) {                                              \
-      std::fprintf(stderr, "FAILED %s (line %d): ", #cond, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                        \
-      std::fprintf(stderr, "\n");                               \
-      std::exit(1);                                             \
-    }                                                           \
-  } while (0)
-
-// 64-byte aligned storage with room for an offset of a few elements.
-template <typename T>
-struct Buffer {
-  std::vector<unsigned char> bytes;
-  T* data;
-  Buffer(int64_t n, int offset) : bytes(sizeof(T) * (n + offset) + 64) {
-    auto addr = reinterpret_cast<std::uintptr_t>(bytes.data());
-    data = reinterpret_cast<T*>((addr + 63) / 64 * 64) + offset;
-  }
-};
 
 // y[i] = 2 x[i] + z[i] and a sum of x[i] over [begin, end), visited by
 // `nthreads` simulated threads, the cut made on x and y only; checks
