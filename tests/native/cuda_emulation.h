@@ -176,15 +176,19 @@ inline void run_block(Block& b, unsigned block, unsigned grid, int threads,
 }
 
 // Calls kernel(args...) as a launch of `blocks` blocks of Threads threads;
-// the interface of StreamLauncher in csrc/cuda/common.cuh.
+// the interface of StreamLauncher in csrc/cuda/common.cuh. A GPU runs blocks
+// in any order; running them last to first as well as first to last exposes
+// a block that depends on another block of the same launch.
 template <int Threads>
 struct Launcher {
   int64_t* launches = nullptr;  // counts launches when set
+  bool last_block_first = false;
 
   template <typename... Params, typename... Args>
   void operator()(void (*kernel)(Params...), unsigned blocks, Args... args) const {
     static Block b;  // the fibers' stacks are reused from launch to launch
-    for (unsigned k = 0; k < blocks; ++k) {
+    for (unsigned i = 0; i < blocks; ++i) {
+      const unsigned k = last_block_first ? blocks - 1 - i : i;
       run_block(b, k, blocks, Threads, [&] { kernel(args...); });
     }
     if (launches != nullptr) ++*launches;

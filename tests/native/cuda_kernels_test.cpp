@@ -1,8 +1,9 @@
 // Runs the CUDA kernels of csrc/cuda, through the same launch sequences as the
 // CUDA ops, on the host (cuda_emulation.h), and compares every op with naive
 // loops in double precision: float and double, one and several slices per
-// row (nb, which the GPU picks from its size), and buffers that start at
-// different storage offsets (packed and element-wise access). Prints one
+// row (nb, which the GPU picks from its size), buffers that start at
+// different storage offsets (packed and element-wise access), and blocks run
+// first to last or last to first. Prints one
 // summary line; exits non-zero on the first failure.
 #include "cuda_emulation.h"
 
@@ -23,6 +24,7 @@ namespace cu = imaml_ext::cuda;
 using Launch = cuda_emulation::Launcher<cu::kThreads>;
 
 int64_t g_cases = 0, g_launches = 0;
+bool g_last_block_first = false;  // block order of the emulated launches
 
 // Offset in elements of argument i of an op, per layout.
 int offset_of(int layout, int i) {
@@ -135,7 +137,7 @@ void check_cg_step(int64_t Tn, int64_t P, int64_t nb, int layout) {
   }
   Buffer<T> scratch(2 * Tn * nb + Tn, 0);
   Buffer<int32_t> outcome(Tn, 0);
-  cu::cg_step_launch(Launch{&g_launches}, x.data(), r.data(), p.data(),
+  cu::cg_step_launch(Launch{&g_launches, g_last_block_first}, x.data(), r.data(), p.data(),
                      static_cast<const T*>(Hp.data()), rs.data(), state.data,
                      static_cast<const T*>(thr.data()), T(a), T(b), Tn, P, nb, scratch.data,
                      outcome.data);
@@ -177,7 +179,7 @@ void check_prox_sgd_step(int64_t Tn, int64_t P, int64_t nb, int layout, double m
     }
   }
   Buffer<T> part(Tn * nb, 0);
-  cu::prox_sgd_step_launch(Launch{&g_launches}, phi.data(), static_cast<const T*>(g.data()),
+  cu::prox_sgd_step_launch(Launch{&g_launches, g_last_block_first}, phi.data(), static_cast<const T*>(g.data()),
                            static_cast<const T*>(theta.data()), T(lr), T(lam), T(max_norm), Tn,
                            P, nb, part.data);
   check_close("prox phi", phi.data(), want, n);
@@ -206,7 +208,7 @@ void check_adjoint_sgd_step(int64_t Tn, int64_t P, int64_t nb, int layout) {
     }
   }
   Buffer<T> part(Tn * nb, 0);
-  cu::adjoint_sgd_step_launch(Launch{&g_launches}, adj.data(), static_cast<const T*>(Ha.data()),
+  cu::adjoint_sgd_step_launch(Launch{&g_launches, g_last_block_first}, adj.data(), static_cast<const T*>(Ha.data()),
                               static_cast<const T*>(g.data()), lr_grad.data(), T(lr), Tn, P, nb,
                               part.data);
   check_close("adjoint adj", adj.data(), want_adj, n);
@@ -231,7 +233,7 @@ void check_batched_dot(int64_t Tn, int64_t P, int64_t nb, int layout, bool same)
     for (int64_t i = t * P; i < (t + 1) * P; ++i) want[t] += double(x[i]) * double(yp[i]);
   }
   Buffer<T> part(Tn * nb, 0);
-  cu::batched_dot_launch(Launch{&g_launches}, static_cast<const T*>(x.data()), yp, out.data(),
+  cu::batched_dot_launch(Launch{&g_launches, g_last_block_first}, static_cast<const T*>(x.data()), yp, out.data(),
                          Tn, P, nb, part.data);
   check_close(same ? "batched_sq_norm" : "batched_dot", out.data(), want, Tn);
   ++g_cases;
@@ -243,6 +245,7 @@ void check_all() {
     for (int64_t nb : kSlices) {
       for (int layout = 0; layout < 4; ++layout) {
         const int64_t Tn = shape[0], P = shape[1];
+        g_last_block_first = layout % 2 == 1;
         check_cg_step<T>(Tn, P, nb, layout);
         for (double max_norm : {0.0, 3.0}) check_prox_sgd_step<T>(Tn, P, nb, layout, max_norm);
         check_adjoint_sgd_step<T>(Tn, P, nb, layout);
