@@ -21,7 +21,7 @@ void adjoint_sgd_step_cuda(at::Tensor& adj, const at::Tensor& Ha,
   if (T == 0) return;
   const c10::cuda::CUDAGuard guard(adj.device());
   const int64_t nb = slices_per_row(T, P);
-  grid_blocks(T, nb);
+  check_grid_size(T, nb);
   AT_DISPATCH_FLOATING_TYPES(adj.scalar_type(), "adjoint_sgd_step_", [&] {
     at::Tensor part;
     if (nb > 1) part = at::empty({T * nb}, adj.options());

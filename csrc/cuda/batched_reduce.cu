@@ -21,7 +21,7 @@ at::Tensor batched_dot_impl(const at::Tensor& x, const at::Tensor& y) {
   if (T == 0) return out;
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t nb = slices_per_row(T, P);
-  grid_blocks(T, nb);
+  check_grid_size(T, nb);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batched_dot", [&] {
     at::Tensor part;
     if (nb > 1) part = at::empty({T * nb}, x.options());

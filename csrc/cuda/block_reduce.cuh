@@ -10,8 +10,12 @@
 // partials of a row are added by the same fixed tree, so every block of a row
 // that needs the row's total gets the identical value.
 //
-// Device code only (no host API): tests/native/cuda_kernels_test.cpp also
-// runs it on the host, under tests/native/cuda_emulation.h.
+// Each op's launch sequence (`*_launch`, here and in the *_kernels.cuh
+// headers) issues its kernels through a launcher (StreamLauncher in
+// common.cuh) and assumes that T * nb blocks fit one grid, which the caller
+// has checked (check_grid_size). Device code only, no host API:
+// tests/native/cuda_kernels_test.cpp also runs it on the host, under
+// tests/native/cuda_emulation.h.
 #pragma once
 
 #include <cstdint>

@@ -21,7 +21,7 @@ void cg_step_cuda(at::Tensor& x, at::Tensor& r, at::Tensor& p,
   if (T == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t nb = slices_per_row(T, P);
-  grid_blocks(T, nb);
+  check_grid_size(T, nb);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cg_step_", [&] {
     at::Tensor scratch, outcome;
     if (nb > 1) {

@@ -34,12 +34,12 @@ inline int64_t slices_per_row(int64_t T, int64_t P) {
   return std::min(by_size, by_grid);
 }
 
-// Number of blocks of a launch over T rows of nb slices.
-inline unsigned grid_blocks(int64_t T, int64_t nb) {
+// Checks that a launch over T rows of nb slices (T * nb blocks) fits a grid;
+// the launch sequences (*_kernels.cuh) rely on it.
+inline void check_grid_size(int64_t T, int64_t nb) {
   TORCH_CHECK(
       T * nb <= std::numeric_limits<int>::max(),
       "imaml_ext: too many tasks for one launch (T = ", std::to_string(T), ")");
-  return static_cast<unsigned>(T * nb);
 }
 
 // Runs kernel<<<blocks, kThreads, 0, stream>>>(args...) and checks the

@@ -21,7 +21,7 @@ void prox_sgd_step_cuda(at::Tensor& phi, const at::Tensor& g,
   if (T == 0) return;
   const c10::cuda::CUDAGuard guard(phi.device());
   const int64_t nb = slices_per_row(T, P);
-  grid_blocks(T, nb);
+  check_grid_size(T, nb);
   AT_DISPATCH_FLOATING_TYPES(phi.scalar_type(), "prox_sgd_step_", [&] {
     at::Tensor part;
     if (max_norm > 0 && nb > 1) part = at::empty({T * nb}, phi.options());

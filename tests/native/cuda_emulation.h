@@ -4,13 +4,22 @@
 //
 // Blocks of a launch run one after another. The threads of a block run as
 // cooperative fibers (ucontext) that switch only at __syncthreads() and at warp
-// shuffles, so a thread never sees another thread's writes before the barrier
-// that orders them on a GPU. A barrier that some live thread of the block (or
-// warp) never reaches is reported as a deadlock instead of hanging; a thread
-// that has returned no longer counts, as on the hardware. __shared__
-// variables become function statics: block-shared, since one block runs at a
-// time. A misaligned packed load or store faults, as on the hardware.
-// Include this before the kernel headers; not for nvcc.
+// shuffles; between two such points they run one after another, in thread
+// order or, with `reversed`, in reverse thread order (and then blocks last to
+// first too). A thread that reads what another writes without a barrier
+// between them sees the write in one of the two orders and not in the other,
+// so running both orders exposes the missing barrier, as does a block that
+// depends on another block of the same launch. __syncthreads() must be
+// reached by every thread of the block and a shuffle by every lane of the
+// warp (as the full-mask shuffles of the kernels require): a barrier that some
+// thread misses, e.g. because it returned early, is reported as a deadlock. A
+// misaligned packed load or store faults, as on the hardware.
+//
+// Not modelled: __shared__ variables become function statics, zero at first
+// and kept from block to block, where a GPU leaves them undefined at the start
+// of each block; shuffle masks other than the full warp; memory ordering
+// without barriers beyond the two orders above. Include this before the kernel
+// headers; not for nvcc.
 #pragma once
 
 #include <ucontext.h>
@@ -68,79 +77,62 @@ struct Block {
   std::vector<Fiber> fibers;
   ucontext_t scheduler;
   std::function<void()> body;
-  int live = 0, at_block_barrier = 0;
-  std::vector<int> warp_live, at_warp_barrier;
+  int threads = 0, returned = 0, at_block_barrier = 0;
+  std::vector<int> at_warp_barrier;
   // Two slots per thread, used by alternate shuffles: a lane that has moved on
   // to the next shuffle cannot overwrite a value another lane has yet to read.
   std::vector<uint64_t> shuffle_slots[2];
   std::vector<int> shuffle_parity;  // per thread
-  int64_t barriers = 0;                 // completed block barriers, for the tests
 };
 
 inline Block* g_block = nullptr;
 
-inline void release(Wait kind, int warp) {
-  Block& b = *g_block;
-  for (size_t i = 0; i < b.fibers.size(); ++i) {
-    if (b.fibers[i].wait == kind && (kind == Wait::kBlock || int(i) / kWarpSize == warp)) {
-      b.fibers[i].wait = Wait::kNone;
-    }
-  }
-  if (kind == Wait::kBlock) {
-    b.at_block_barrier = 0;
-    ++b.barriers;
-  } else {
-    b.at_warp_barrier[warp] = 0;
-  }
+inline int warp_size(const Block& b, int warp) {
+  const int rest = b.threads - warp * kWarpSize;
+  return rest < kWarpSize ? rest : kWarpSize;
 }
 
-// Releases the barriers that every live thread has reached.
-inline void release_complete(int warp) {
-  Block& b = *g_block;
-  if (b.live > 0 && b.at_block_barrier == b.live) release(Wait::kBlock, -1);
-  if (b.warp_live[warp] > 0 && b.at_warp_barrier[warp] == b.warp_live[warp]) {
-    release(Wait::kWarp, warp);
-  }
-}
-
+// Waits at the block barrier (kBlock) or at this thread's warp barrier
+// (kWarp); the last thread to arrive releases the others.
 inline void arrive(Wait kind) {
   Block& b = *g_block;
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / kWarpSize;
-  b.fibers[tid].wait = kind;
-  if (kind == Wait::kBlock) {
-    ++b.at_block_barrier;
-  } else {
-    ++b.at_warp_barrier[warp];
+  int& arrived = kind == Wait::kBlock ? b.at_block_barrier : b.at_warp_barrier[warp];
+  const int expected = kind == Wait::kBlock ? b.threads : warp_size(b, warp);
+  if (++arrived < expected) {
+    b.fibers[tid].wait = kind;
+    swapcontext(&b.fibers[tid].context, &b.scheduler);
+    return;
   }
-  release_complete(warp);
-  swapcontext(&b.fibers[tid].context, &b.scheduler);
+  arrived = 0;
+  for (int i = 0; i < b.threads; ++i) {
+    if (b.fibers[i].wait == kind && (kind == Wait::kBlock || i / kWarpSize == warp)) {
+      b.fibers[i].wait = Wait::kNone;
+    }
+  }
 }
 
 inline void fiber_main() {
   g_block->body();
   Block& b = *g_block;
-  const int tid = static_cast<int>(threadIdx.x);
-  b.fibers[tid].wait = Wait::kDone;
-  --b.live;
-  --b.warp_live[tid / kWarpSize];
-  release_complete(tid / kWarpSize);
+  b.fibers[threadIdx.x].wait = Wait::kDone;
+  ++b.returned;
   // Returning resumes the scheduler (uc_link).
 }
 
 // Runs `body` as block `block` of `grid` blocks of `threads` threads.
-inline void run_block(Block& b, unsigned block, unsigned grid, int threads,
+inline void run_block(Block& b, unsigned block, unsigned grid, int threads, bool reversed,
                       std::function<void()> body) {
   b.fibers.resize(threads);
   b.body = std::move(body);
-  b.live = threads;
+  b.threads = threads;
+  b.returned = 0;
   b.at_block_barrier = 0;
-  b.warp_live.assign((threads + kWarpSize - 1) / kWarpSize, 0);
-  b.at_warp_barrier.assign(b.warp_live.size(), 0);
+  b.at_warp_barrier.assign((threads + kWarpSize - 1) / kWarpSize, 0);
   b.shuffle_slots[0].assign(threads, 0);
   b.shuffle_slots[1].assign(threads, 0);
   b.shuffle_parity.assign(threads, 0);
-  for (int i = 0; i < threads; ++i) ++b.warp_live[i / kWarpSize];
   blockIdx.x = block;
   gridDim.x = grid;
   blockDim.x = static_cast<unsigned>(threads);
@@ -155,20 +147,20 @@ inline void run_block(Block& b, unsigned block, unsigned grid, int threads,
     makecontext(&f.context, fiber_main, 0);
   }
   // Round robin over the runnable threads until all have returned.
-  for (;;) {
+  while (b.returned < threads) {
     bool ran = false;
-    for (int i = 0; i < threads; ++i) {
+    for (int j = 0; j < threads; ++j) {
+      const int i = reversed ? threads - 1 - j : j;
       if (b.fibers[i].wait != Wait::kNone) continue;
       ran = true;
       threadIdx.x = static_cast<unsigned>(i);
       swapcontext(&b.scheduler, &b.fibers[i].context);
     }
-    if (b.live == 0) break;
     if (!ran) {
       std::fprintf(stderr,
-                   "cuda_emulation: deadlock in block %u: %d live threads, %d at "
-                   "__syncthreads, the rest at a warp shuffle\n",
-                   block, b.live, b.at_block_barrier);
+                   "cuda_emulation: deadlock in block %u: %d of %d threads returned, %d wait "
+                   "at __syncthreads, the rest at a warp shuffle\n",
+                   block, b.returned, threads, b.at_block_barrier);
       std::exit(3);
     }
   }
@@ -176,20 +168,18 @@ inline void run_block(Block& b, unsigned block, unsigned grid, int threads,
 }
 
 // Calls kernel(args...) as a launch of `blocks` blocks of Threads threads;
-// the interface of StreamLauncher in csrc/cuda/common.cuh. A GPU runs blocks
-// in any order; running them last to first as well as first to last exposes
-// a block that depends on another block of the same launch.
+// the interface of StreamLauncher in csrc/cuda/common.cuh.
 template <int Threads>
 struct Launcher {
   int64_t* launches = nullptr;  // counts launches when set
-  bool last_block_first = false;
+  bool reversed = false;        // blocks last to first, threads last to first
 
   template <typename... Params, typename... Args>
   void operator()(void (*kernel)(Params...), unsigned blocks, Args... args) const {
     static Block b;  // the fibers' stacks are reused from launch to launch
     for (unsigned i = 0; i < blocks; ++i) {
-      const unsigned k = last_block_first ? blocks - 1 - i : i;
-      run_block(b, k, blocks, Threads, [&] { kernel(args...); });
+      const unsigned k = reversed ? blocks - 1 - i : i;
+      run_block(b, k, blocks, Threads, reversed, [&] { kernel(args...); });
     }
     if (launches != nullptr) ++*launches;
   }
@@ -213,7 +203,7 @@ T __shfl_down_sync(unsigned /*mask*/, T v, int delta) {
   std::memcpy(&slots[tid], &v, sizeof(T));
   cuda_emulation::arrive(cuda_emulation::Wait::kWarp);
   T out = v;
-  if (lane + delta < kWarpSize && tid + delta < static_cast<int>(slots.size())) {
+  if (lane + delta < kWarpSize && tid + delta < g_block->threads) {
     std::memcpy(&out, &slots[tid + delta], sizeof(T));
   }
   return out;
