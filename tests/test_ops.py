@@ -100,8 +100,17 @@ def test_backend_reports_itself():
 # cg_step_
 
 # Scenario of task t (t % 6): 0 an ordinary step, 1 already converged,
-# 2 already stopped, 3 p'Ap < 0, 4 p'Ap not finite, 5 converges in this step.
-_EXPECTED_STATE = {0: 0, 1: 1, 3: 2, 4: 3, 5: 1}
+# 2 already stopped, 3 p'Ap < 0, 4 p'Ap not finite, 5 a convergence threshold
+# halfway between the old and the new r'r (so that testing the old one shows).
+_EXPECTED_STATE = {0: 0, 1: 1, 3: 2, 4: 3}
+
+
+def _rs_after_step(r, p, Hp, rs, a, b):
+    """r'r after one CG step of one task, in float64."""
+    r, p, Hp, rs = (v.double() for v in (r, p, Hp, rs))
+    Ap = a * p + b * Hp
+    r_new = r - rs / torch.dot(p, Ap) * Ap
+    return torch.dot(r_new, r_new).item()
 
 
 def _cg_inputs(T, P, dtype, device, seed=0):
@@ -124,7 +133,7 @@ def _cg_inputs(T, P, dtype, device, seed=0):
         elif scenario == 4:
             p[t, 0] = float("inf") if (t // 6) % 2 == 0 else float("nan")
         elif scenario == 5:
-            threshold_sq[t] = 1e30
+            threshold_sq[t] = 0.5 * (rs[t].item() + _rs_after_step(r[t], p[t], Hp[t], rs[t], a, b))
     return [x, r, p, Hp, rs, state, threshold_sq, a, b]
 
 
@@ -134,6 +143,9 @@ def _assert_cg_outcome(args, out):
     for t in range(before.shape[0]):
         scenario = t % 6
         want = _EXPECTED_STATE.get(scenario, before[t].item())
+        if scenario == 5:
+            x, r, p, Hp, rs, _, threshold_sq, a, b = args
+            want = int(_rs_after_step(r[t], p[t], Hp[t], rs[t], a, b) <= threshold_sq[t].item())
         assert after[t].item() == want, (t, scenario)
     stepped = (before == 0) & (after != 2) & (after != 3)
     for i, name in [(0, "x"), (1, "r"), (2, "p"), (4, "rs")]:
