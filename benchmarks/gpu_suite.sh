@@ -13,12 +13,12 @@
 #              environment untouched)
 #   backend    imaml_ext must report compiled CUDA ops
 #   tests-ops  pytest tests/test_ops.py tests/test_build.py (CUDA tests included)
-#   sanitizer-memcheck, sanitizer-racecheck
-#              compute-sanitizer on the CUDA op tests at storage offsets
 #   tests-rest pytest on the rest of tests/
 #   bench-*    benchmarks/bench_ops.py, bench_imaml.py, bench_imaml_ops_ab.py,
 #              bench_hvp.py and
 #              bench_memory.py (ResNet-18, K = 10, 50, 100), all --device cuda
+#   sanitizer-memcheck, sanitizer-racecheck
+#              compute-sanitizer on the CUDA op tests at storage offsets
 # All tests run with IMAML_EXT_REQUIRE_COMPILED=1, so a fallback to the
 # PyTorch reference ops fails. OUTDIR/summary.md gets the step table and the
 # bench_ops table, printed last. Each step runs under its own time limit
@@ -89,17 +89,6 @@ step backend 120 "$PY" -c "from imaml_ext import _build; print(_build.describe()
 assert _build.backend().cuda, 'no compiled CUDA ops'"
 
 step tests-ops 300 "$PY" -m pytest tests/test_ops.py tests/test_build.py -x -q -rs
-# compute-sanitizer on the CUDA op tests at every storage-offset layout (both
-# launch paths, packed and element-wise access): out-of-bounds or misaligned
-# accesses (memcheck) and shared-memory races (racecheck) fail the step.
-SANITIZER=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
-    2>/dev/null || true)
-if [ -n "$SANITIZER" ]; then
-    for tool in memcheck racecheck; do
-        step "sanitizer-$tool" 240 "$SANITIZER" --tool "$tool" --error-exitcode 1 \
-            "$PY" -m pytest tests/test_ops.py -x -q -k "cuda and storage_offset"
-    done
-fi
 step tests-rest 300 "$PY" -m pytest tests -x -q -rs \
     --ignore=tests/test_ops.py --ignore=tests/test_build.py
 
@@ -115,6 +104,19 @@ step bench_hvp 120 "$PY" benchmarks/bench_hvp.py --device cuda
 step bench_memory 300 "$PY" benchmarks/bench_memory.py --device cuda --preset resnet18 \
     --steps 10 50 100 --methods full checkpointed imaml --json "$OUT/bench_memory.json" \
     --plot "$OUT/bench_memory.png"
+
+# Last, so that a slow sanitizer cannot crowd out the benchmarks:
+# compute-sanitizer on the CUDA op tests at every storage-offset layout (both
+# launch paths, packed and element-wise access): out-of-bounds or misaligned
+# accesses (memcheck) and shared-memory races (racecheck) fail the step.
+SANITIZER=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
+    2>/dev/null || true)
+if [ -n "$SANITIZER" ]; then
+    for tool in memcheck racecheck; do
+        step "sanitizer-$tool" 180 "$SANITIZER" --tool "$tool" --error-exitcode 1 \
+            "$PY" -m pytest tests/test_ops.py -x -q -k "cuda and storage_offset"
+    done
+fi
 
 {
     echo "# imaml_ext GPU suite ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
