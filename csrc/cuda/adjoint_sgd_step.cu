@@ -29,7 +29,7 @@ void adjoint_sgd_step_cuda(at::Tensor& adj, const at::Tensor& Ha,
                             adj.data_ptr<scalar_t>(), Ha.const_data_ptr<scalar_t>(),
                             g.const_data_ptr<scalar_t>(), lr_grad.data_ptr<scalar_t>(),
                             static_cast<scalar_t>(lr), T, P, nb,
-                            part.defined() ? part.data_ptr<scalar_t>() : nullptr);
+                            data_or_null<scalar_t>(part));
   });
 }
 

@@ -28,7 +28,7 @@ at::Tensor batched_dot_impl(const at::Tensor& x, const at::Tensor& y) {
     batched_dot_launch(StreamLauncher{c10::cuda::getCurrentCUDAStream()},
                        x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
                        out.data_ptr<scalar_t>(), T, P, nb,
-                       part.defined() ? part.data_ptr<scalar_t>() : nullptr);
+                       data_or_null<scalar_t>(part));
   });
   return out;
 }

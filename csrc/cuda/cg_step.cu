@@ -25,7 +25,7 @@ void cg_step_cuda(at::Tensor& x, at::Tensor& r, at::Tensor& p,
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cg_step_", [&] {
     at::Tensor scratch, outcome;
     if (nb > 1) {
-      scratch = at::empty({2 * T * nb + T}, x.options());
+      scratch = at::empty({cg_step_scratch_size(T, nb)}, x.options());
       outcome = at::empty({T}, state.options());
     }
     cg_step_launch(StreamLauncher{c10::cuda::getCurrentCUDAStream()},
@@ -33,8 +33,7 @@ void cg_step_cuda(at::Tensor& x, at::Tensor& r, at::Tensor& p,
                    Hp.const_data_ptr<scalar_t>(), rs.data_ptr<scalar_t>(),
                    state.data_ptr<int32_t>(), threshold_sq.const_data_ptr<scalar_t>(),
                    static_cast<scalar_t>(a), static_cast<scalar_t>(b), T, P, nb,
-                   nb > 1 ? scratch.data_ptr<scalar_t>() : nullptr,
-                   nb > 1 ? outcome.data_ptr<int32_t>() : nullptr);
+                   data_or_null<scalar_t>(scratch), data_or_null<int32_t>(outcome));
   });
 }
 

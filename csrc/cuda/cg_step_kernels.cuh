@@ -189,9 +189,15 @@ __global__ void __launch_bounds__(kThreads) cg_update_p_kernel(
   }
 }
 
+// Elements of cg_step_launch's scratch: with nb > 1, the per-slice partials
+// of p'Ap and r'r, then rs_old; none with nb == 1.
+inline int64_t cg_step_scratch_size(int64_t T, int64_t nb) {
+  return nb > 1 ? 2 * T * nb + T : 0;
+}
+
 // The whole step for T rows of nb slices. With nb > 1, scratch holds
-// 2 * T * nb + T elements (per-slice partials of p'Ap and r'r, then rs_old)
-// and outcome T entries; with nb == 1 neither is used.
+// cg_step_scratch_size(T, nb) elements and outcome T entries; with nb == 1
+// neither is used.
 template <typename Launch, typename scalar_t>
 void cg_step_launch(const Launch& launch, scalar_t* x, scalar_t* r, scalar_t* p,
                     const scalar_t* Hp, scalar_t* rs, int32_t* state,

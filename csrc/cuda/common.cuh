@@ -1,8 +1,9 @@
 // Host side of the CUDA kernels' launches: the number of slices per row
-// (see block_reduce.cuh), grid sizes, and the launcher that runs a kernel on
-// the current stream and checks the launch.
+// (see block_reduce.cuh), the grid size check, scratch pointers, and the
+// launcher that runs a kernel on the current stream and checks the launch.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -40,6 +41,13 @@ inline void check_grid_size(int64_t T, int64_t nb) {
   TORCH_CHECK(
       T * nb <= std::numeric_limits<int>::max(),
       "imaml_ext: too many tasks for one launch (T = ", std::to_string(T), ")");
+}
+
+// t's data, or null for an undefined tensor (scratch that a launch does not
+// need).
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
 // Runs kernel<<<blocks, kThreads, 0, stream>>>(args...) and checks the

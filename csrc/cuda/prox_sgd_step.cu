@@ -29,7 +29,7 @@ void prox_sgd_step_cuda(at::Tensor& phi, const at::Tensor& g,
                          phi.data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
                          theta.const_data_ptr<scalar_t>(), static_cast<scalar_t>(lr),
                          static_cast<scalar_t>(lam), static_cast<scalar_t>(max_norm), T, P, nb,
-                         part.defined() ? part.data_ptr<scalar_t>() : nullptr);
+                         data_or_null<scalar_t>(part));
   });
 }
 

@@ -21,19 +21,19 @@ __global__ void __launch_bounds__(kThreads) prox_sgd_step_kernel(
     const scalar_t* __restrict__ part_sq) {
   const Slice sl = block_slice(nb, P);
   const int64_t off = sl.t * P;
+  scalar_t* __restrict__ phi_t = phi + off;
+  const scalar_t* __restrict__ g_t = g + off;
   scalar_t scale = 1;
   if (max_norm > 0) {
     scalar_t sq;
     if (part_sq != nullptr) {
       sq = row_total(part_sq, sl.t, nb);
     } else {
-      sq = block_sum(dot_share(g + off, g + off, sl.begin, sl.end));
+      sq = block_sum(dot_share(g_t, g_t, sl.begin, sl.end));
     }
     const scalar_t q = max_norm / (sqrt(sq) + scalar_t(1e-6));
     scale = q < scalar_t(1) ? q : scalar_t(1);
   }
-  scalar_t* __restrict__ phi_t = phi + off;
-  const scalar_t* __restrict__ g_t = g + off;
   // theta is one row shared by all tasks: it is aligned like phi_t only when
   // t*P is a multiple of the pack width, so it stays out of the cut.
   for_each_pack(

@@ -134,7 +134,7 @@ void check_cg_step(const Launch& launch, int64_t Tn, int64_t P, int64_t nb, int 
     if (rr <= double(thr.data[t])) wstate[t] = 1;
     wrs[t] = rr;
   }
-  Buffer<T> scratch(2 * Tn * nb + Tn, 0);
+  Buffer<T> scratch(cu::cg_step_scratch_size(Tn, nb), 0);
   Buffer<int32_t> outcome(Tn, 0);
   cu::cg_step_launch(launch, x.data, r.data, p.data, static_cast<const T*>(Hp.data), rs.data,
                      state.data, static_cast<const T*>(thr.data), T(a), T(b), Tn, P, nb,
