@@ -11,6 +11,7 @@
 
 #include <cmath>
 
+#include "cg_state.h"
 #include "checks.h"
 #include "cpu/chunked.h"
 
@@ -27,7 +28,7 @@ void cg_step_kernel(scalar_t* x, scalar_t* r, scalar_t* p, const scalar_t* Hp,
   // live[t]: task t takes part in the pass being run.
   std::vector<uint8_t> live(T);
   for (int64_t t = 0; t < T; ++t) {
-    live[t] = state[t] == 0;
+    live[t] = state[t] == kRunning;
   }
   cpu::Partials<scalar_t> part(T, P);
 
@@ -46,10 +47,10 @@ void cg_step_kernel(scalar_t* x, scalar_t* r, scalar_t* p, const scalar_t* Hp,
     if (!live[t]) continue;
     const scalar_t pAp = part.row_sum(t);
     if (!std::isfinite(pAp)) {
-      state[t] = 3;
+      state[t] = kNonFinite;
       live[t] = 0;
     } else if (pAp <= 0) {
-      state[t] = 2;
+      state[t] = kNonPositiveCurvature;
       live[t] = 0;
     } else {
       alpha[t] = rs[t] / pAp;
@@ -80,7 +81,7 @@ void cg_step_kernel(scalar_t* x, scalar_t* r, scalar_t* p, const scalar_t* Hp,
     beta[t] = rs_new / rs[t];
     rs[t] = rs_new;
     if (rs_new <= threshold_sq[t]) {
-      state[t] = 1;
+      state[t] = kConverged;
     }
   }
 

@@ -22,7 +22,7 @@ from . import inner
 from .adapted import Adapted
 from .functional import TaskLoss
 from .hvp import HVP_MODES, make_hvp
-from .solvers import NONFINITE, cg
+from .solvers import CGState, cg
 from .validation import check_nonnegative, check_positive, check_steps, check_task_batch
 
 __all__ = ["imaml", "INNER_SOLVERS"]
@@ -54,7 +54,7 @@ class _ImplicitMetaGrad(torch.autograd.Function):
         cfg["info"]["cg"] = result
         # A task whose CG met a non-finite value (a NaN query gradient, say)
         # contributes NaN, as a differentiated loop would: never a silent 0.
-        x = torch.where((result.state == NONFINITE)[:, None], torch.nan, result.x)
+        x = torch.where((result.state == CGState.NONFINITE)[:, None], torch.nan, result.x)
         return x.sum(0), None, None
 
 

@@ -14,6 +14,7 @@ compiled kernels reject that). None of the ops synchronises with the host.
 
 from __future__ import annotations
 
+import enum
 import types
 
 import torch
@@ -27,10 +28,32 @@ __all__ = [
     "batched_dot",
     "batched_sq_norm",
     "reference",
+    "CGState",
 ]
 
-# cg_step_ state codes.
-RUNNING, CONVERGED, STOPPED_NONPOSITIVE, STOPPED_NONFINITE = 0, 1, 2, 3
+
+
+class CGState(enum.IntEnum):
+    """Per-task outcome of conjugate gradient, the int32 ``state`` of :func:`cg_step_`.
+
+    The same codes are declared for the kernels in csrc/cg_state.h.
+    """
+
+    RUNNING = 0                #: still iterating (after the last step: max_iter reached)
+    CONVERGED = 1              #: r'r <= threshold_sq
+    NONPOSITIVE_CURVATURE = 2  #: stopped on p'Ap <= 0, last iterate kept
+    NONFINITE = 3              #: stopped on a non-finite p'Ap, last iterate kept
+
+    @property
+    def description(self) -> str:
+        """How a task with this outcome ended, for summaries."""
+        return _CG_STATE_DESCRIPTIONS[self]
+
+
+_CG_STATE_DESCRIPTIONS = {
+    CGState.RUNNING: "max_iter reached", CGState.CONVERGED: "converged",
+    CGState.NONPOSITIVE_CURVATURE: "stopped: pᵀAp ≤ 0",
+    CGState.NONFINITE: "stopped: non-finite pᵀAp"}
 
 _FLOATING = (torch.float32, torch.float64)
 
@@ -143,7 +166,7 @@ def _ref_cg_step_(x, r, p, Hp, rs, state, threshold_sq, a: float, b: float) -> N
     x, r, p, Hp: [T, P] (Hp = H_t p_t); rs: [T], r_t'r_t; state: [T] int32;
     threshold_sq: [T]. See :func:`cg_step_`.
     """
-    running = state == RUNNING
+    running = state == CGState.RUNNING
     Ap = a * p + b * Hp
     pAp = (p * Ap).sum(1)
     finite = torch.isfinite(pAp)
@@ -155,9 +178,9 @@ def _ref_cg_step_(x, r, p, Hp, rs, state, threshold_sq, a: float, b: float) -> N
     rs_new = (r_new * r_new).sum(1)
     p.copy_(torch.where(step_rows, r_new + (rs_new / rs).unsqueeze(1) * p, p))
     r.copy_(r_new)
-    new_state = torch.where(running & ~finite, STOPPED_NONFINITE, state)
-    new_state = torch.where(running & finite & (pAp <= 0), STOPPED_NONPOSITIVE, new_state)
-    new_state = torch.where(step & (rs_new <= threshold_sq), CONVERGED, new_state)
+    new_state = torch.where(running & ~finite, int(CGState.NONFINITE), state)
+    new_state = torch.where(running & finite & (pAp <= 0), int(CGState.NONPOSITIVE_CURVATURE), new_state)
+    new_state = torch.where(step & (rs_new <= threshold_sq), int(CGState.CONVERGED), new_state)
     rs.copy_(torch.where(step, rs_new, rs))
     state.copy_(new_state)
 

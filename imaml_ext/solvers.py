@@ -4,7 +4,7 @@ Solves (shift·I + scale·M_t) x_t = rhs_t for every task t at once, where
 ``matvec`` applies all M_t together (``[T, P] -> [T, P]``), typically the
 batched Hessian-vector product of :mod:`imaml_ext.hvp`.  The per-task
 scalars live on the device and the loop has a fixed length, so it never
-waits for the host.  Each task stops on its own (see :data:`STATE_NAMES`):
+waits for the host.  Each task stops on its own (see :class:`~imaml_ext.ops.CGState`):
 converged, or pᵀAp ≤ 0 — a non-convex loss can make A indefinite, and the
 last iterate is then kept — or a non-finite pᵀAp.  The vector algebra of one
 iteration is the fused op :func:`imaml_ext.ops.cg_step_`.
@@ -17,12 +17,9 @@ from typing import Callable, Optional
 import torch
 
 from . import ops
+from .ops import CGState
 
-__all__ = ["cg", "CGResult", "RUNNING", "CONVERGED", "NONPOSITIVE_CURVATURE", "NONFINITE", "STATE_NAMES"]
-
-RUNNING, CONVERGED, NONPOSITIVE_CURVATURE, NONFINITE = 0, 1, 2, 3
-STATE_NAMES = {RUNNING: "max_iter reached", CONVERGED: "converged",
-               NONPOSITIVE_CURVATURE: "stopped: pᵀAp ≤ 0", NONFINITE: "stopped: non-finite pᵀAp"}
+__all__ = ["cg", "CGResult", "CGState"]
 
 
 @dataclass
@@ -30,7 +27,7 @@ class CGResult:
     """Solution and per-task diagnostics of :func:`cg`.
 
     x: ``[T, P]`` solution; iterations: ``[T]`` int64, steps taken per task;
-    state: ``[T]`` int32, one of the codes in :data:`STATE_NAMES`;
+    state: ``[T]`` int32, one of the :class:`CGState` codes;
     residual_sq: ``[T]``, ‖rhs − A x‖² as tracked by the recurrence.
     """
 
@@ -42,7 +39,7 @@ class CGResult:
     def summary(self) -> str:
         """One line per distinct outcome, e.g. ``'30 tasks converged; 2 tasks stopped: pᵀAp ≤ 0'``."""
         states = self.state.tolist()
-        return "; ".join(f"{states.count(s)} task{'s' if states.count(s) > 1 else ''} {STATE_NAMES[s]}"
+        return "; ".join(f"{states.count(s)} task{'s' if states.count(s) > 1 else ''} {CGState(s).description}"
                          for s in sorted(set(states)))
 
 
@@ -82,11 +79,11 @@ def cg(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, *,
     p = r.clone()
     rs = ops.batched_sq_norm(r)
     threshold_sq = (tol * tol) * ops.batched_sq_norm(rhs)
-    state = torch.where(rs <= threshold_sq, CONVERGED, RUNNING).to(torch.int32)
+    state = torch.where(rs <= threshold_sq, int(CGState.CONVERGED), int(CGState.RUNNING)).to(torch.int32)
     iterations = torch.zeros(rhs.shape[0], dtype=torch.int64, device=rhs.device)
     for _ in range(max_iter):
-        iterations += state == RUNNING
+        iterations += state == CGState.RUNNING
         ops.cg_step_(x, r, p, matvec(p), rs, state, threshold_sq, shift, scale)
     # A task stopped on curvature did not take the step it was counted for.
-    iterations -= (state >= NONPOSITIVE_CURVATURE).long()
+    iterations -= (state >= CGState.NONPOSITIVE_CURVATURE).long()
     return CGResult(x=x, iterations=iterations, state=state, residual_sq=rs)

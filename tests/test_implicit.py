@@ -78,7 +78,7 @@ def test_tanh_mlp_matches_dense_inverse():
         (gq,) = torch.autograd.grad(q_loss, p)
         expected += torch.linalg.solve(torch.eye(P, dtype=torch.float64) + H / LAM, gq)
     assert (got - expected).norm() / expected.norm() < 1e-9
-    assert (adapted.info["cg"].state == im.solvers.CONVERGED).all()
+    assert (adapted.info["cg"].state == im.solvers.CGState.CONVERGED).all()
 
 
 @pytest.mark.parametrize("mode", ["reverse", "forward"])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import imaml_ext as im
-from imaml_ext.solvers import CONVERGED, NONPOSITIVE_CURVATURE, RUNNING
+from imaml_ext.solvers import CGState
 
 
 def random_spd(T, P, cond=50.0, dtype=torch.float64):
@@ -25,7 +25,7 @@ def test_cg_matches_dense_solve(dtype, rtol):
     ref = torch.linalg.solve(M.double(), rhs.double())
     err = (res.x.double() - ref).norm() / ref.norm()
     assert err < rtol
-    assert (res.state == CONVERGED).all()
+    assert (res.state == CGState.CONVERGED).all()
     assert (res.iterations <= P + 2).all() if dtype == torch.float64 else True
 
 
@@ -55,11 +55,11 @@ def test_indefinite_task_stops_without_nan_and_others_continue():
     rhs = torch.randn(T, P, dtype=torch.float64)
     res = im.cg(batched_matvec(M), rhs, max_iter=3 * P, tol=1e-12)
     assert torch.isfinite(res.x).all()
-    assert res.state[1] == NONPOSITIVE_CURVATURE
+    assert res.state[1] == CGState.NONPOSITIVE_CURVATURE
     assert res.iterations[1] == 0
     assert torch.equal(res.x[1], torch.zeros(P, dtype=torch.float64))  # last iterate kept: x0
     for t in (0, 2):
-        assert res.state[t] == CONVERGED
+        assert res.state[t] == CGState.CONVERGED
         torch.testing.assert_close(res.x[t], torch.linalg.solve(M[t], rhs[t]), rtol=1e-9, atol=1e-11)
     assert "stopped" in res.summary()
 
@@ -71,7 +71,7 @@ def test_tasks_stop_independently():
     M = torch.stack([torch.eye(P, dtype=torch.float64) * 2.0, random_spd(1, P, cond=1e4)[0]])
     rhs = torch.randn(T, P, dtype=torch.float64)
     res = im.cg(batched_matvec(M), rhs, max_iter=P, tol=1e-10)
-    assert res.iterations[0] == 1 and res.state[0] == CONVERGED
+    assert res.iterations[0] == 1 and res.state[0] == CGState.CONVERGED
     assert res.iterations[1] > 5
     torch.testing.assert_close(res.x[0], rhs[0] / 2.0)
 
@@ -79,13 +79,13 @@ def test_tasks_stop_independently():
 def test_max_iter_reached_is_reported():
     M = random_spd(2, 20, cond=1e3)
     res = im.cg(batched_matvec(M), torch.randn(2, 20, dtype=torch.float64), max_iter=2)
-    assert (res.state == RUNNING).all() and (res.iterations == 2).all()
+    assert (res.state == CGState.RUNNING).all() and (res.iterations == 2).all()
 
 
 def test_zero_rhs_converges_at_start():
     M = random_spd(2, 5)
     res = im.cg(batched_matvec(M), torch.zeros(2, 5, dtype=torch.float64), max_iter=5)
-    assert (res.state == CONVERGED).all() and (res.iterations == 0).all()
+    assert (res.state == CGState.CONVERGED).all() and (res.iterations == 0).all()
     assert torch.equal(res.x, torch.zeros(2, 5, dtype=torch.float64))
 
 

@@ -15,16 +15,18 @@
 
 #include <cstdint>
 
+#include "../cg_state.h"
 #include "block_reduce.cuh"
 
 namespace imaml_ext::cuda {
 
 // Per-task outcome of the curvature test, passed from kernel 2 to kernel 3.
-// The stop outcomes equal the state codes they set.
-constexpr int32_t kSkip = 0;             // task was not running
-constexpr int32_t kStep = 1;             // step taken
-constexpr int32_t kStopNonPositive = 2;  // p'Ap <= 0
-constexpr int32_t kStopNonFinite = 3;    // p'Ap not finite
+// The stop outcomes are the state codes they set (cg_state.h); the other two
+// are negative, so they never collide with a state code.
+constexpr int32_t kSkip = -2;                                // task was not running
+constexpr int32_t kStep = -1;                                // step taken
+constexpr int32_t kStopNonPositive = kNonPositiveCurvature;  // p'Ap <= 0
+constexpr int32_t kStopNonFinite = kNonFinite;               // p'Ap not finite
 
 // This thread's share of p'(a*p + b*Hp) over [begin, end) of one row.
 template <typename scalar_t>
@@ -101,7 +103,7 @@ __global__ void __launch_bounds__(kThreads) cg_step_row_kernel(
     int32_t* __restrict__ state, const scalar_t* __restrict__ threshold_sq,
     scalar_t a, scalar_t b, int64_t P) {
   const int64_t t = blockIdx.x;
-  if (state[t] != 0) return;
+  if (state[t] != kRunning) return;
   const int64_t off = t * P;
   const scalar_t pAp = block_sum(pap_share(p + off, Hp + off, 0, P, a, b));
   const int32_t outcome = curvature_outcome(pAp);
@@ -116,7 +118,7 @@ __global__ void __launch_bounds__(kThreads) cg_step_row_kernel(
   update_p(p + off, r + off, 0, P, rs_new / rs_old);
   if (threadIdx.x == 0) {
     rs[t] = rs_new;
-    if (rs_new <= threshold_sq[t]) state[t] = 1;
+    if (rs_new <= threshold_sq[t]) state[t] = kConverged;
   }
 }
 
@@ -127,7 +129,7 @@ __global__ void __launch_bounds__(kThreads) cg_pap_kernel(
     const int32_t* __restrict__ state, scalar_t a, scalar_t b, int64_t P,
     int64_t nb, scalar_t* __restrict__ part_pAp) {
   const Slice sl = block_slice(nb, P);
-  if (state[sl.t] != 0) return;
+  if (state[sl.t] != kRunning) return;
   const int64_t off = sl.t * P;
   const scalar_t s = block_sum(pap_share(p + off, Hp + off, sl.begin, sl.end, a, b));
   if (threadIdx.x == 0) part_pAp[blockIdx.x] = s;
@@ -146,7 +148,7 @@ __global__ void __launch_bounds__(kThreads) cg_update_xr_kernel(
     int32_t* __restrict__ outcome, scalar_t* __restrict__ rs_old) {
   const Slice sl = block_slice(nb, P);
   const bool leader = sl.s == 0 && threadIdx.x == 0;
-  if (state[sl.t] != 0) {
+  if (state[sl.t] != kRunning) {
     if (leader) outcome[sl.t] = kSkip;
     return;
   }
@@ -185,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) cg_update_p_kernel(
   update_p(p + off, r + off, sl.begin, sl.end, rs_new / rs_old[sl.t]);
   if (leader) {
     rs[sl.t] = rs_new;
-    if (rs_new <= threshold_sq[sl.t]) state[sl.t] = 1;
+    if (rs_new <= threshold_sq[sl.t]) state[sl.t] = kConverged;
   }
 }
 
