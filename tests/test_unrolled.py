@@ -77,7 +77,7 @@ def run(make_model, mode, optimizer="sgd", steps=5, lr_kind="scalar", batches=No
     opt_kw = dict(OPT_KW[optimizer])
     lr = make_lr(lr_kind, model, opt_kw.pop("inner_lr"))
     adapted = un.maml(model, xs, ys, F.cross_entropy, inner_steps=steps, inner_lr=lr, mode=mode,
-                      optimizer=optimizer, **opt_kw, **kw)
+                      inner_solver=optimizer, **opt_kw, **kw)
     F.cross_entropy(adapted(xq).flatten(0, 1), yq.flatten()).backward()
     grad = torch.cat([p.grad.flatten() for p in model.parameters()])
     return grad, [r.grad for r in lr_tensors(lr)], adapted
@@ -160,7 +160,7 @@ def test_checkpointed_keeps_only_snapshots():
     model = mlp()
     xs, ys, _, _ = MLP_DATA
     adapted = un.maml(model, xs, ys, inner_steps=20, inner_lr=0.1, mode="checkpointed",
-                      optimizer="momentum", checkpoint_every=6)
+                      inner_solver="momentum", checkpoint_every=6)
     saved = adapted.flat.grad_fn.saved_tensors
     assert len(saved) == 1 + 1 + math.ceil(20 / 6) * 2
 
@@ -169,7 +169,7 @@ def test_modes_share_the_inner_trajectory():
     xs, ys, _, _ = MLP_DATA
     outs = {}
     for mode in un.MODES:
-        adapted = un.maml(mlp(), xs, ys, inner_steps=6, inner_lr=0.3, mode=mode, optimizer="rmsprop")
+        adapted = un.maml(mlp(), xs, ys, inner_steps=6, inner_lr=0.3, mode=mode, inner_solver="rmsprop")
         outs[mode] = adapted
     for mode in ("first_order", "checkpointed"):
         torch.testing.assert_close(outs[mode].flat, outs["full"].flat, rtol=1e-13, atol=1e-13)
@@ -267,7 +267,7 @@ def test_reptile_grad_matches_hand_computation():
     phis = [naive_inner(model, xs[t], ys[t], 4, 0.3, "sgd", False) for t in range(T)]
     expected = {n: p.detach() - sum(phi[n].detach() for phi in phis) / T for n, p in model.named_parameters()}
     model[0].weight.grad = torch.ones_like(model[0].weight)
-    grad = un.reptile_grad(model, adapted)
+    grad = un.reptile_grad(model, adapted, write=True)
     flat = torch.cat([expected[n].flatten() for n, _ in model.named_parameters()])
     assert rel(grad, flat) <= 1e-12
     for n, p in model.named_parameters():
