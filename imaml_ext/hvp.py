@@ -13,31 +13,34 @@ Two modes:
 * ``"forward"`` (forward-over-reverse): ``jvp`` of ``grad`` under ``vmap``,
   with no retained graph; each product re-runs forward and backward.
 
-``"auto"`` picks :func:`default_mode` for the device (``"reverse"``, the
-faster in ``benchmarks/bench_hvp.py`` on CPU).
+``"auto"`` picks :func:`default_mode` for the device type of φ.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Dict, Union
 
 import torch
 from torch.func import grad, jvp, vmap
 
-__all__ = ["make_hvp", "hvp", "HVP_MODES", "default_mode"]
+__all__ = ["make_hvp", "hvp", "HVP_MODES", "DEFAULT_MODES", "default_mode"]
 
 HVP_MODES = ("reverse", "forward")
 PerTaskLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
 
-def default_mode(device: torch.device) -> str:
-    """The default HVP mode for ``device``.
+# The HVP mode "auto" picks, per device type.  CPU: "reverse" is measured
+# faster (benchmarks/RESULTS.md, bench_hvp.py).  CUDA: not yet measured;
+# "reverse" until ``bench_hvp.py --device cuda`` says otherwise.
+DEFAULT_MODES: Dict[str, str] = {"cpu": "reverse", "cuda": "reverse"}
+FALLBACK_MODE = "reverse"
 
-    ``"reverse"``: measured faster on CPU (benchmarks/RESULTS.md,
-    ``bench_hvp.py``); on CUDA it stays the default until ``bench_hvp.py
-    --device cuda`` says otherwise.
-    """
-    return "reverse"
+
+def default_mode(device: Union[torch.device, str]) -> str:
+    """The HVP mode ``"auto"`` means on ``device`` (a ``torch.device`` or a
+    string such as ``"cuda:0"``): its type's entry in :data:`DEFAULT_MODES`,
+    ``"reverse"`` for a type not listed there."""
+    return DEFAULT_MODES.get(torch.device(device).type, FALLBACK_MODE)
 
 
 def _reverse(f: PerTaskLoss, phi, x, y) -> Matvec:
