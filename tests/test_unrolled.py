@@ -276,6 +276,17 @@ def test_reptile_grad_matches_hand_computation():
     assert un.reptile_grad(model, adapted.flat, write=False).shape == (flat.numel(),)
 
 
+def test_reptile_grad_writes_nothing_unless_asked():
+    model = mlp()
+    xs, ys, _, _ = MLP_DATA
+    with torch.no_grad():
+        adapted = un.maml(model, xs, ys, inner_steps=2, inner_lr=0.3, mode="first_order")
+    grad = un.reptile_grad(model, adapted)
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(un.reptile_grad(model, adapted, write=True), grad)
+    assert torch.equal(torch.cat([p.grad.flatten() for p in model.parameters()]), grad)
+
+
 def test_reptile_grad_rejects_wrong_layout():
     with pytest.raises(ValueError, match="adapted parameters must be"):
         un.reptile_grad(mlp(), torch.zeros(2, 5, dtype=torch.float64))
@@ -328,6 +339,26 @@ def test_mismatched_shapes():
         call(support_x=steps_x, support_y=steps_y, per_step_support=True)
     with pytest.raises(ValueError, match=r"support_y must be \[T, K=4, n, \.\.\.\]"):
         call(support_x=steps_x, support_y=steps_y[:, :3], per_step_support=True, inner_steps=4)
+
+
+def test_optimizer_is_the_deprecated_name_of_inner_solver():
+    xs, ys, xq, yq = MLP_DATA
+
+    def meta_grad(**kw):
+        model = mlp()
+        adapted = un.maml(model, xs, ys, inner_steps=4, inner_lr=0.1, mode="checkpointed", momentum=0.9, **kw)
+        F.cross_entropy(adapted(xq).flatten(0, 1), yq.flatten()).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()]), adapted.info
+
+    with pytest.warns(DeprecationWarning, match="optimizer= is deprecated; use inner_solver="):
+        old, info = meta_grad(optimizer="momentum")
+    new, _ = meta_grad(inner_solver="momentum")
+    assert torch.equal(old, new)
+    assert info["inner_solver"] == info["optimizer"] == "momentum"
+    with pytest.raises(ValueError, match="pass only inner_solver="):
+        call(inner_solver="sgd", optimizer="sgd")
+    with pytest.raises(ValueError, match="inner_solver must be one of"):
+        call(inner_solver="adam")
 
 
 @pytest.mark.parametrize("mode", un.MODES)
