@@ -16,8 +16,9 @@ solver.  Memory does not depend on the number of inner steps.
 The Function is written in the ``setup_context`` form, so ``torch.func.grad``
 and ``torch.func.vjp`` can be taken through :func:`imaml` when the model's
 parameters are supplied with ``torch.func.functional_call`` (tested against
-``.backward()``).  It has no vmap rule: the inner loop checks for
-non-finite losses on the host, which ``vmap`` does not allow.
+``.backward()`` in float64); inside such a transform ``hvp_mode="auto"``
+uses the forward-over-reverse HVP.  It has no vmap rule: the inner loop
+checks for non-finite losses on the host, which ``vmap`` does not allow.
 """
 from __future__ import annotations
 
