@@ -108,6 +108,9 @@ def _linear_solver(linear_solver: Union[str, LinearSolver], cg_steps: int,
                              f"imaml_ext.solvers.Neumann(steps=..., alpha=...), or a callable "
                              f"(matvec, rhs) -> x; got {linear_solver!r}")
         return CG(max_iter=cg_steps, tol=cg_tol)
+    if isinstance(linear_solver, type):
+        raise TypeError(f"linear_solver takes a solver object, not its class: pass "
+                        f"{linear_solver.__name__}(...), e.g. imaml_ext.solvers.Neumann(steps=20, alpha=0.5)")
     if not callable(linear_solver):
         raise TypeError(f"linear_solver must be 'cg' or a callable (matvec, rhs) -> x, "
                         f"got {type(linear_solver).__name__}")

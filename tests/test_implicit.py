@@ -355,6 +355,10 @@ class TestBadLinearSolver:
         with pytest.raises(TypeError, match="linear_solver must be 'cg' or a callable"):
             im.imaml(self.model, self.x, self.y, linear_solver=3)
 
+    def test_class_instead_of_object(self):
+        with pytest.raises(TypeError, match=r"not its class: pass Neumann\(...\)"):
+            im.imaml(self.model, self.x, self.y, linear_solver=im.Neumann)
+
     @pytest.mark.parametrize("kw", [dict(cg_steps=10), dict(cg_tol=1e-6)])
     def test_cg_settings_with_another_solver(self, kw):
         with pytest.raises(ValueError, match="cg_steps and cg_tol configure linear_solver='cg'"):
