@@ -1,7 +1,8 @@
 """imaml_ext: fast, small meta-gradients for gradient-based meta-learning.
 
 Public API (DESIGN.md §3): :func:`imaml`, :func:`maml`, the batched solvers
-:func:`cg` and :func:`hvp`, the fused vector ops in :mod:`imaml_ext.ops`, and
+:func:`cg` and :func:`hvp`, the linear solvers :class:`CG` and
+:class:`Neumann` of iMAML's backward pass, the fused vector ops in :mod:`imaml_ext.ops`, and
 :func:`backend`, which says which implementation of those ops runs.
 """
 from . import ops
@@ -10,9 +11,9 @@ from .adapted import Adapted
 from .finite import NonFiniteLossError
 from .hvp import hvp, make_hvp
 from .implicit import imaml
-from .solvers import CGResult, cg
+from .solvers import CG, CGResult, Neumann, cg
 from .unrolled import maml, reptile_grad
 
 __version__ = "0.1.0"
 
-__all__ = ["imaml", "maml", "reptile_grad", "NonFiniteLossError", "Adapted", "cg", "CGResult", "hvp", "make_hvp", "ops", "backend", "__version__"]
+__all__ = ["imaml", "maml", "reptile_grad", "NonFiniteLossError", "Adapted", "cg", "CGResult", "CG", "Neumann", "hvp", "make_hvp", "ops", "backend", "__version__"]

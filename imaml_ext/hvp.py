@@ -13,31 +13,43 @@ Two modes:
 * ``"forward"`` (forward-over-reverse): ``jvp`` of ``grad`` under ``vmap``,
   with no retained graph; each product re-runs forward and backward.
 
-``"auto"`` picks :func:`default_mode` for the device (``"reverse"``, the
-faster in ``benchmarks/bench_hvp.py`` on CPU).
+``"auto"`` picks :func:`default_mode` for the device type of φ, or
+``"forward"`` inside a ``torch.func`` transform (``grad``, ``vjp``, ...
+taken over :func:`imaml_ext.imaml`), where the reverse mode's
+``requires_grad_`` is not allowed.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Dict, Union
 
 import torch
 from torch.func import grad, jvp, vmap
 
-__all__ = ["make_hvp", "hvp", "HVP_MODES", "default_mode"]
+__all__ = ["make_hvp", "hvp", "HVP_MODES", "DEFAULT_MODES", "default_mode"]
 
 HVP_MODES = ("reverse", "forward")
 PerTaskLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
 
-def default_mode(device: torch.device) -> str:
-    """The default HVP mode for ``device``.
+# The HVP mode "auto" picks, per device type.  CPU: "reverse" is measured
+# faster (benchmarks/RESULTS.md, bench_hvp.py).  CUDA: not yet measured;
+# "reverse" until ``bench_hvp.py --device cuda`` says otherwise.
+DEFAULT_MODES: Dict[str, str] = {"cpu": "reverse", "cuda": "reverse"}
+FALLBACK_MODE = "reverse"
 
-    ``"reverse"``: measured faster on CPU (benchmarks/RESULTS.md,
-    ``bench_hvp.py``); on CUDA it stays the default until ``bench_hvp.py
-    --device cuda`` says otherwise.
-    """
-    return "reverse"
+
+def default_mode(device: Union[torch.device, str]) -> str:
+    """The HVP mode ``"auto"`` means on ``device`` (a ``torch.device`` or a
+    string such as ``"cuda:0"``): its type's entry in :data:`DEFAULT_MODES`,
+    ``"reverse"`` for a type not listed there."""
+    return DEFAULT_MODES.get(torch.device(device).type, FALLBACK_MODE)
+
+
+def under_transform(t: torch.Tensor) -> bool:
+    """True if ``t`` is wrapped by a ``torch.func`` transform being computed."""
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check is not None and check(t))
 
 
 def _reverse(f: PerTaskLoss, phi, x, y) -> Matvec:
@@ -90,7 +102,7 @@ def make_hvp(f: PerTaskLoss, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor
         f: per-task loss ``f(phi_t [P], x_t, y_t) -> scalar``, a pure function.
         phi: ``[T, P]`` point at which the Hessians are taken.
         x, y: per-task data, leading dimension T.
-        mode: ``"reverse"``, ``"forward"`` or ``"auto"``.
+        mode: ``"reverse"``, ``"forward"`` or ``"auto"`` (module docstring).
 
     Returns:
         ``matvec(v [T, P]) -> [T, P]`` with row t equal to H_t v_t.
@@ -98,8 +110,11 @@ def make_hvp(f: PerTaskLoss, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     if phi.dim() != 2:
         raise ValueError(f"phi must be [T, P], got shape {tuple(phi.shape)}")
     if mode == "auto":
-        mode = default_mode(phi.device)
+        mode = "forward" if under_transform(phi) else default_mode(phi.device)
     if mode == "reverse":
+        if under_transform(phi):
+            raise ValueError("hvp_mode='reverse' cannot run inside a torch.func transform (it needs "
+                             "requires_grad_); use hvp_mode='forward' or 'auto'")
         return _reverse(f, phi, x, y)
     if mode == "forward":
         return _forward(f, phi, x, y)

@@ -15,6 +15,8 @@ starting from φ = θ, and returns φ* as a ``[T, P]`` buffer.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import ops
@@ -31,25 +33,27 @@ def _start(theta: torch.Tensor, num_tasks: int) -> torch.Tensor:
 
 
 def solve_gd(task_loss: TaskLoss, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
-             lam: float, steps: int, lr: float, max_grad_norm: float = 0.0) -> torch.Tensor:
+             lam: float, steps: int, lr: float, max_grad_norm: Optional[float] = None) -> torch.Tensor:
     """Gradient descent on F: φ ← φ − α(∇L̂(φ) + λ(φ − θ)), ``steps`` times.
 
-    ``max_grad_norm`` > 0 clips each task's ∇L̂ to that global norm first.
+    ``max_grad_norm`` (> 0) clips each task's ∇L̂ to that global norm first;
+    None (or 0) does not clip.
     theta ``[P]``, x/y ``[T, n, ...]`` -> ``[T, P]``.
     """
     theta = theta.detach().contiguous()
     phi = _start(theta, x.shape[0])
     watch = FiniteWatch(x.shape[0], phi.device)
+    clip = 0.0 if max_grad_norm is None else float(max_grad_norm)  # the fused op's 0 is "off"
     for k in range(steps):
         g, losses = task_loss.grad(phi, x, y)
         watch.update(k, losses)
-        ops.prox_sgd_step_(phi, g.contiguous(), theta, lr, lam, max_grad_norm)
+        ops.prox_sgd_step_(phi, g.contiguous(), theta, lr, lam, clip)
     watch.raise_if_bad("inner gradient descent")
     return phi
 
 
 def solve_imaml_dev(task_loss: TaskLoss, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
-                    lam: float, steps: int, lr: float, max_grad_norm: float = 0.0) -> torch.Tensor:
+                    lam: float, steps: int, lr: float, max_grad_norm: Optional[float] = None) -> torch.Tensor:
     """The official code's inner loop: ``steps`` GD steps on L̂ alone, then
     φ ← φ − α·λ(φ − θ) once."""
     theta = theta.detach().contiguous()

@@ -17,7 +17,8 @@ follow torch_maml's in-graph optimizers:
 ε sits inside the square root, so the step stays differentiable where s' = 0.
 
 :class:`LearningRate` holds α: one scalar, or one scalar per parameter tensor
-(Meta-SGD-style per-tensor rates), each a float or a tensor that may require
+(per-tensor rates: one learnable scalar for each parameter tensor, coarser
+than Meta-SGD's per-element rates), each a float or a tensor that may require
 grad.
 """
 from __future__ import annotations
@@ -97,16 +98,17 @@ def _check_unit(name: str, value: float) -> None:
 
 
 def make_optimizer(name: str, *, momentum: Optional[float] = None, beta: Optional[float] = None,
-                   eps: Optional[float] = None) -> InnerOptimizer:
+                   eps: Optional[float] = None, arg: str = "inner_solver") -> InnerOptimizer:
     """The optimizer ``name``; hyper-parameters left as None take their defaults
-    (momentum 0.9; β 0.99, ε 1e-8).  Passing one that ``name`` does not use is an error."""
+    (momentum 0.9; β 0.99, ε 1e-8).  Passing one that ``name`` does not use is an error.
+    ``arg``: the caller's argument name, used in error messages."""
     if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+        raise ValueError(f"{arg} must be one of {OPTIMIZERS}, got {name!r}")
     given = {k: v for k, v in dict(momentum=momentum, beta=beta, eps=eps).items() if v is not None}
     allowed = _DEFAULTS.get(name, {})
     unused = sorted(set(given) - set(allowed))
     if unused:
-        raise ValueError(f"optimizer {name!r} takes no {', '.join(unused)}; "
+        raise ValueError(f"{arg} {name!r} takes no {', '.join(unused)}; "
                          f"its hyper-parameters are {sorted(allowed) or 'none'}")
     hp = {**allowed, **given}
     if name == "sgd":

@@ -8,6 +8,15 @@ waits for the host.  Each task stops on its own (see :class:`~imaml_ext.ops.CGSt
 converged, or pᵀAp ≤ 0 — a non-convex loss can make A indefinite, and the
 last iterate is then kept — or a non-finite pᵀAp.  The vector algebra of one
 iteration is the fused op :func:`imaml_ext.ops.cg_step_`.
+
+The linear solvers of iMAML's backward pass (``imaml(..., linear_solver=)``)
+are callables ``solver(matvec, rhs) -> result`` over ``[T, P]``, where
+``matvec(v)`` applies A_t to row t of v and ``result`` is the solution
+``[T, P]`` or an object carrying it as ``.x``.  Built in: :class:`CG`
+(the default, :func:`cg`) and :class:`Neumann` (a truncated Neumann
+series), each a small frozen dataclass holding its settings.  iMAML passes
+them a :class:`ShiftedOperator` (A = shift·I + scale·M, itself a plain
+``matvec``), which the built-ins apply with one product by M per step.
 """
 from __future__ import annotations
 
@@ -19,7 +28,9 @@ import torch
 from . import ops
 from .ops import CGState
 
-__all__ = ["cg", "CGResult", "CGState"]
+__all__ = ["cg", "CGResult", "CGState", "CG", "Neumann", "ShiftedOperator", "Matvec"]
+
+Matvec = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -45,7 +56,7 @@ class CGResult:
 
 def cg(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, *,
        shift: float = 0.0, scale: float = 1.0, x0: Optional[torch.Tensor] = None,
-       max_iter: int = 10, tol: float = 0.0) -> CGResult:
+       max_iter: int = 10, tol: Optional[float] = None) -> CGResult:
     """Conjugate gradient on (shift·I + scale·M) x = rhs, batched over rows.
 
     Args:
@@ -54,7 +65,8 @@ def cg(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, *,
         shift, scale: the operator is A = shift·I + scale·M (iMAML: 1 and 1/λ).
         x0: ``[T, P]`` starting point; zeros if omitted (costs no matvec).
         max_iter: number of iterations (fixed; tasks may stop earlier).
-        tol: a task stops once ‖r_t‖ ≤ tol·‖rhs_t‖ (0 runs all iterations).
+        tol: a task stops once ‖r_t‖ ≤ tol·‖rhs_t‖; None (or 0) runs all
+            iterations, stopping a task only at an exactly zero residual.
 
     Returns:
         :class:`CGResult`.
@@ -65,7 +77,9 @@ def cg(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, *,
         raise TypeError(f"rhs must be floating point, got {rhs.dtype}")
     if max_iter < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
-    if tol < 0:
+    if tol is None:
+        tol = 0.0
+    elif tol < 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
     rhs = rhs.detach().contiguous()
     if x0 is None:
@@ -87,3 +101,91 @@ def cg(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, *,
     # A task stopped on curvature did not take the step it was counted for.
     iterations -= (state >= CGState.NONPOSITIVE_CURVATURE).long()
     return CGResult(x=x, iterations=iterations, state=state, residual_sq=rs)
+
+
+@dataclass(frozen=True)
+class ShiftedOperator:
+    """A = shift·I + scale·M on ``[T, P]``, with ``m(v)`` applying every M_t at once.
+
+    Calling it applies A (one product by M), so any ``(matvec, rhs)`` solver
+    can use it as its ``matvec``; the built-in solvers read ``shift``,
+    ``scale`` and ``m`` to fuse the combination into their own update.
+    """
+
+    m: Matvec
+    shift: float = 0.0
+    scale: float = 1.0
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.shift * v + self.scale * self.m(v)
+
+
+def _check_count(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CG:
+    """Linear solver: :func:`cg` from x₀ = 0, ``max_iter`` iterations (one
+    matvec each), a task stopping once ‖r_t‖ ≤ tol·‖rhs_t‖ (``tol`` None:
+    never early).  Returns a :class:`CGResult`."""
+
+    max_iter: int = 5
+    tol: Optional[float] = None
+
+    def __post_init__(self):
+        _check_count("CG.max_iter", self.max_iter, 1)
+        if self.tol is not None and not (isinstance(self.tol, (int, float)) and 0 <= self.tol < float("inf")):
+            raise ValueError(f"CG.tol must be None or a non-negative finite number, got {self.tol!r}")
+
+    def __call__(self, matvec: Matvec, rhs: torch.Tensor) -> CGResult:
+        if isinstance(matvec, ShiftedOperator):
+            return cg(matvec.m, rhs, shift=matvec.shift, scale=matvec.scale,
+                      max_iter=self.max_iter, tol=self.tol)
+        return cg(matvec, rhs, max_iter=self.max_iter, tol=self.tol)
+
+
+@dataclass(frozen=True)
+class Neumann:
+    """Linear solver: the truncated Neumann series
+
+        x = α Σ_{k=0}^{K} (I − αA)^k rhs,   K = ``steps``,
+
+    which converges to A⁻¹ rhs as K grows when the spectral radius of
+    I − αA is below 1 (for symmetric A with eigenvalues in [μ, L], μ > 0:
+    0 < α < 2/L; the error then falls as ρ^(K+1), ρ = max|1 − αλ_i(A)|).
+    Cost: K matvecs (one per term after the first), two ``[T, P]`` buffers,
+    no inner products.  For iMAML's A = I + H/λ with H ⪰ 0, α = 1 converges
+    when ‖H‖ < λ.  Used for implicit hyper-gradients by Lorraine, Vicol and
+    Duvenaud (2020).  Returns the ``[T, P]`` solution.  A non-finite value
+    in a task's rhs or products stays in that task's row.
+    """
+
+    steps: int = 20
+    alpha: float = 0.5
+
+    def __post_init__(self):
+        _check_count("Neumann.steps", self.steps, 0)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
+                or not 0 < self.alpha < float("inf"):
+            raise ValueError(f"Neumann.alpha must be a positive finite number, got {self.alpha!r}")
+
+    def __call__(self, matvec: Matvec, rhs: torch.Tensor) -> torch.Tensor:
+        if rhs.dim() != 2:
+            raise ValueError(f"rhs must be [T, P], got shape {tuple(rhs.shape)}")
+        alpha = float(self.alpha)
+        term = rhs.detach().clone()
+        total = term.clone()
+        if isinstance(matvec, ShiftedOperator):
+            # (I − αA) v = (1 − α·shift) v − α·scale·M v
+            keep, mix = 1.0 - alpha * matvec.shift, -alpha * matvec.scale
+            for _ in range(self.steps):
+                hv = matvec.m(term)
+                term = torch.add(term * keep, hv, alpha=mix)
+                total += term
+        else:
+            for _ in range(self.steps):
+                term = torch.add(term, matvec(term), alpha=-alpha)
+                total += term
+        return total.mul_(alpha)

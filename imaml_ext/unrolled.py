@@ -44,12 +44,13 @@ from .finite import FiniteWatch
 from .flat import ParamLayout
 from .functional import TaskLoss
 from .hvp import HVP_MODES, make_hvp
-from .inner_optim import SGD, InnerOptimizer, LearningRate, make_optimizer
-from .validation import check_positive, check_steps, check_task_batch
+from .inner_optim import OPTIMIZERS, SGD, InnerOptimizer, LearningRate, make_optimizer
+from .validation import check_positive, check_steps, check_task_batch, deprecated_alias
 
-__all__ = ["maml", "reptile_grad", "MODES"]
+__all__ = ["maml", "reptile_grad", "MODES", "INNER_SOLVERS"]
 
 MODES = ("full", "first_order", "checkpointed")
+INNER_SOLVERS = OPTIMIZERS
 _HINT = "lower inner_lr, or check the data and loss_fn"
 
 State = Tuple[torch.Tensor, ...]
@@ -147,10 +148,13 @@ class _FirstOrderMAML(torch.autograd.Function):
     zero for the learning rates."""
 
     @staticmethod
-    def forward(ctx, theta: torch.Tensor, loop: _InnerLoop, *lr_values: torch.Tensor) -> torch.Tensor:
+    def forward(theta: torch.Tensor, loop: _InnerLoop, *lr_values: torch.Tensor) -> torch.Tensor:
         phi, _ = loop.run(theta, loop.lr.expand([v.detach() for v in lr_values]), None)
-        ctx.lr_zeros = [torch.zeros_like(v) for v in lr_values]
         return phi
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.lr_zeros = [torch.zeros_like(v) for v in inputs[2:]]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -160,24 +164,39 @@ class _FirstOrderMAML(torch.autograd.Function):
 
 class _CheckpointedMAML(torch.autograd.Function):
     """theta [P] -> φ_K [T, P] keeping snapshots every c steps; backward by the
-    adjoint recursion over recomputed segments (see the module docstring)."""
+    adjoint recursion over recomputed segments (see the module docstring).
+
+    ``forward`` returns (φ_K, α, *snapshot tensors): the intermediates that
+    the backward pass needs are outputs, marked non-differentiable, so that
+    ``setup_context`` can save them; :func:`maml` keeps φ_K only.
+    """
 
     @staticmethod
-    def forward(ctx, theta: torch.Tensor, loop: _InnerLoop, every: int, max_norm: Optional[float],
-                *lr_values: torch.Tensor) -> torch.Tensor:
-        lr_eff = loop.lr.expand([v.detach() for v in lr_values])
+    def forward(theta: torch.Tensor, loop: _InnerLoop, every: int, max_norm: Optional[float],
+                *lr_values: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        # A clone: α may be the caller's rate tensor itself, and an output must not alias an input.
+        lr_eff = loop.lr.expand([v.detach() for v in lr_values]).clone()
         phi, snapshots = loop.run(theta, lr_eff, every)
+        return (phi, lr_eff, *[t for phi_k, s_k in snapshots for t in (phi_k, *s_k)])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        loop, every, max_norm, lr_values = inputs[1], inputs[2], inputs[3], inputs[4:]
+        lr_eff, snapshots = output[1], output[2:]
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients for the snapshots
         # Saved through autograd, so they are freed after backward (unless retain_graph).
-        ctx.save_for_backward(lr_eff, *lr_values, *[t for phi_k, s_k in snapshots for t in (phi_k, *s_k)])
+        ctx.save_for_backward(lr_eff, *lr_values, *snapshots)
         ctx.loop, ctx.every, ctx.max_norm, ctx.num_rates = loop, every, max_norm, len(lr_values)
-        return phi
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_phi: torch.Tensor):
+    def backward(ctx, grad_phi: Optional[torch.Tensor], *_unused):
         loop: _InnerLoop = ctx.loop
         saved = ctx.saved_tensors
         lr_eff, lr_values = saved[0], saved[1:1 + ctx.num_rates]
+        if grad_phi is None:  # the loss does not depend on φ_K
+            return (None, None, None, None, *[None] * ctx.num_rates)
         width = 1 + loop.opt.num_state
         flat = saved[1 + ctx.num_rates:]
         snapshots = [(flat[i], tuple(flat[i + 1:i + width])) for i in range(0, len(flat), width)]
@@ -275,10 +294,11 @@ def _check_support(task_loss: TaskLoss, x, y, steps: int, per_step: bool) -> Non
 
 def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
          loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy, *,
-         inner_steps: int = 5, inner_lr=0.4, mode: str = "full", optimizer: str = "sgd",
+         inner_steps: int = 5, inner_lr=0.4, mode: str = "full", inner_solver: Optional[str] = None,
          momentum: Optional[float] = None, beta: Optional[float] = None, eps: Optional[float] = None,
          checkpoint_every: Optional[int] = None, max_grad_grad_norm: Optional[float] = None,
-         per_step_support: bool = False, hvp_mode: str = "auto") -> Adapted:
+         per_step_support: bool = False, hvp_mode: str = "auto",
+         optimizer: Optional[str] = None) -> Adapted:
     """Adapt ``model`` to T tasks with K inner steps; the result's backward yields
     the MAML meta-gradient on ``model``'s parameters (and on ``inner_lr`` if it
     requires grad).
@@ -299,9 +319,10 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
             docstring).  In ``"first_order"`` the learning rates get a zero
             gradient.  Under ``torch.no_grad()`` every mode runs the loop
             without a graph.
-        optimizer: ``"sgd"``, ``"momentum"`` (``momentum``, default 0.9) or
-            ``"rmsprop"`` (``beta``, default 0.99; ``eps``, default 1e-8),
-            see :mod:`imaml_ext.inner_optim`.
+        inner_solver: the in-graph inner optimizer: ``"sgd"`` (default),
+            ``"momentum"`` (``momentum``, default 0.9) or ``"rmsprop"``
+            (``beta``, default 0.99; ``eps``, default 1e-8), see
+            :mod:`imaml_ext.inner_optim`.
         checkpoint_every: c, steps between snapshots (``"checkpointed"``
             only), 1 ≤ c ≤ K; default round(√K).
         max_grad_grad_norm: clips the backward flow per task, torch_maml-style:
@@ -312,13 +333,18 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
             adjoint before each reverse step; ``"full"`` does the same with an
             identity autograd node after each φ_{k+1} whose backward clips, so
             both agree.  Not available in
-            ``"first_order"``, which has no flow through the steps.
+            ``"first_order"``, which has no flow through the steps.  None:
+            no clipping.
         per_step_support: a different support batch at every inner step.
         hvp_mode: HVP used by ``"checkpointed"`` SGD (:mod:`imaml_ext.hvp`).
+        optimizer: the old name of ``inner_solver`` (DeprecationWarning;
+            passing both is an error).
 
     Returns:
         :class:`~imaml_ext.adapted.Adapted` holding φ_K ``[T, P]``;
-        ``info["inner_losses"]`` is the ``[K, T]`` support loss before each step.
+        ``info["inner_losses"]`` is the ``[K, T]`` support loss before each step,
+        ``info["inner_solver"]`` (also under its old key ``"optimizer"``) the
+        inner optimizer's name.
 
     Raises:
         NonFiniteLossError: a support loss was NaN or infinite, naming the
@@ -329,7 +355,9 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
     task_loss = TaskLoss(model, loss_fn)
     check_steps("inner_steps", inner_steps)
     _check_support(task_loss, support_x, support_y, inner_steps, per_step_support)
-    opt = make_optimizer(optimizer, momentum=momentum, beta=beta, eps=eps)
+    solver_arg = "inner_solver" if optimizer is None else "optimizer"  # error messages name what was passed
+    name = deprecated_alias("inner_solver", inner_solver, "optimizer", optimizer, "sgd")
+    opt = make_optimizer(name, momentum=momentum, beta=beta, eps=eps, arg=solver_arg)
     lr = LearningRate(inner_lr, task_loss.layout, task_loss.dtype, task_loss.device)
     if hvp_mode not in HVP_MODES + ("auto",):
         raise ValueError(f"hvp_mode must be one of {HVP_MODES + ('auto',)}, got {hvp_mode!r}")
@@ -347,28 +375,29 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
             raise ValueError(f"checkpoint_every must be an integer in [1, inner_steps={inner_steps}], "
                              f"got {checkpoint_every!r}")
 
-    info: Dict[str, object] = {"mode": mode, "optimizer": opt.name}
+    info: Dict[str, object] = {"mode": mode, "inner_solver": opt.name, "optimizer": opt.name}
     loop = _InnerLoop(task_loss, opt, _Support(support_x, support_y, per_step_support), lr,
                       inner_steps, hvp_mode, info)
     theta = task_loss.theta()
     if mode == "full" and torch.is_grad_enabled():
         phi = _full_maml(loop, theta, max_grad_grad_norm)
     elif mode == "checkpointed":
-        phi = _CheckpointedMAML.apply(theta, loop, every, max_grad_grad_norm, *lr.values)
+        phi = _CheckpointedMAML.apply(theta, loop, every, max_grad_grad_norm, *lr.values)[0]
     else:
         phi = _FirstOrderMAML.apply(theta, loop, *lr.values)
     return Adapted(task_loss, phi, info)
 
 
-def reptile_grad(model: nn.Module, adapted: Union[Adapted, torch.Tensor], *, write: bool = True) -> torch.Tensor:
+def reptile_grad(model: nn.Module, adapted: Union[Adapted, torch.Tensor], *, write: bool = False) -> torch.Tensor:
     """The Reptile meta-gradient θ − (1/T) Σ_t φ_t as a ``[P]`` vector.
 
     ``adapted`` is the result of an inner loop (e.g. ``maml(...,
     mode="first_order")``, under ``torch.no_grad()`` for no graph) or its
-    ``[T, P]`` buffer, laid out as ``model``'s trainable parameters.  With
-    ``write``, the gradient is added to each parameter's ``.grad`` (set where
-    it is None), like ``backward()``, so an outer ``torch.optim.SGD`` with
-    rate ε performs θ ← θ − ε(θ − φ̄).
+    ``[T, P]`` buffer, laid out as ``model``'s trainable parameters.  Only
+    with ``write=True`` is the gradient added to each parameter's ``.grad``
+    (set where it is None), like ``backward()``, so an outer
+    ``torch.optim.SGD`` with rate ε performs θ ← θ − ε(θ − φ̄); by default
+    nothing is written.
     """
     layout = ParamLayout.from_module(model)
     phi = adapted.flat if isinstance(adapted, Adapted) else adapted

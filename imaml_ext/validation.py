@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Optional
 
 import torch
 
 from .functional import TaskLoss
 
-__all__ = ["check_task_batch", "check_positive", "check_nonnegative", "check_steps"]
+__all__ = ["check_task_batch", "check_positive", "check_nonnegative", "check_steps", "optional_positive",
+           "deprecated_alias"]
 
 
 def check_task_batch(task_loss: TaskLoss, x: torch.Tensor, y: torch.Tensor, what: str = "support") -> None:
@@ -48,3 +51,30 @@ def check_nonnegative(name: str, value: float) -> None:
 def check_steps(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def optional_positive(name: str, value: Optional[float]) -> Optional[float]:
+    """A setting where None means "off": None, or a positive finite number.
+
+    An explicit 0 (the spelling of "off" before None) still means off, with a
+    DeprecationWarning; negative or non-finite values are errors.
+    """
+    if value is None:
+        return None
+    check_nonnegative(name, value)
+    if value == 0:
+        warnings.warn(f"{name}=0 for 'off' is deprecated; pass {name}=None (the default)",
+                      DeprecationWarning, stacklevel=3)
+        return None
+    return value
+
+
+def deprecated_alias(new: str, new_value, old: str, old_value, default):
+    """The value of a renamed argument: ``new_value`` if given, else ``old_value``
+    (with a DeprecationWarning), else ``default``; giving both is an error."""
+    if old_value is None:
+        return default if new_value is None else new_value
+    if new_value is not None:
+        raise ValueError(f"{old}= is the old name of {new}=; pass only {new}=")
+    warnings.warn(f"{old}= is deprecated; use {new}= (same values)", DeprecationWarning, stacklevel=3)
+    return old_value

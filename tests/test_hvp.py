@@ -73,3 +73,20 @@ def test_hvp_rejects_unknown_mode():
     x, y = task_data(T=1)
     with pytest.raises(ValueError, match="unknown HVP mode"):
         im.make_hvp(tl.per_task, tl.theta().detach()[None], x, y, mode="sideways")
+
+
+def test_default_mode_reads_its_device(monkeypatch):
+    import importlib
+    hvp_module = importlib.import_module("imaml_ext.hvp")
+    assert hvp_module.default_mode(torch.device("cpu")) == "reverse"
+    assert hvp_module.default_mode("cuda:1") == "reverse"
+    assert hvp_module.default_mode("meta") == "reverse"  # a type not in the table
+    monkeypatch.setitem(hvp_module.DEFAULT_MODES, "cpu", "forward")
+    monkeypatch.setitem(hvp_module.DEFAULT_MODES, "cuda", "forward")
+    assert hvp_module.default_mode("cpu") == "forward"
+    assert hvp_module.default_mode("meta") == "reverse"
+    # "auto" in make_hvp follows the table for the device of phi.
+    monkeypatch.setattr(hvp_module, "_forward", lambda *args: "forward-over-reverse")
+    tl = TaskLoss(tanh_mlp(), nn.functional.cross_entropy)
+    x, y = task_data(T=2)
+    assert im.make_hvp(tl.per_task, tl.theta().detach()[None], x, y, mode="auto") == "forward-over-reverse"

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import imaml_ext as im
-from imaml_ext.solvers import CGState
+from imaml_ext.solvers import CG, CGResult, CGState, Neumann, ShiftedOperator
 
 
 def random_spd(T, P, cond=50.0, dtype=torch.float64):
@@ -26,7 +26,10 @@ def test_cg_matches_dense_solve(dtype, rtol):
     err = (res.x.double() - ref).norm() / ref.norm()
     assert err < rtol
     assert (res.state == CGState.CONVERGED).all()
-    assert (res.iterations <= P + 2).all() if dtype == torch.float64 else True
+    # float32 rounding costs CG its finite termination (15-17 iterations here for
+    # P = 12); twice P still fails a solver that stalls until max_iter = 4P.
+    bound = P + 2 if dtype == torch.float64 else 2 * P
+    assert (res.iterations <= bound).all()
 
 
 def test_cg_shift_scale_operator():
@@ -96,3 +99,78 @@ def test_cg_rejects_bad_input():
         im.cg(lambda v: v, torch.ones(2, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="max_iter"):
         im.cg(lambda v: v, torch.randn(2, 3), max_iter=-1)
+
+
+def contraction(T, P, radius, dtype=torch.float64):
+    """Symmetric A_t = I + M_t with the spectrum of M_t in [-radius, radius]."""
+    q, _ = torch.linalg.qr(torch.randn(T, P, P, dtype=dtype))
+    eig = torch.linspace(-radius, radius, P, dtype=dtype)
+    return torch.eye(P, dtype=dtype) + q @ torch.diag_embed(eig.expand(T, P)) @ q.transpose(1, 2)
+
+
+def test_neumann_converges_to_the_dense_solve():
+    """α = 1: x_K = Σ_{k≤K} (I − A)^k rhs, error ≤ ρ^(K+1)/(1 − ρ)·‖rhs‖ for ρ = ‖I − A‖ = 0.5."""
+    T, P = 4, 10
+    A = contraction(T, P, radius=0.5)
+    rhs = torch.randn(T, P, dtype=torch.float64)
+    exact = torch.linalg.solve(A, rhs)
+    errors = []
+    for steps in (0, 5, 10, 20, 60):
+        x = Neumann(steps=steps, alpha=1.0)(batched_matvec(A), rhs)
+        err = ((x - exact).norm(dim=1) / rhs.norm(dim=1)).max().item()
+        assert err <= 0.5 ** (steps + 1) / 0.5 + 1e-13  # the bound, plus rounding
+        errors.append(err)
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-12
+    torch.testing.assert_close(x, exact, rtol=1e-12, atol=1e-12)
+
+
+def test_neumann_step_size_and_shifted_operator():
+    """A = a·I + b·M, applied as a ShiftedOperator (fused) or as a plain matvec: the same
+    series; α = 1/(a + b·‖M‖) makes it converge where α = 1 would not."""
+    T, P = 3, 8
+    M = random_spd(T, P, cond=4.0)                  # spectrum in [1, 4]
+    a, b = 1.0, 0.5                                 # A's spectrum in [1.5, 3]
+    rhs = torch.randn(T, P, dtype=torch.float64)
+    op = ShiftedOperator(batched_matvec(M), shift=a, scale=b)
+    exact = torch.linalg.solve(a * torch.eye(P, dtype=torch.float64) + b * M, rhs)
+    solver = Neumann(steps=80, alpha=1 / 3.0)
+    fused, plain = solver(op, rhs), solver(lambda v: op(v), rhs)
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(fused, exact, rtol=1e-9, atol=1e-10)
+    assert not torch.allclose(Neumann(steps=80, alpha=1.0)(op, rhs), exact)  # ‖I − A‖ = 2
+
+
+def test_cg_object_equals_cg_function():
+    T, P = 3, 9
+    M = random_spd(T, P)
+    rhs = torch.randn(T, P, dtype=torch.float64)
+    res = CG(max_iter=7, tol=1e-3)(ShiftedOperator(batched_matvec(M), 1.0, 0.5), rhs)
+    ref = im.cg(batched_matvec(M), rhs, shift=1.0, scale=0.5, max_iter=7, tol=1e-3)
+    assert isinstance(res, CGResult)
+    assert torch.equal(res.x, ref.x) and torch.equal(res.iterations, ref.iterations)
+
+
+def test_neumann_keeps_non_finite_values_in_their_task():
+    A = contraction(3, 5, radius=0.3)
+    rhs = torch.randn(3, 5, dtype=torch.float64)
+    rhs[1, 2] = float("nan")
+    x = Neumann(steps=5, alpha=1.0)(batched_matvec(A), rhs)
+    assert torch.isnan(x[1]).any() and torch.isfinite(x[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: Neumann(steps=-1), "Neumann.steps must be an integer >= 0"),
+    (lambda: Neumann(steps=2.5), "Neumann.steps must be an integer"),
+    (lambda: Neumann(alpha=0.0), "Neumann.alpha must be a positive"),
+    (lambda: Neumann(alpha=float("inf")), "Neumann.alpha must be a positive"),
+    (lambda: CG(max_iter=0), "CG.max_iter must be an integer >= 1"),
+    (lambda: CG(tol=-1.0), "CG.tol must be None or a non-negative"),
+])
+def test_solver_objects_reject_bad_settings(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_solver_objects_are_frozen():
+    with pytest.raises(Exception):
+        Neumann().steps = 3

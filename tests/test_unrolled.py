@@ -77,7 +77,7 @@ def run(make_model, mode, optimizer="sgd", steps=5, lr_kind="scalar", batches=No
     opt_kw = dict(OPT_KW[optimizer])
     lr = make_lr(lr_kind, model, opt_kw.pop("inner_lr"))
     adapted = un.maml(model, xs, ys, F.cross_entropy, inner_steps=steps, inner_lr=lr, mode=mode,
-                      optimizer=optimizer, **opt_kw, **kw)
+                      inner_solver=optimizer, **opt_kw, **kw)
     F.cross_entropy(adapted(xq).flatten(0, 1), yq.flatten()).backward()
     grad = torch.cat([p.grad.flatten() for p in model.parameters()])
     return grad, [r.grad for r in lr_tensors(lr)], adapted
@@ -160,7 +160,7 @@ def test_checkpointed_keeps_only_snapshots():
     model = mlp()
     xs, ys, _, _ = MLP_DATA
     adapted = un.maml(model, xs, ys, inner_steps=20, inner_lr=0.1, mode="checkpointed",
-                      optimizer="momentum", checkpoint_every=6)
+                      inner_solver="momentum", checkpoint_every=6)
     saved = adapted.flat.grad_fn.saved_tensors
     assert len(saved) == 1 + 1 + math.ceil(20 / 6) * 2
 
@@ -169,7 +169,7 @@ def test_modes_share_the_inner_trajectory():
     xs, ys, _, _ = MLP_DATA
     outs = {}
     for mode in un.MODES:
-        adapted = un.maml(mlp(), xs, ys, inner_steps=6, inner_lr=0.3, mode=mode, optimizer="rmsprop")
+        adapted = un.maml(mlp(), xs, ys, inner_steps=6, inner_lr=0.3, mode=mode, inner_solver="rmsprop")
         outs[mode] = adapted
     for mode in ("first_order", "checkpointed"):
         torch.testing.assert_close(outs[mode].flat, outs["full"].flat, rtol=1e-13, atol=1e-13)
@@ -267,13 +267,24 @@ def test_reptile_grad_matches_hand_computation():
     phis = [naive_inner(model, xs[t], ys[t], 4, 0.3, "sgd", False) for t in range(T)]
     expected = {n: p.detach() - sum(phi[n].detach() for phi in phis) / T for n, p in model.named_parameters()}
     model[0].weight.grad = torch.ones_like(model[0].weight)
-    grad = un.reptile_grad(model, adapted)
+    grad = un.reptile_grad(model, adapted, write=True)
     flat = torch.cat([expected[n].flatten() for n, _ in model.named_parameters()])
     assert rel(grad, flat) <= 1e-12
     for n, p in model.named_parameters():
         extra = 1.0 if n == "0.weight" else 0.0  # accumulated like backward()
         torch.testing.assert_close(p.grad, expected[n] + extra, rtol=1e-12, atol=1e-12)
     assert un.reptile_grad(model, adapted.flat, write=False).shape == (flat.numel(),)
+
+
+def test_reptile_grad_writes_nothing_unless_asked():
+    model = mlp()
+    xs, ys, _, _ = MLP_DATA
+    with torch.no_grad():
+        adapted = un.maml(model, xs, ys, inner_steps=2, inner_lr=0.3, mode="first_order")
+    grad = un.reptile_grad(model, adapted)
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(un.reptile_grad(model, adapted, write=True), grad)
+    assert torch.equal(torch.cat([p.grad.flatten() for p in model.parameters()]), grad)
 
 
 def test_reptile_grad_rejects_wrong_layout():
@@ -328,6 +339,26 @@ def test_mismatched_shapes():
         call(support_x=steps_x, support_y=steps_y, per_step_support=True)
     with pytest.raises(ValueError, match=r"support_y must be \[T, K=4, n, \.\.\.\]"):
         call(support_x=steps_x, support_y=steps_y[:, :3], per_step_support=True, inner_steps=4)
+
+
+def test_optimizer_is_the_deprecated_name_of_inner_solver():
+    xs, ys, xq, yq = MLP_DATA
+
+    def meta_grad(**kw):
+        model = mlp()
+        adapted = un.maml(model, xs, ys, inner_steps=4, inner_lr=0.1, mode="checkpointed", momentum=0.9, **kw)
+        F.cross_entropy(adapted(xq).flatten(0, 1), yq.flatten()).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()]), adapted.info
+
+    with pytest.warns(DeprecationWarning, match="optimizer= is deprecated; use inner_solver="):
+        old, info = meta_grad(optimizer="momentum")
+    new, _ = meta_grad(inner_solver="momentum")
+    assert torch.equal(old, new)
+    assert info["inner_solver"] == info["optimizer"] == "momentum"
+    with pytest.raises(ValueError, match="pass only inner_solver="):
+        call(inner_solver="sgd", optimizer="sgd")
+    with pytest.raises(ValueError, match="inner_solver must be one of"):
+        call(inner_solver="adam")
 
 
 @pytest.mark.parametrize("mode", un.MODES)
