@@ -27,6 +27,7 @@ import torch
 
 from . import ops
 from .ops import CGState
+from .validation import check_nonnegative, check_positive, check_steps
 
 __all__ = ["cg", "CGResult", "CGState", "CG", "Neumann", "ShiftedOperator", "Matvec"]
 
@@ -120,11 +121,6 @@ class ShiftedOperator:
         return self.shift * v + self.scale * self.m(v)
 
 
-def _check_count(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class CG:
     """Linear solver: :func:`cg` from x₀ = 0, ``max_iter`` iterations (one
@@ -135,9 +131,9 @@ class CG:
     tol: Optional[float] = None
 
     def __post_init__(self):
-        _check_count("CG.max_iter", self.max_iter, 1)
-        if self.tol is not None and not (isinstance(self.tol, (int, float)) and 0 <= self.tol < float("inf")):
-            raise ValueError(f"CG.tol must be None or a non-negative finite number, got {self.tol!r}")
+        check_steps("CG.max_iter", self.max_iter, minimum=1)
+        if self.tol is not None:
+            check_nonnegative("CG.tol", self.tol)
 
     def __call__(self, matvec: Matvec, rhs: torch.Tensor) -> CGResult:
         if isinstance(matvec, ShiftedOperator):
@@ -166,10 +162,8 @@ class Neumann:
     alpha: float = 0.5
 
     def __post_init__(self):
-        _check_count("Neumann.steps", self.steps, 0)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
-                or not 0 < self.alpha < float("inf"):
-            raise ValueError(f"Neumann.alpha must be a positive finite number, got {self.alpha!r}")
+        check_steps("Neumann.steps", self.steps)
+        check_positive("Neumann.alpha", self.alpha)
 
     def __call__(self, matvec: Matvec, rhs: torch.Tensor) -> torch.Tensor:
         if rhs.dim() != 2:

@@ -48,9 +48,11 @@ def check_nonnegative(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
 
 
-def check_steps(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+def check_steps(name: str, value: int, minimum: int = 0) -> None:
+    """``value`` is an integer ≥ ``minimum`` (0 or 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "non-negative" if minimum == 0 else "positive"
+        raise ValueError(f"{name} must be a {kind} integer, got {value!r}")
 
 
 def optional_positive(name: str, value: Optional[float]) -> Optional[float]:

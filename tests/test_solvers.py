@@ -159,12 +159,12 @@ def test_neumann_keeps_non_finite_values_in_their_task():
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: Neumann(steps=-1), "Neumann.steps must be an integer >= 0"),
-    (lambda: Neumann(steps=2.5), "Neumann.steps must be an integer"),
+    (lambda: Neumann(steps=-1), "Neumann.steps must be a non-negative integer"),
+    (lambda: Neumann(steps=2.5), "Neumann.steps must be a non-negative integer"),
     (lambda: Neumann(alpha=0.0), "Neumann.alpha must be a positive"),
     (lambda: Neumann(alpha=float("inf")), "Neumann.alpha must be a positive"),
-    (lambda: CG(max_iter=0), "CG.max_iter must be an integer >= 1"),
-    (lambda: CG(tol=-1.0), "CG.tol must be None or a non-negative"),
+    (lambda: CG(max_iter=0), "CG.max_iter must be a positive integer"),
+    (lambda: CG(tol=-1.0), "CG.tol must be a non-negative"),
 ])
 def test_solver_objects_reject_bad_settings(make, match):
     with pytest.raises(ValueError, match=match):
