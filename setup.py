@@ -3,7 +3,7 @@
     pip install --no-build-isolation .        # or -e . ; uses the installed torch
 
 Extensions:
-  imaml_ext._C       CPU kernels and the op definitions (csrc/*.cpp), -O3, OpenMP
+  imaml_ext._C       CPU kernels (csrc/*.cpp; the ops are declared in imaml_ext/ops.py), -O3, OpenMP
                      (-g0: no debug info, which Python's CFLAGS would add)
   imaml_ext._C_cuda  CUDA kernels (csrc/cuda/*.cu), when torch is a CUDA build
                      and a CUDA toolkit is found (CUDA_HOME, or nvcc on PATH)
