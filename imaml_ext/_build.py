@@ -5,9 +5,9 @@ only register kernels for them (CPU, CUDA). :func:`backend` loads the
 libraries on first use (never at import; the first call of an op calls it), in
 this order, for the CPU library and then the CUDA library:
 
-1. the ahead-of-time build installed with the package: ``imaml_ext._C`` (CPU
-   kernels) and ``imaml_ext._C_cuda`` (CUDA kernels), two
-   shared libraries so that a CPU-only torch still loads the CPU ops and a
+1. the ahead-of-time build installed with the package:
+   ``imaml_ext._kernels`` (CPU kernels) and ``imaml_ext._kernels_cuda`` (CUDA
+   kernels), two shared libraries so that a CPU-only torch still loads the CPU ops and a
    missing or broken CUDA build only costs the CUDA path;
 2. else a just-in-time build of csrc/ with ``torch.utils.cpp_extension.load``
    (ninja), cached under ``IMAML_EXT_BUILD_DIR`` or torch's extension cache;
@@ -184,7 +184,7 @@ def _load_library(device: str) -> tuple[str, str]:
     """Loads the ``"cpu"`` or ``"cuda"`` kernels: the ahead-of-time build, else a
     just-in-time one.  Returns (source: ``"aot"`` or ``"jit"``, a note on where
     they came from)."""
-    label, module = {"cpu": ("CPU", "_C"), "cuda": ("CUDA", "_C_cuda")}[device]
+    label, module = {"cpu": ("CPU", "_kernels"), "cuda": ("CUDA", "_kernels_cuda")}[device]
 
     def verify(kind: str) -> None:
         _check_kernels(label, kind)
