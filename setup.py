@@ -2,11 +2,14 @@
 
     pip install --no-build-isolation .        # or -e . ; uses the installed torch
 
-Extensions:
-  imaml_ext._C       CPU kernels and the op definitions (csrc/*.cpp), -O3, OpenMP
-                     (-g0: no debug info, which Python's CFLAGS would add)
-  imaml_ext._C_cuda  CUDA kernels (csrc/cuda/*.cu), when torch is a CUDA build
-                     and a CUDA toolkit is found (CUDA_HOME, or nvcc on PATH)
+Extensions (kernel libraries only: the ops are declared in imaml_ext/ops.py;
+named apart from the _C / _C_cuda of older builds, which declared the ops and
+so cannot load beside ops.py, and which a stale in-place build may leave):
+  imaml_ext._kernels       CPU kernels (csrc/*.cpp), -O3, OpenMP
+                           (-g0: no debug info, which Python's CFLAGS would add)
+  imaml_ext._kernels_cuda  CUDA kernels (csrc/cuda/*.cu), when torch is a CUDA
+                           build and a CUDA toolkit is found (CUDA_HOME, or nvcc
+                           on PATH)
 An extension that fails to compile is skipped with a warning (unless required,
 below); imaml_ext then compiles it on first use or falls back to its PyTorch
 reference ops (imaml_ext/_build.py). csrc/ is shipped in the package as
@@ -59,7 +62,7 @@ class BuildPy(build_py):
 
 
 def _is_cuda(ext):
-    return ext.name.endswith("_C_cuda")
+    return ext.name.endswith("_kernels_cuda")
 
 
 def _make_build_ext(base):
@@ -73,7 +76,7 @@ def _make_build_ext(base):
                 super().build_extensions()
             except Exception as e:
                 # Before compiling anything, torch checks the compiler and the
-                # CUDA toolkit version: a CUDA problem there costs only _C_cuda.
+                # CUDA toolkit version: a CUDA problem there costs only _kernels_cuda.
                 cuda = [ext for ext in self.extensions if _is_cuda(ext)]
                 if self._started or not cuda:
                     raise
@@ -138,7 +141,7 @@ def _extensions():
               and torch.backends.openmp.is_available() else [])
     extensions = [
         CppExtension(
-            "imaml_ext._C",
+            "imaml_ext._kernels",
             _sources("csrc/*.cpp"),
             extra_compile_args={"cxx": ["-O3", "-g0", *openmp]},
             extra_link_args=openmp,
@@ -151,7 +154,7 @@ def _extensions():
              f"{os.environ['TORCH_CUDA_ARCH_LIST']} with {CUDA_HOME}")
         extensions.append(
             CUDAExtension(
-                "imaml_ext._C_cuda",
+                "imaml_ext._kernels_cuda",
                 _sources("csrc/cuda/*.cu"),
                 extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3"]},
             )

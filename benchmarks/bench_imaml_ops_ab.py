@@ -3,8 +3,8 @@
 The same problem as ``bench_imaml.py`` (Omniglot conv net, 5-way 1-shot,
 T = 32, 16 inner GD steps, 5 CG steps).  Each repetition times one
 meta-batch with the compiled ops and one with the PyTorch reference ops
-(``imaml_ext.ops.reference``, selected by making ``ops._compiled`` answer
-False), in alternating order, so that drift in the machine's speed hits
+(``imaml_ext.ops.reference``, registered over the compiled kernels inside
+``imaml_ext.ops.use_reference()``), in alternating order, so that drift in the machine's speed hits
 both alike.  Reports the median of each and the median of the per-pair
 ratios (reference / compiled: > 1 means the compiled ops are faster).
 
@@ -13,6 +13,7 @@ ratios (reference / compiled: > 1 means the compiled ops are faster).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -36,16 +37,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     dev = torch.device(args.device)
-    compiled = ops._compiled
-    if not compiled(dev):
+    b = im.backend()
+    if not (b.cuda if dev.type == "cuda" else b.cpu):
         print(f"no compiled ops for {dev} ({im.backend()}): nothing to compare", file=sys.stderr)
         return 1
     model, xs, ys, xq, yq = make_problem(args)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def meta_batch(use_compiled: bool) -> float:
-        ops._compiled = compiled if use_compiled else (lambda device: False)
-        try:
+        with contextlib.nullcontext() if use_compiled else ops.use_reference():
             model.zero_grad(set_to_none=True)
             sync()
             start = time.perf_counter()
@@ -54,8 +54,6 @@ def main(argv=None) -> int:
             F.cross_entropy(adapted(xq).flatten(0, 1), yq.flatten()).backward()
             sync()
             return time.perf_counter() - start
-        finally:
-            ops._compiled = compiled
 
     meta_batch(True), meta_batch(False)  # warm-up
     times = {True: [], False: []}

@@ -1,4 +1,4 @@
-// CPU kernel of imaml_ext::adjoint_sgd_step_ (see library.cpp for the
+// CPU kernel of imaml_ext::adjoint_sgd_step_ (see imaml_ext/ops.py for the
 // contract). One pass: each element of adj is read once, used for <g_t, adj_t>
 // and then overwritten with adj - lr * Ha.
 #include <ATen/Dispatch.h>

@@ -1,5 +1,5 @@
 // CPU kernels of imaml_ext::batched_dot and imaml_ext::batched_sq_norm
-// (see library.cpp for the contracts): one pass, [T, P] -> [T].
+// (see imaml_ext/ops.py for the contracts): one pass, [T, P] -> [T].
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>

@@ -1,4 +1,4 @@
-// CPU kernel of imaml_ext::cg_step_ (see library.cpp for the contract).
+// CPU kernel of imaml_ext::cg_step_ (see imaml_ext/ops.py for the contract).
 //
 // Three passes over memory, each parallel over (task, chunk):
 //   1. pAp_t = <p_t, a*p_t + b*Hp_t>

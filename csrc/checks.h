@@ -4,10 +4,16 @@
 // one floating dtype (float32 or float64), plus per-task [T] vectors and, for
 // prox_sgd_step_, a [P] vector. All tensors of one call live on one device,
 // and a tensor an op writes shares no memory with the op's [T, P] inputs.
+//
+// A bad argument raises ValueError in Python (TORCH_CHECK_VALUE), memory
+// shared with a written tensor RuntimeError (TORCH_CHECK), as in PyTorch. The
+// reference kernels apply the same rules with the same messages
+// (imaml_ext/ops.py, _Args); tests/test_ops.py compares the two.
 #pragma once
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
 #include <string>
@@ -26,19 +32,24 @@ inline std::string shape_str(at::IntArrayRef sizes) {
   return out + "]";
 }
 
+// Formats a dtype as Python does: "torch.float32".
+inline std::string dtype_str(at::ScalarType type) {
+  return "torch." + std::string(c10::getDtypeNames(type).first);
+}
+
 // Checks the tensors of one call against a reference [T, P] tensor `ref`.
 class ArgChecker {
  public:
   ArgChecker(const char* op, const char* ref_name, const at::Tensor& ref)
       : op_(op), ref_name_(ref_name), ref_(ref) {
-    TORCH_CHECK(
+    TORCH_CHECK_VALUE(
         ref.dim() == 2,
         op_, ": ", ref_name_, " must be a 2-D [T, P] tensor, got shape ",
         shape_str(ref.sizes()),
         " (flatten the parameters of each task into one row)");
-    TORCH_CHECK(
+    TORCH_CHECK_VALUE(
         ref.scalar_type() == at::kFloat || ref.scalar_type() == at::kDouble,
-        op_, ": unsupported dtype ", ref.scalar_type(), " for ", ref_name_,
+        op_, ": unsupported dtype ", dtype_str(ref.scalar_type()), " for ", ref_name_,
         "; use float32 or float64");
     common(ref_name_, ref);
   }
@@ -46,7 +57,7 @@ class ArgChecker {
   // Another [T, P] tensor: same shape and dtype as the reference.
   void rows(const char* name, const at::Tensor& t) const {
     same_dtype(name, t);
-    TORCH_CHECK(
+    TORCH_CHECK_VALUE(
         t.sizes() == ref_.sizes(), op_, ": ", name, " has shape ",
         shape_str(t.sizes()), " but ", ref_name_, " has shape ",
         shape_str(ref_.sizes()),
@@ -62,9 +73,9 @@ class ArgChecker {
 
   // A per-task [T] int32 vector.
   void per_task_int32(const char* name, const at::Tensor& t) const {
-    TORCH_CHECK(
+    TORCH_CHECK_VALUE(
         t.scalar_type() == at::kInt, op_, ": ", name,
-        " must be int32 but has dtype ", t.scalar_type(),
+        " must be int32 but has dtype ", dtype_str(t.scalar_type()),
         " (create it with dtype=torch.int32)");
     task_vector(name, t);
   }
@@ -83,7 +94,7 @@ class ArgChecker {
   // A [P] vector broadcast over tasks.
   void per_param(const char* name, const at::Tensor& t) const {
     same_dtype(name, t);
-    TORCH_CHECK(
+    TORCH_CHECK_VALUE(
         t.dim() == 1 && t.size(0) == ref_.size(1), op_, ": ", name,
         " must have shape [P] = ", shape_str({ref_.size(1)}),
         " (broadcast over tasks), got ", shape_str(t.sizes()));
@@ -92,15 +103,16 @@ class ArgChecker {
 
  private:
   void same_dtype(const char* name, const at::Tensor& t) const {
-    TORCH_CHECK(
+    TORCH_CHECK_VALUE(
         t.scalar_type() == ref_.scalar_type(), op_, ": ", name, " has dtype ",
-        t.scalar_type(), " but ", ref_name_, " has ", ref_.scalar_type(),
+        dtype_str(t.scalar_type()), " but ", ref_name_, " has ",
+        dtype_str(ref_.scalar_type()),
         "; all floating inputs must share one dtype (convert with .to(",
         ref_name_, ".dtype))");
   }
 
   void task_vector(const char* name, const at::Tensor& t) const {
-    TORCH_CHECK(
+    TORCH_CHECK_VALUE(
         t.dim() == 1 && t.size(0) == ref_.size(0), op_, ": ", name,
         " must have shape [T] = ", shape_str({ref_.size(0)}),
         " (one entry per task of ", ref_name_, "), got ", shape_str(t.sizes()));
@@ -108,11 +120,11 @@ class ArgChecker {
   }
 
   void common(const char* name, const at::Tensor& t) const {
-    TORCH_CHECK(
+    TORCH_CHECK_VALUE(
         t.device() == ref_.device(), op_, ": ", name, " is on ", t.device(),
         " but ", ref_name_, " is on ", ref_.device(),
         "; move all inputs to one device");
-    TORCH_CHECK(
+    TORCH_CHECK_VALUE(
         t.is_contiguous(), op_, ": ", name,
         " must be contiguous (call .contiguous())");
   }

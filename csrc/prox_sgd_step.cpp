@@ -1,4 +1,4 @@
-// CPU kernel of imaml_ext::prox_sgd_step_ (see library.cpp for the contract).
+// CPU kernel of imaml_ext::prox_sgd_step_ (see imaml_ext/ops.py for the contract).
 //
 // With clipping (max_norm > 0): one pass for ||g_t||^2, one for the update;
 // without: the update pass alone.

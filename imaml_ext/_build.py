@@ -1,17 +1,23 @@
-"""Loading of the compiled imaml_ext ops.
+"""Loading of the compiled imaml_ext kernels.
 
-:func:`backend` loads them on first use (never at import), in this order, for
-the CPU library (which also defines the ops) and then the CUDA library:
+The operators are declared in :mod:`imaml_ext.ops`; the compiled libraries
+only register kernels for them (CPU, CUDA). :func:`backend` loads the
+libraries on first use (never at import; the first call of an op calls it), in
+this order, for the CPU library and then the CUDA library:
 
-1. the ahead-of-time build installed with the package: ``imaml_ext._C`` (CPU
-   kernels and op definitions) and ``imaml_ext._C_cuda`` (CUDA kernels), two
-   shared libraries so that a CPU-only torch still loads the CPU ops and a
+1. the ahead-of-time build installed with the package:
+   ``imaml_ext._kernels`` (CPU kernels) and ``imaml_ext._kernels_cuda`` (CUDA
+   kernels), two shared libraries so that a CPU-only torch still loads the CPU ops and a
    missing or broken CUDA build only costs the CUDA path;
 2. else a just-in-time build of csrc/ with ``torch.utils.cpp_extension.load``
    (ninja), cached under ``IMAML_EXT_BUILD_DIR`` or torch's extension cache;
    the CUDA kernels only when a GPU is visible and a CUDA toolkit is found;
-3. else the pure-PyTorch reference ops of :mod:`imaml_ext.ops`, with one
-   warning that says why and how to fix it.
+3. else nothing: :mod:`imaml_ext.ops` registers its pure-PyTorch reference
+   kernels for that device, and this module warns once, saying why and how to
+   fix it.
+
+This module does not import :mod:`imaml_ext.ops`: it checks the kernels of
+whatever operators the ``imaml_ext`` namespace declares.
 
 Environment variables:
 
@@ -48,7 +54,7 @@ import torch
 __all__ = ["Backend", "backend", "describe"]
 
 _PKG_DIR = Path(__file__).resolve().parent
-_OP_NAMES = ("cg_step_", "prox_sgd_step_", "adjoint_sgd_step_", "batched_dot", "batched_sq_norm")
+_NAMESPACE = "imaml_ext"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,9 +153,6 @@ def _load() -> Backend:
             "set IMAML_EXT_NO_EXT=1 to use the reference ops without this warning.")
         return Backend("pytorch", False, False, None, reason)
 
-    from . import ops
-
-    ops._register_fakes()
     notes = [cpu_note]
     cuda = False
     if torch.version.cuda is None:
@@ -181,7 +184,7 @@ def _load_library(device: str) -> tuple[str, str]:
     """Loads the ``"cpu"`` or ``"cuda"`` kernels: the ahead-of-time build, else a
     just-in-time one.  Returns (source: ``"aot"`` or ``"jit"``, a note on where
     they came from)."""
-    label, module = {"cpu": ("CPU", "_C"), "cuda": ("CUDA", "_C_cuda")}[device]
+    label, module = {"cpu": ("CPU", "_kernels"), "cuda": ("CUDA", "_kernels_cuda")}[device]
 
     def verify(kind: str) -> None:
         _check_kernels(label, kind)
@@ -224,13 +227,18 @@ def _load_aot(module: str) -> None:
 def _check_kernels(dispatch_key: str, kind: str) -> None:
     """Every op has a kernel for the device: catches a stale build. (A library
     once loaded cannot be replaced in this process, so there is no retry.)"""
-    missing = [name for name in _OP_NAMES
-               if not torch._C._dispatch_has_kernel_for_dispatch_key(
-                   f"imaml_ext::{name}", dispatch_key)]
+    missing = [name.split("::", 1)[1] for name in _declared_ops()
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)]
     if missing:
         raise _Unavailable(
             f"the {kind} build lacks {dispatch_key} kernels for {', '.join(missing)} (stale "
             "build?): rebuild with `pip install --no-build-isolation .`")
+
+
+def _declared_ops() -> list[str]:
+    """The qualified names of the operators in the imaml_ext namespace."""
+    return sorted(name for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith(f"{_NAMESPACE}::"))
 
 
 def _smoke_test_cuda(kind: str) -> None:
@@ -249,7 +257,7 @@ def _source_dir() -> Path:
     # csrc/ is shipped inside the package as _csrc (see setup.py); in a source
     # checkout (editable install) it sits next to the package.
     for candidate in (_PKG_DIR / "_csrc", _PKG_DIR.parent / "csrc"):
-        if (candidate / "library.cpp").is_file():
+        if (candidate / "checks.h").is_file():
             return candidate
     raise _Unavailable("the C++ sources (csrc/) are not installed, so nothing can be compiled")
 

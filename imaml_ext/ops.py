@@ -1,21 +1,38 @@
 """Fused ops over flat [T, P] buffers (T tasks, P parameters per task).
 
-Each op runs the compiled kernel (``torch.ops.imaml_ext.*``, see csrc/) when
-the extension is loaded for the tensors' device, and otherwise the pure-PyTorch
-reference of the same name in :data:`reference`, which has identical semantics.
-:func:`imaml_ext._build.backend` says which one runs and why.
+Each op is declared once, in :data:`_OPS` below, as the operator
+``torch.ops.imaml_ext.<name>``; the dispatcher picks its kernel by device:
+
+- the compiled kernels (csrc/, CPU and CUDA) register for their device when
+  :mod:`imaml_ext._build` loads them, on the first call of any op;
+- for a device without compiled kernels (library not built, or only its CPU
+  half), the pure-PyTorch reference of the same name in :data:`reference`
+  registers instead, behind the same argument checks (csrc/checks.h, mirrored
+  by :class:`_Args`) and with identical semantics;
+- a fake kernel (the argument checks, then the output's metadata) serves meta
+  and fake tensors (torch.compile, :func:`torch.library.opcheck`);
+- :func:`batched_dot` and :func:`batched_sq_norm` are differentiable on every
+  path (``register_autograd``).
+
+:func:`imaml_ext.backend` says which kernels run and why; :func:`use_reference`
+swaps the compiled kernels for the reference ones for an in-process A/B.
 
 All tensors of one call live on one device and share one floating dtype
-(float32 or float64; ``state`` is int32); all are contiguous. Mutating ops
-(trailing underscore) write their outputs in place and return ``None``; a
-tensor an op writes must not share memory with its other [T, P] inputs (the
-compiled kernels reject that). None of the ops synchronises with the host.
+(float32 or float64; ``state`` is int32); all are contiguous. A bad argument
+raises ValueError, a tensor an op writes that shares memory with its other
+[T, P] inputs RuntimeError, with the same message on every path. Mutating ops
+(trailing underscore) write their outputs in place and return ``None``. None
+of the ops synchronises with the host.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import enum
+import threading
 import types
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -28,9 +45,9 @@ __all__ = [
     "batched_dot",
     "batched_sq_norm",
     "reference",
+    "use_reference",
     "CGState",
 ]
-
 
 
 class CGState(enum.IntEnum):
@@ -59,18 +76,20 @@ _FLOATING = (torch.float32, torch.float64)
 
 
 # ---------------------------------------------------------------------------
-# Argument checks: the rules and wording of csrc/checks.h, raised as ValueError.
+# Argument checks: csrc/checks.h's rules, order and wording, for the reference
+# and fake kernels (tests/test_ops.py feeds every bad input to both paths).
 
 
 class _Args:
-    """Checks the tensors of one call against a reference [T, P] tensor."""
+    """Checks the tensors of one call against a reference [T, P] tensor
+    (csrc/checks.h's ArgChecker). ``data=False`` (fake and meta tensors) skips
+    the memory-sharing checks, which need real storage."""
 
-    def __init__(self, op: str, ref_name: str, ref: torch.Tensor):
-        self.op, self.ref_name, self.ref = op, ref_name, ref
-        if not isinstance(ref, torch.Tensor) or ref.dim() != 2:
-            shape = list(ref.shape) if isinstance(ref, torch.Tensor) else type(ref).__name__
+    def __init__(self, op: str, ref_name: str, ref: torch.Tensor, data: bool = True):
+        self.op, self.ref_name, self.ref, self.data = op, ref_name, ref, data
+        if ref.dim() != 2:
             raise ValueError(
-                f"{op}: {ref_name} must be a 2-D [T, P] tensor, got shape {shape} "
+                f"{op}: {ref_name} must be a 2-D [T, P] tensor, got shape {list(ref.shape)} "
                 "(flatten the parameters of each task into one row)")
         if ref.dtype not in _FLOATING:
             raise ValueError(
@@ -78,6 +97,7 @@ class _Args:
         self._common(ref_name, ref)
 
     def rows(self, name: str, t: torch.Tensor) -> None:
+        """Another [T, P] tensor: same shape and dtype as the reference."""
         self._same_dtype(name, t)
         if t.shape != self.ref.shape:
             raise ValueError(
@@ -86,27 +106,31 @@ class _Args:
         self._common(name, t)
 
     def per_task(self, name: str, t: torch.Tensor) -> None:
+        """A per-task [T] vector of the reference's dtype."""
         self._same_dtype(name, t)
         self._task_vector(name, t)
 
     def per_task_int32(self, name: str, t: torch.Tensor) -> None:
-        self._tensor(name, t)
+        """A per-task [T] int32 vector."""
         if t.dtype != torch.int32:
             raise ValueError(
                 f"{self.op}: {name} must be int32 but has dtype {t.dtype} "
                 "(create it with dtype=torch.int32)")
         self._task_vector(name, t)
 
+    def distinct(self, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
+        """a and b (one of them written by the op) must not share memory."""
+        if self.data and _overlap(a, b):
+            raise RuntimeError(
+                f"{self.op}: {a_name} and {b_name} share memory; pass distinct tensors "
+                "(e.g. use .clone())")
+
     def per_param(self, name: str, t: torch.Tensor) -> None:
+        """A [P] vector broadcast over tasks."""
         self._same_dtype(name, t)
         self._vector(name, t, "P", self.ref.shape[1], "broadcast over tasks")
 
-    def _tensor(self, name: str, t) -> None:
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{self.op}: {name} must be a tensor, got {type(t).__name__}")
-
     def _same_dtype(self, name: str, t: torch.Tensor) -> None:
-        self._tensor(name, t)
         if t.dtype != self.ref.dtype:
             raise ValueError(
                 f"{self.op}: {name} has dtype {t.dtype} but {self.ref_name} has "
@@ -132,27 +156,59 @@ class _Args:
             raise ValueError(f"{self.op}: {name} must be contiguous (call .contiguous())")
 
 
-def _check_cg_step(x, r, p, Hp, rs, state, threshold_sq) -> None:
-    c = _Args("cg_step_", "x", x)
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether at::get_overlap_status(a, b) is Full or Partial, for the
+    contiguous tensors the checks let through: the same tensor, or two
+    non-empty views of one storage whose byte ranges intersect."""
+    if a is b:
+        return True
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+def _check_cg_step(x, r, p, Hp, rs, state, threshold_sq, a=None, b=None, *, data=True) -> None:
+    c = _Args("cg_step_", "x", x, data)
     c.rows("r", r)
     c.rows("p", p)
     c.rows("Hp", Hp)
     c.per_task("rs", rs)
     c.per_task_int32("state", state)
     c.per_task("threshold_sq", threshold_sq)
+    c.distinct("x", x, "r", r)
+    c.distinct("x", x, "p", p)
+    c.distinct("r", r, "p", p)
+    c.distinct("Hp", Hp, "x", x)
+    c.distinct("Hp", Hp, "r", r)
+    c.distinct("Hp", Hp, "p", p)
 
 
-def _check_prox_sgd_step(phi, g, theta) -> None:
-    c = _Args("prox_sgd_step_", "phi", phi)
+def _check_prox_sgd_step(phi, g, theta, lr=None, lam=None, max_norm=None, *, data=True) -> None:
+    c = _Args("prox_sgd_step_", "phi", phi, data)
     c.rows("g", g)
     c.per_param("theta", theta)
+    c.distinct("phi", phi, "g", g)
+    c.distinct("phi", phi, "theta", theta)
 
 
-def _check_adjoint_sgd_step(adj, Ha, g, lr_grad) -> None:
-    c = _Args("adjoint_sgd_step_", "adj", adj)
+def _check_adjoint_sgd_step(adj, Ha, g, lr_grad, lr=None, *, data=True) -> None:
+    c = _Args("adjoint_sgd_step_", "adj", adj, data)
     c.rows("Ha", Ha)
     c.rows("g", g)
     c.per_task("lr_grad", lr_grad)
+    c.distinct("adj", adj, "Ha", Ha)
+    c.distinct("adj", adj, "g", g)
+
+
+def _check_batched_dot(x, y, *, data=True) -> None:
+    _Args("batched_dot", "x", x, data).rows("y", y)
+
+
+def _check_batched_sq_norm(x, *, data=True) -> None:
+    _Args("batched_sq_norm", "x", x, data)
 
 
 # ---------------------------------------------------------------------------
@@ -213,7 +269,8 @@ def _ref_batched_sq_norm(x) -> torch.Tensor:
     return (x * x).sum(1)
 
 
-#: The pure-PyTorch reference implementations, by op name.
+#: The pure-PyTorch reference implementations, by op name (no argument checks:
+#: the registered reference kernels check first).
 reference = types.SimpleNamespace(
     cg_step_=_ref_cg_step_,
     prox_sgd_step_=_ref_prox_sgd_step_,
@@ -224,35 +281,169 @@ reference = types.SimpleNamespace(
 
 
 # ---------------------------------------------------------------------------
-# Public ops.
+# Autograd of the reductions (the same on the compiled and the reference path).
 
 
-def _compiled(device: torch.device) -> bool:
+def _save_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _batched_dot_backward(ctx, grad):
+    x, y = ctx.saved_tensors
+    grad = grad.unsqueeze(1)
+    return grad * y, grad * x
+
+
+def _batched_sq_norm_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return 2 * grad.unsqueeze(1) * x
+
+
+# ---------------------------------------------------------------------------
+# The operators: one declaration each.
+
+
+def _per_task_result(x, *args):
+    return x.new_empty(x.shape[:1])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Op:
+    schema: str                      #: arguments and result, in the dispatcher's schema language
+    check: Callable[..., None]       #: argument rules (csrc/checks.h)
+    result: Optional[Callable] = None  #: output metadata for fake tensors (None: returns ())
+    backward: Optional[Callable] = None  #: autograd formula, for differentiable ops
+
+
+# Shapes: x, r, p, Hp, phi, g, adj, Ha, y: [T, P]; rs, state, threshold_sq,
+# lr_grad: [T]; theta: [P]. The contracts are in the public functions below.
+_OPS = {
+    "cg_step_": _Op(
+        "(Tensor(a!) x, Tensor(b!) r, Tensor(c!) p, Tensor Hp, Tensor(d!) rs, "
+        "Tensor(e!) state, Tensor threshold_sq, float a, float b) -> ()", _check_cg_step),
+    "prox_sgd_step_": _Op(
+        "(Tensor(a!) phi, Tensor g, Tensor theta, float lr, float lam, float max_norm) -> ()",
+        _check_prox_sgd_step),
+    "adjoint_sgd_step_": _Op(
+        "(Tensor(a!) adj, Tensor Ha, Tensor g, Tensor(b!) lr_grad, float lr) -> ()",
+        _check_adjoint_sgd_step),
+    "batched_dot": _Op("(Tensor x, Tensor y) -> Tensor", _check_batched_dot,
+                       _per_task_result, _batched_dot_backward),
+    "batched_sq_norm": _Op("(Tensor x) -> Tensor", _check_batched_sq_norm,
+                           _per_task_result, _batched_sq_norm_backward),
+}
+
+_NAMESPACE = "imaml_ext"
+_DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def _fake_kernel(op: _Op):
+    def fake(*args):
+        op.check(*args, data=False)
+        return op.result(*args) if op.result else None
+    return fake
+
+
+def _reference_kernel(name: str, op: _Op):
+    ref = getattr(reference, name)
+
+    def kernel(*args):
+        op.check(*args)
+        return ref(*args)
+    return kernel
+
+
+def _loading_kernel(name: str):
+    """Serves a device before any kernel is registered for it: loads the
+    kernels (compiled, else the reference ones), then dispatches again."""
+    def kernel(*args):
+        if _install_kernels():
+            return getattr(torch.ops.imaml_ext, name).default(*args)
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        raise NotImplementedError(
+            f"imaml_ext::{name} has no kernel for {device.type} tensors "
+            f"(kernels: CPU, CUDA; backend: {_build.backend()})")
+    return kernel
+
+
+_library = torch.library.Library(_NAMESPACE, "DEF")
+for _name, _op in _OPS.items():
+    _library.define(_name + _op.schema)
+    torch.library.register_fake(f"{_NAMESPACE}::{_name}", _fake_kernel(_op), lib=_library)
+    _library.impl(_name, _loading_kernel(_name), "CompositeExplicitAutograd")
+    if _op.backward is not None:
+        torch.library.register_autograd(f"{_NAMESPACE}::{_name}", _op.backward,
+                                        setup_context=_save_inputs, lib=_library)
+del _name, _op
+
+
+def _register_reference(dispatch_keys) -> torch.library.Library:
+    """Registers the reference kernels for these dispatch keys; they stay until
+    the returned library is destroyed."""
+    lib = torch.library.Library(_NAMESPACE, "IMPL")
+    for key in dispatch_keys:
+        for name, op in _OPS.items():
+            lib.impl(name, _reference_kernel(name, op), key)
+    return lib
+
+
+_install_lock = threading.RLock()
+_fallback_library: Optional[torch.library.Library] = None
+
+
+def _install_kernels() -> bool:
+    """Loads the compiled kernels and registers the reference ones for the
+    devices they leave out. True the first time, False once done."""
+    global _fallback_library
+    with _install_lock:
+        if _fallback_library is not None:
+            return False
+        b = _build.backend()
+        served = {"cpu": b.cpu, "cuda": b.cuda}
+        _fallback_library = _register_reference(
+            key for device, key in _DEVICE_KEYS.items() if not served[device])
+        return True
+
+
+@contextlib.contextmanager
+def use_reference() -> Iterator[None]:
+    """Runs the PyTorch reference kernels instead of the compiled ones inside
+    the ``with`` block, for an in-process A/B (benchmarks/bench_imaml_ops_ab.py)::
+
+        with imaml_ext.ops.use_reference():
+            ...  # every imaml_ext op runs its reference kernel
+    """
+    _install_kernels()
     b = _build.backend()
-    return (b.cpu and device.type == "cpu") or (b.cuda and device.type == "cuda")
+    served = {"cpu": b.cpu, "cuda": b.cuda}
+    lib = _register_reference(key for device, key in _DEVICE_KEYS.items() if served[device])
+    try:
+        yield
+    finally:
+        lib._destroy()
+
+
+# ---------------------------------------------------------------------------
+# Public ops.
 
 
 def cg_step_(x, r, p, Hp, rs, state, threshold_sq, a: float, b: float) -> None:
     """One conjugate-gradient iteration for T systems (a*I + b*H_t) x_t = rhs_t.
 
     x, r, p, Hp: [T, P] iterate, residual, direction and Hp_t = H_t p_t;
-    rs: [T] current r_t'r_t; state: [T] int32; threshold_sq: [T]. For every
-    task with ``state[t] == 0``::
+    rs: [T] current r_t'r_t; state: [T] int32 (:class:`CGState`);
+    threshold_sq: [T]. For every task with ``state[t] == RUNNING``::
 
         Ap = a*p + b*Hp;  pAp = <p, Ap>
-        pAp not finite -> state = 3, task unchanged
-        pAp <= 0       -> state = 2, task unchanged
+        pAp not finite -> state = NONFINITE, task unchanged
+        pAp <= 0       -> state = NONPOSITIVE_CURVATURE, task unchanged
         alpha = rs/pAp;  x += alpha*p;  r -= alpha*Ap;  rs_new = <r, r>
-        p = r + (rs_new/rs)*p;  rs = rs_new;  rs_new <= threshold_sq -> state = 1
+        p = r + (rs_new/rs)*p;  rs = rs_new;  rs_new <= threshold_sq -> state = CONVERGED
 
-    Tasks with ``state[t] != 0`` are left untouched. x, r, p, rs and state
-    are updated in place.
+    Tasks in another state are left untouched. x, r, p, rs and state are
+    updated in place.
     """
-    _check_cg_step(x, r, p, Hp, rs, state, threshold_sq)
-    if _compiled(x.device):
-        torch.ops.imaml_ext.cg_step_.default(x, r, p, Hp, rs, state, threshold_sq, a, b)
-    else:
-        _ref_cg_step_(x, r, p, Hp, rs, state, threshold_sq, a, b)
+    torch.ops.imaml_ext.cg_step_.default(x, r, p, Hp, rs, state, threshold_sq, a, b)
 
 
 def prox_sgd_step_(phi, g, theta, lr: float, lam: float, max_norm: float = 0.0) -> None:
@@ -263,11 +454,7 @@ def prox_sgd_step_(phi, g, theta, lr: float, lam: float, max_norm: float = 0.0) 
         scale_t = min(1, max_norm / (||g_t|| + 1e-6)) if max_norm > 0 else 1
         phi_t <- phi_t - lr*(scale_t*g_t + lam*(phi_t - theta))
     """
-    _check_prox_sgd_step(phi, g, theta)
-    if _compiled(phi.device):
-        torch.ops.imaml_ext.prox_sgd_step_.default(phi, g, theta, lr, lam, max_norm)
-    else:
-        _ref_prox_sgd_step_(phi, g, theta, lr, lam, max_norm)
+    torch.ops.imaml_ext.prox_sgd_step_.default(phi, g, theta, lr, lam, max_norm)
 
 
 def adjoint_sgd_step_(adj, Ha, g, lr_grad, lr: float) -> None:
@@ -278,60 +465,14 @@ def adjoint_sgd_step_(adj, Ha, g, lr_grad, lr: float) -> None:
         lr_grad_t -= <g_t, adj_t>   (adj before the update)
         adj_t     <- adj_t - lr*Ha_t
     """
-    _check_adjoint_sgd_step(adj, Ha, g, lr_grad)
-    if _compiled(adj.device):
-        torch.ops.imaml_ext.adjoint_sgd_step_.default(adj, Ha, g, lr_grad, lr)
-    else:
-        _ref_adjoint_sgd_step_(adj, Ha, g, lr_grad, lr)
+    torch.ops.imaml_ext.adjoint_sgd_step_.default(adj, Ha, g, lr_grad, lr)
 
 
 def batched_dot(x, y) -> torch.Tensor:
-    """Per-task inner products: [T, P] x [T, P] -> [T]."""
-    c = _Args("batched_dot", "x", x)
-    c.rows("y", y)
-    if _compiled(x.device):
-        return torch.ops.imaml_ext.batched_dot.default(x, y)
-    return _ref_batched_dot(x, y)
+    """Per-task inner products: [T, P] x [T, P] -> [T]. Differentiable."""
+    return torch.ops.imaml_ext.batched_dot.default(x, y)
 
 
 def batched_sq_norm(x) -> torch.Tensor:
-    """Per-task squared Euclidean norms: [T, P] -> [T]."""
-    _Args("batched_sq_norm", "x", x)
-    if _compiled(x.device):
-        return torch.ops.imaml_ext.batched_sq_norm.default(x)
-    return _ref_batched_sq_norm(x)
-
-
-# ---------------------------------------------------------------------------
-# Fake (meta) kernels, registered by _build once the op definitions are loaded.
-
-
-_fakes_registered = False
-
-
-def _register_fakes() -> None:
-    global _fakes_registered
-    if _fakes_registered:
-        return
-    _fakes_registered = True
-
-    @torch.library.register_fake("imaml_ext::cg_step_")
-    def _(x, r, p, Hp, rs, state, threshold_sq, a, b):
-        return None
-
-    @torch.library.register_fake("imaml_ext::prox_sgd_step_")
-    def _(phi, g, theta, lr, lam, max_norm):
-        return None
-
-    @torch.library.register_fake("imaml_ext::adjoint_sgd_step_")
-    def _(adj, Ha, g, lr_grad, lr):
-        return None
-
-    @torch.library.register_fake("imaml_ext::batched_dot")
-    def _(x, y):
-        torch._check(x.shape == y.shape, lambda: "batched_dot: x and y must have one shape")
-        return x.new_empty(x.shape[:1])
-
-    @torch.library.register_fake("imaml_ext::batched_sq_norm")
-    def _(x):
-        return x.new_empty(x.shape[:1])
+    """Per-task squared Euclidean norms: [T, P] -> [T]. Differentiable."""
+    return torch.ops.imaml_ext.batched_sq_norm.default(x)

@@ -1,12 +1,15 @@
 """The fused ops: compiled kernels (CPU, and CUDA when available) against the
-PyTorch reference, an independent CG solve, input validation, opcheck, and a
-check that the compiled backend is really the one under test.
+PyTorch reference, an independent CG solve, input validation (the same errors
+from the compiled and the reference kernels), autograd of the reductions,
+opcheck on both paths, and a check that the compiled backend is really the one
+under test.
 
 Environment: IMAML_EXT_NO_EXT=1 skips the compiled-kernel tests (the reference
 ops are still tested); IMAML_EXT_REQUIRE_COMPILED=1 (CI) makes a missing CPU
 build, or a missing CUDA build on a machine with a GPU, a failure.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -480,6 +483,100 @@ def test_aliased_outputs_are_rejected():
         _call("cg_step_", "compiled", kwargs)
 
 
+def _same(t):
+    return t
+
+
+def _same_range(t):
+    return t.view(t.shape)
+
+
+def _shifted_by_one(t):
+    """A tensor of t's shape starting one element into t's storage."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    return buf[1:].view(t.shape), buf[:-1].view(t.shape)
+
+
+# (case, op, written argument, other argument, how the other shares memory)
+# after csrc/checks.h's `distinct` pairs; "disjoint" shares a storage but no
+# element, and both paths accept it.
+_ALIASED = [
+    *[(f"{b}-is-{a}", "cg_step_", a, b, _same)
+      for a, b in [("x", "r"), ("x", "p"), ("r", "p"), ("x", "Hp"), ("r", "Hp"), ("p", "Hp")]],
+    ("r-views-x", "cg_step_", "x", "r", _same_range),
+    ("g-is-phi", "prox_sgd_step_", "phi", "g", _same),
+    ("theta-in-phi", "prox_sgd_step_", "phi", "theta", lambda phi: phi[1]),
+    ("Ha-is-adj", "adjoint_sgd_step_", "adj", "Ha", _same),
+    ("g-is-adj", "adjoint_sgd_step_", "adj", "g", _same),
+]
+
+
+def _bad_inputs():
+    """Every rejected input of test_invalid_inputs_are_rejected and every
+    aliasing case, as (case id, op, kwargs)."""
+    for name, applies_to, picker, transform, _ in _BAD:
+        for op in applies_to:
+            kwargs = _valid_args(op)
+            kwargs[picker[op]] = transform(kwargs[picker[op]])
+            yield f"{name}-{op}", op, kwargs
+    for name, op, written, other, share in _ALIASED:
+        kwargs = _valid_args(op)
+        kwargs[other] = share(kwargs[written])
+        yield name, op, kwargs
+    for op in ["cg_step_", "adjoint_sgd_step_"]:
+        kwargs = _valid_args(op)
+        first, second = _FIRST[op], _SECOND[op]
+        kwargs[first], kwargs[second] = _shifted_by_one(kwargs[first])
+        yield f"overlap-by-all-but-one-{op}", op, kwargs
+        kwargs = _valid_args(op)
+        kwargs[first], kwargs[second] = torch.randn(2, *kwargs[first].shape).unbind(0)
+        yield f"disjoint-{op}", op, kwargs
+    kwargs = _valid_args("batched_dot")
+    kwargs["y"] = _valid_args("batched_dot")["x"].to("meta")
+    yield "meta-device", "batched_dot", kwargs
+
+
+def _error(op, kwargs):
+    """(type, message) of the error calling the op raises, or None."""
+    try:
+        _compiled(op)(*kwargs.values())
+    except Exception as e:  # noqa: BLE001 - the error is what is compared
+        return type(e), str(e)
+    return None
+
+
+_BAD_INPUTS = list(_bad_inputs())
+
+
+@pytest.mark.parametrize("case", _BAD_INPUTS, ids=[c[0] for c in _BAD_INPUTS])
+def test_compiled_and_reference_kernels_reject_alike(case):
+    """Each bad input gives the same exception type and message on both paths;
+    the inputs sharing a storage without overlapping pass on both."""
+    name, op, kwargs = case
+    with ops.use_reference():
+        want = _error(op, kwargs)
+    if name.startswith("disjoint"):
+        assert want is None, want
+    else:
+        assert want is not None and want[0] in (ValueError, RuntimeError), want
+        assert (want[0] is RuntimeError) == ("share memory" in want[1]), want
+    if NO_EXT or not _build.backend().cpu:
+        pytest.skip("compiled CPU ops not loaded: the reference kernels alone were checked")
+    assert _error(op, kwargs) == want
+
+
+def test_use_reference_swaps_the_kernels_and_back(device):
+    """Inside use_reference() the reference kernels run (they differ from the
+    compiled ones in the last bits of a long float32 reduction), after it the
+    compiled ones again."""
+    x = torch.randn(2, 100_003, device=device)
+    compiled = ops.batched_sq_norm(x)
+    with ops.use_reference():
+        inside = ops.batched_sq_norm(x)
+    assert torch.equal(inside, ref.batched_sq_norm(x))
+    assert torch.equal(ops.batched_sq_norm(x), compiled)
+
+
 # ---------------------------------------------------------------------------
 # Storage offsets: the CUDA kernels use 16-byte packs only where every row they
 # touch is aligned alike (csrc/cuda/packs.h); buffers that start a few elements
@@ -535,3 +632,46 @@ def test_ops_match_reference_at_any_storage_offset(device, op, T, P, dtype, layo
 def test_opcheck(device, op, T, P):
     kwargs = _valid_args(op, device=device, T=T, P=P)
     torch.library.opcheck(_compiled(op), tuple(kwargs.values()))
+
+
+_DIFFERENTIABLE = ["batched_dot", "batched_sq_norm"]
+
+
+def _kernels(path):
+    """A context in which the op runs its compiled or its reference kernels."""
+    return ops.use_reference() if path == "reference" else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("path", ["compiled", "reference"])
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("op", _OPS)
+def test_opcheck_on_both_paths(any_device, op, requires_grad, path):
+    """opcheck (schema, fake kernel, autograd registration, AOT dispatch) of
+    whichever kernels serve the device, and of the reference kernels; the
+    differentiable ops also with inputs that require grad."""
+    if requires_grad and op not in _DIFFERENTIABLE:
+        pytest.skip("the op writes its inputs in place: not differentiable")
+    kwargs = _valid_args(op, device=any_device, T=3, P=37, dtype=torch.float64)
+    args = tuple(a.requires_grad_(requires_grad) if isinstance(a, torch.Tensor) else a
+                 for a in kwargs.values())
+    with _kernels(path):
+        torch.library.opcheck(_compiled(op), args)
+
+
+@pytest.mark.parametrize("path", ["compiled", "reference"])
+def test_reductions_are_differentiable(any_device, path):
+    """gradcheck in float64, and the gradients against the formulas
+    d<x, y>/dx = g*y, d<x, y>/dy = g*x, d||x||^2/dx = 2*g*x."""
+    gen = torch.Generator().manual_seed(5)
+    x, y, g = (_randn(gen, shape, torch.float64, any_device) for shape in [(3, 7), (3, 7), (3,)])
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    with _kernels(path):
+        assert torch.autograd.gradcheck(ops.batched_dot, (x, y))
+        assert torch.autograd.gradcheck(ops.batched_sq_norm, (x,))
+        assert torch.autograd.gradgradcheck(ops.batched_sq_norm, (x,))
+        gx, gy = torch.autograd.grad(ops.batched_dot(x, y), (x, y), g)
+        (gxx,) = torch.autograd.grad(ops.batched_sq_norm(x), (x,), g)
+    torch.testing.assert_close(gx, g[:, None] * y, rtol=0, atol=0)
+    torch.testing.assert_close(gy, g[:, None] * x, rtol=0, atol=0)
+    torch.testing.assert_close(gxx, 2 * g[:, None] * x, rtol=0, atol=0)

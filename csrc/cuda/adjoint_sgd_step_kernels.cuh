@@ -1,5 +1,5 @@
 // Kernels and launch sequence of imaml_ext::adjoint_sgd_step_ on CUDA (see
-// csrc/library.cpp for the contract; adjoint_sgd_step.cu launches them). One
+// imaml_ext/ops.py for the contract; adjoint_sgd_step.cu launches them). One
 // pass reads each element of adj once, for <g_t, adj_t>, and overwrites it
 // with adj - lr*Ha. When a row spans several slices, a second small launch
 // subtracts the row totals of the per-slice partials from lr_grad.

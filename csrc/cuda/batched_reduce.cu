@@ -1,5 +1,5 @@
 // CUDA entry points of imaml_ext::batched_dot and imaml_ext::batched_sq_norm
-// (see csrc/library.cpp for the contracts). One launch when a row fits one
+// (see imaml_ext/ops.py for the contracts). One launch when a row fits one
 // slice; otherwise per-slice partials, then one block per row sums them
 // (batched_dot_launch in block_reduce.cuh).
 #include <ATen/Dispatch.h>

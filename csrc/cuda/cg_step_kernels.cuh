@@ -1,5 +1,5 @@
 // Kernels and launch sequence of imaml_ext::cg_step_ on CUDA (see
-// csrc/library.cpp for the contract; cg_step.cu launches them).
+// imaml_ext/ops.py for the contract; cg_step.cu launches them).
 //
 // One block per task (one launch) when a row fits one slice; otherwise three
 // launches over T * nb blocks:

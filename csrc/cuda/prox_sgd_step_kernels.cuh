@@ -1,5 +1,5 @@
 // Kernels and launch sequence of imaml_ext::prox_sgd_step_ on CUDA (see
-// csrc/library.cpp for the contract; prox_sgd_step.cu launches them). Without
+// imaml_ext/ops.py for the contract; prox_sgd_step.cu launches them). Without
 // clipping, or when a row fits one slice: one launch. With clipping over
 // several slices per row: per-slice partials of ||g_t||^2 first, then the
 // update, every block summing its row's partials.

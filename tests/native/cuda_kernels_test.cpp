@@ -99,7 +99,9 @@ void check_cg_step(const Launch& launch, int64_t Tn, int64_t P, int64_t nb, int 
     for (int64_t i = 0; i < P; ++i) rr += double(r.data[t * P + i]) * r.data[t * P + i];
     rs.data[t] = T(rr);
     thr.data[t] = T(1e-8 * rr);
-    state.data[t] = t % 6 == 1 ? 1 : t % 6 == 2 ? 2 : 0;
+    state.data[t] = t % 6 == 1   ? imaml_ext::kConverged
+                    : t % 6 == 2 ? imaml_ext::kNonPositiveCurvature
+                                 : imaml_ext::kRunning;
     if (t % 6 == 3) {
       for (int64_t i = 0; i < P; ++i) Hp_t[i] = T(-4.0 * p.data[t * P + i]);
     }
@@ -110,16 +112,16 @@ void check_cg_step(const Launch& launch, int64_t Tn, int64_t P, int64_t nb, int 
   std::vector<double> wx = values(x), wr = values(r), wp = values(p), wrs = values(rs);
   std::vector<int32_t> wstate(state.data, state.data + Tn);
   for (int64_t t = 0; t < Tn; ++t) {
-    if (wstate[t] != 0) continue;
+    if (wstate[t] != imaml_ext::kRunning) continue;
     const int64_t lo = t * P, hi = (t + 1) * P;
     double pAp = 0;
     for (int64_t i = lo; i < hi; ++i) pAp += wp[i] * (a * wp[i] + b * double(Hp.data[i]));
     if (!std::isfinite(pAp)) {
-      wstate[t] = 3;
+      wstate[t] = imaml_ext::kNonFinite;
       continue;
     }
     if (pAp <= 0) {
-      wstate[t] = 2;
+      wstate[t] = imaml_ext::kNonPositiveCurvature;
       continue;
     }
     const double alpha = wrs[t] / pAp;
@@ -131,7 +133,7 @@ void check_cg_step(const Launch& launch, int64_t Tn, int64_t P, int64_t nb, int 
     }
     for (int64_t i = lo; i < hi; ++i) wp[i] = wr[i] + rr / wrs[t] * wp[i];
     if (t % 6 == 5) thr.data[t] = T(0.5 * (rr + wrs[t]));
-    if (rr <= double(thr.data[t])) wstate[t] = 1;
+    if (rr <= double(thr.data[t])) wstate[t] = imaml_ext::kConverged;
     wrs[t] = rr;
   }
   Buffer<T> scratch(cu::cg_step_scratch_size(Tn, nb), 0);
