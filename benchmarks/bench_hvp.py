@@ -11,6 +11,7 @@ modes in the same process.  The faster mode per device is the default of
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -20,27 +21,22 @@ import torch.nn.functional as F
 
 from imaml_ext.functional import TaskLoss
 from imaml_ext.hvp import HVP_MODES, make_hvp
-from imaml_ext.models import OmniglotConvNet
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_imaml import add_problem_args, machine, make_problem  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--tasks", type=int, default=32)
-    ap.add_argument("--ways", type=int, default=5)
-    ap.add_argument("--shots", type=int, default=1)
+    add_problem_args(ap)  # the support sets of bench_imaml.py's problem
     ap.add_argument("--products", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args(argv)
 
-    torch.manual_seed(0)
     dev = torch.device(args.device)
-    model = OmniglotConvNet(ways=args.ways).to(dev)
+    model, x, y, _, _ = make_problem(args)
     tl = TaskLoss(model, F.cross_entropy)
-    n = args.ways * args.shots
-    x = torch.rand(args.tasks, n, 1, 28, 28, device=dev)
-    y = torch.arange(args.ways, device=dev).repeat_interleave(args.shots).repeat(args.tasks, 1)
-    phi = tl.theta().detach().expand(args.tasks, -1) + 0.01 * torch.randn(args.tasks, tl.layout.numel, device=dev)
+    phi = tl.theta().detach().expand(args.tasks, -1) + 0.01 * torch.randn(args.tasks, tl.layout.numel, device=dev, dtype=tl.dtype)
     v = torch.randn_like(phi)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
@@ -63,8 +59,7 @@ def main(argv=None) -> int:
             sync()
             times.append(time.perf_counter() - t0)
         medians[mode] = statistics.median(times)
-    name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; T={args.tasks}, {args.ways}-way {args.shots}-shot, {args.products} products; "
+    print(f"machine: {machine(args.device)}; T={args.tasks}, {args.ways}-way {args.shots}-shot, {args.products} products; "
           f"median of {args.repeats}; modes agree to {rel:.1e}")
     print("| mode | median s | relative |")
     print("|---|---|---|")
