@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     dev = torch.device(args.device)
     model, x, y, _, _ = make_problem(args)
     tl = TaskLoss(model, F.cross_entropy)
-    phi = tl.theta().detach().expand(args.tasks, -1) + 0.01 * torch.randn(args.tasks, tl.layout.numel, device=dev, dtype=tl.dtype)
+    noise = torch.randn(args.tasks, tl.layout.numel, device=dev, dtype=tl.dtype)
+    phi = tl.theta().detach().expand(args.tasks, -1) + 0.01 * noise
     v = torch.randn_like(phi)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
