@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from imaml_ext.checkpoint import load_checkpoint
-from imaml_ext.cli import main
+from imaml_ext.training.checkpoint import load_checkpoint
+from imaml_ext.training.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "sinusoid", "--meta-batch", "4", "--inner-steps", "2", "--shots", "5",

@@ -5,7 +5,7 @@ parameters (dataset, task shape, method and its hyper-parameters, outer
 optimizer, seed); where a run happens (device, data folder, output folder)
 is not part of it.  :func:`make_config` layers, from weakest to strongest:
 the dataset's defaults (:data:`DATASET_DEFAULTS`), a named preset
-(:mod:`imaml_ext.presets`), explicit values.
+(:mod:`imaml_ext.training.presets`), explicit values.
 
 Task streams are seeded per purpose with :func:`stream_seed`, so the
 training tasks of seed s, the validation tasks and the test tasks are
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import MiniImageNet, Omniglot, SinusoidTasks, TaskSampler
-from .data.omniglot import load_omniglot_arrays
-from .models import MiniImagenetConvNet, OmniglotConvNet, SinusoidMLP
+from ..data import MiniImageNet, Omniglot, SinusoidTasks, TaskSampler
+from ..data.omniglot import load_omniglot_arrays
+from ..models import MiniImagenetConvNet, OmniglotConvNet, SinusoidMLP
 from .presets import get_preset
 
 __all__ = [
@@ -42,7 +42,7 @@ _PURPOSES = {"train": 0, "val": 1, "test": 2}
 
 # Defaults per dataset.  Omniglot: λ = 2, 5 CG steps and 16 inner steps are
 # the iMAML paper's; inner lr, outer lr, meta-batch and queries are our
-# choices (see imaml_ext.presets).
+# choices (see imaml_ext.training.presets).
 # MiniImageNet: not tuned here.  Sinusoid: tuned on this project's demo.
 DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "omniglot": dict(ways=5, shots=1, queries=15, lam=2.0, inner_steps=16, inner_lr=0.05,

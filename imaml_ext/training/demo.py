@@ -1,12 +1,12 @@
 """The built-in example: meta-learning sinusoid regression, no data needed.
 
 Meta-trains the 1-40-40-1 MLP on 10-shot sinusoid tasks with iMAML-GD, MAML
-and first-order MAML (each with :func:`imaml_ext.train.train`, from the same
+and first-order MAML (each with :func:`imaml_ext.training.train.train`, from the same
 initialisation), and pre-trains a "transfer learning" baseline: the same
 network fitted to the pooled points of all training tasks, with no
 meta-learning.  On held-out tasks it reports the query MSE after 0, 1 and 10
 adaptation steps from each initialisation — each method adapts as it was
-trained (:func:`imaml_ext.evaluate.adapt`: regularised GD for iMAML, SGD for
+trained (:func:`imaml_ext.training.evaluate.adapt`: regularised GD for iMAML, SGD for
 MAML; the baseline and the untrained network fine-tune with SGD) — prints a
 table, and draws the fits on a few tasks after 10 steps.
 
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .evaluate import adapt, summarize, task_scores
 from .experiment import TrainConfig, build_model, make_config, make_sampler
-from .functional import TaskLoss
+from ..functional import TaskLoss
 from .plotting import MissingDependencyError, plot_curves, plot_fits
 from .train import RunOptions, train
 

@@ -205,7 +205,7 @@ def _demo(args) -> int:
 
 
 def _info(args) -> int:
-    from ._build import describe
+    from .._build import describe
     print(describe())
     return 0
 
@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
-    from .data import DatasetNotFoundError
+    from ..data import DatasetNotFoundError
     from .plotting import MissingDependencyError
     try:
         return args.run(args)

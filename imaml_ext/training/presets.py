@@ -21,7 +21,7 @@ __all__ = ["Preset", "PRESETS", "get_preset", "preset_names", "describe_presets"
 
 @dataclass(frozen=True)
 class Preset:
-    """A named partial :class:`~imaml_ext.experiment.TrainConfig` and where its values come from."""
+    """A named partial :class:`~imaml_ext.training.experiment.TrainConfig` and where its values come from."""
 
     name: str
     values: Dict[str, Any]

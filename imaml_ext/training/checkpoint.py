@@ -8,7 +8,7 @@ tuples and dicts only):
 key            content
 =============  ====================================================================
 ``format``     :data:`FORMAT`
-``config``     :meth:`TrainConfig.to_dict() <imaml_ext.experiment.TrainConfig.to_dict>`
+``config``     :meth:`TrainConfig.to_dict() <imaml_ext.training.experiment.TrainConfig.to_dict>`
 ``step``       meta-steps completed
 ``seconds``    training wall time so far (all resumed parts together)
 ``model``      ``model.state_dict()``

@@ -24,8 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .experiment import IMAML_METHODS, TrainConfig, is_classification, loss_function
-from .functional import TaskLoss
-from .inner import solve_gd, solve_hf
+from ..functional import TaskLoss
+from ..inner import solve_gd, solve_hf
 
 __all__ = ["adapt", "task_scores", "Score", "summarize", "evaluate"]
 

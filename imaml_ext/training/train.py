@@ -4,7 +4,7 @@
 meta-batch of T tasks, put the meta-gradient of the mean query loss on the
 model's parameters, step the outer optimizer.  :func:`train` runs it for
 ``cfg.meta_steps`` steps with a progress bar, JSONL metrics, atomic
-checkpoints (:mod:`imaml_ext.checkpoint`), optional validation, and SIGINT /
+checkpoints (:mod:`imaml_ext.training.checkpoint`), optional validation, and SIGINT /
 SIGTERM handling that checkpoints after the step in progress and returns.
 
 Exact resumption: the parameters, the optimizer state, the task sampler's
@@ -38,8 +38,8 @@ from .checkpoint import CHECKPOINT_NAME, FORMAT, capture_rng, load_checkpoint, r
 from .evaluate import evaluate
 from .experiment import (IMAML_METHODS, TrainConfig, build_model, build_outer_optimizer,
                          is_classification, loss_function, make_sampler)
-from .implicit import imaml
-from .unrolled import maml, reptile_grad
+from ..implicit import imaml
+from ..unrolled import maml, reptile_grad
 
 __all__ = ["MetaStep", "RunOptions", "TrainResult", "InterruptGuard", "train", "METRICS_NAME"]
 

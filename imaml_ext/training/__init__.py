@@ -1,0 +1,15 @@
+"""The training application: ``imaml-ext train / eval / plot / demo / info``.
+
+Built on the library (``imaml_ext``), which does not import it.  Needs the
+``train`` extra (tqdm, Pillow, matplotlib): ``pip install 'imaml_ext[train]'``.
+
+* :mod:`.experiment`: the run configuration (:class:`~.experiment.TrainConfig`)
+  and the model, tasks and loss it implies.
+* :mod:`.presets`: named configurations (the iMAML paper's Omniglot runs).
+* :mod:`.train`: one meta-step and the resumable training loop.
+* :mod:`.evaluate`: test-time adaptation and few-shot scores.
+* :mod:`.checkpoint`: atomic checkpoints and the random-number state.
+* :mod:`.plotting`: learning curves and the demo's figures.
+* :mod:`.demo`: the sinusoid example.
+* :mod:`.cli`: the command line.
+"""
