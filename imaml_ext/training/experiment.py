@@ -25,6 +25,7 @@ from torch import nn
 from ..data import MiniImageNet, Omniglot, SinusoidTasks, TaskSampler
 from ..data.omniglot import load_omniglot_arrays
 from ..models import MiniImagenetConvNet, OmniglotConvNet, SinusoidMLP
+from .methods import implicit_method_names, method_names
 from .presets import get_preset
 
 __all__ = [
@@ -34,8 +35,8 @@ __all__ = [
 ]
 
 DATASETS = ("omniglot", "miniimagenet", "sinusoid")
-METHODS = ("imaml-gd", "imaml-hf", "maml", "fomaml", "checkpointed-maml", "reptile")
-IMAML_METHODS = ("imaml-gd", "imaml-hf")
+METHODS = method_names()
+IMAML_METHODS = implicit_method_names()
 OUTER_OPTIMIZERS = ("adam", "sgd")
 SUBSETS = ("train", "val", "test")
 _PURPOSES = {"train": 0, "val": 1, "test": 2}

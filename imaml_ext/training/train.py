@@ -34,18 +34,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..unrolled import reptile_grad
+
 from .checkpoint import CHECKPOINT_NAME, FORMAT, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .evaluate import evaluate
-from .experiment import (IMAML_METHODS, TrainConfig, build_model, build_outer_optimizer,
-                         is_classification, loss_function, make_sampler)
-from ..implicit import imaml
-from ..unrolled import maml, reptile_grad
+from .experiment import (TrainConfig, build_model, build_outer_optimizer, is_classification, loss_function,
+                         make_sampler)
+from .methods import get_method
 
 __all__ = ["MetaStep", "RunOptions", "TrainResult", "InterruptGuard", "train", "METRICS_NAME"]
 
 METRICS_NAME = "metrics.jsonl"
-_MAML_MODES = {"maml": "full", "fomaml": "first_order", "checkpointed-maml": "checkpointed",
-               "reptile": "first_order"}
 
 
 class MetaStep:
@@ -65,17 +64,12 @@ class MetaStep:
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.cfg, self.model, self.optimizer = cfg, model, optimizer
+        self.method = get_method(cfg.method)
         self.loss_fn = loss_function(cfg)
         self.classification = is_classification(cfg)
 
     def adapt(self, sx: torch.Tensor, sy: torch.Tensor):
-        cfg = self.cfg
-        if cfg.method in IMAML_METHODS:
-            return imaml(self.model, sx, sy, self.loss_fn, lam=cfg.lam, inner_steps=cfg.inner_steps,
-                         inner_lr=cfg.inner_lr, inner_solver=cfg.method.split("-")[1],
-                         cg_steps=cfg.cg_steps, inner_cg_steps=cfg.inner_cg_steps)
-        return maml(self.model, sx, sy, self.loss_fn, inner_steps=cfg.inner_steps,
-                    inner_lr=cfg.inner_lr, mode=_MAML_MODES[cfg.method])
+        return self.method.adapt(self.cfg, self.model, sx, sy, self.loss_fn)
 
     def query_loss(self, out: torch.Tensor, qy: torch.Tensor) -> torch.Tensor:
         """Mean loss over all T·m queries: out [T, m, ...], qy [T, m, ...] -> scalar."""
@@ -84,12 +78,12 @@ class MetaStep:
     def __call__(self, batch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         sx, sy, qx, qy = batch
         self.optimizer.zero_grad(set_to_none=True)
-        if self.cfg.method == "reptile":
+        if self.method.reptile:
             with torch.no_grad():
                 adapted = self.adapt(sx, sy)
                 out = adapted(qx)
                 loss = self.query_loss(out, qy)
-            reptile_grad(self.model, adapted)
+            reptile_grad(self.model, adapted, write=True)
         else:
             adapted = self.adapt(sx, sy)
             out = adapted(qx)
