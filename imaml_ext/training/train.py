@@ -12,12 +12,13 @@ generator and the global torch / NumPy / Python generators are all restored,
 so N steps in one go and N/2 + N/2 resumed give bit-identical parameters
 (on the same device, with the same number of threads).
 
-Metrics file (``metrics.jsonl``), one JSON object per line:
-``{"split": "train", "step", "loss", "acc", "seconds", "method"}`` — loss
-and accuracy averaged over the steps since the previous line, ``acc`` null
-for regression, ``seconds`` the training wall time so far — and, with
-validation, ``{"split": "val", "step", "loss", "acc", "acc_ci95",
-"seconds", "method"}``.
+The metrics file's records are described in :mod:`imaml_ext.training.metrics`.
+
+:func:`train` is made of named pieces: :func:`resume_config` (which
+configuration a run or a resumed run has), :class:`RunState` (model,
+optimizer, sampler, step and time; built, restored from and saved to a
+checkpoint), :class:`Checkpointer`, :class:`Validator`,
+:class:`~imaml_ext.training.metrics.MetricsLogger` and :class:`InterruptGuard`.
 """
 from __future__ import annotations
 
@@ -35,16 +36,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..unrolled import reptile_grad
-
 from .checkpoint import CHECKPOINT_NAME, FORMAT, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .evaluate import evaluate
-from .experiment import (TrainConfig, build_model, build_outer_optimizer, is_classification, loss_function,
-                         make_sampler)
+from .experiment import (RunOptions, TrainConfig, build_model, build_outer_optimizer, check_device,
+                         is_classification, loss_function, make_sampler)
 from .methods import get_method
+from .metrics import METRICS_NAME, MetricsLogger
 
-__all__ = ["MetaStep", "RunOptions", "TrainResult", "InterruptGuard", "train", "METRICS_NAME"]
-
-METRICS_NAME = "metrics.jsonl"
+__all__ = ["MetaStep", "RunOptions", "TrainResult", "InterruptGuard", "train", "METRICS_NAME", "RunState",
+           "Checkpointer", "Validator", "resume_config"]
 
 
 class MetaStep:
@@ -95,27 +95,6 @@ class MetaStep:
 
 
 @dataclass
-class RunOptions:
-    """Where and how a run happens (not part of the checkpointed configuration).
-
-    ``log_every``: steps per metrics line; ``checkpoint_every``: steps per
-    checkpoint (0: only at the end or on interruption); ``val_every``: steps
-    per validation (0: none) on ``val_tasks`` tasks, the same tasks each
-    time; ``eval_seed``: seed of those tasks.
-    """
-
-    out_dir: Path
-    device: str = "cpu"
-    data_root: Optional[str] = None
-    log_every: int = 10
-    checkpoint_every: int = 500
-    val_every: int = 0
-    val_tasks: int = 100
-    eval_seed: int = 0
-    progress: bool = True
-
-
-@dataclass
 class TrainResult:
     """How a run ended: steps done, whether interrupted, where its files are, last logged metrics."""
 
@@ -162,20 +141,84 @@ class InterruptGuard:
         self._previous.clear()
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the lines of ``path`` up to ``step`` (those after a checkpoint are replayed on resume)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+def resume_config(cfg: Optional[TrainConfig], resume: Optional[Path], meta_steps: Optional[int]
+                  ) -> Tuple[TrainConfig, Optional[Dict[str, Any]]]:
+    """The configuration of the run and, when resuming, the checkpoint to continue from."""
+    state = None
+    if resume is not None:
+        if cfg is not None:
+            raise ValueError("a resumed run keeps its saved configuration: pass cfg=None with resume")
+        state = load_checkpoint(resume)
+        cfg = TrainConfig.from_dict(state["config"])
+    if cfg is None:
+        raise ValueError("give a configuration, or a checkpoint to resume")
+    if meta_steps is not None:
+        cfg = cfg.replace(meta_steps=meta_steps)
+    return cfg, state
 
 
-def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
+class RunState:
+    """What a checkpoint holds: the model, outer optimizer and training task sampler of ``cfg``,
+    the meta-steps done and the training time so far."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, data_root: Optional[str]):
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg).to(device)
+        self.optimizer = build_outer_optimizer(cfg, self.model)
+        self.sampler = make_sampler(cfg, "train", cfg.seed, root=data_root, device=device)
+        self.step, self.seconds = 0, 0.0
+
+    def restore(self, state: Dict[str, Any]) -> None:
+        """Continue from a checkpoint's contents (also the global random-number generators)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        restore_rng(state["rng"])
+        self.step, self.seconds = int(state["step"]), float(state["seconds"])
+
+    def payload(self) -> Dict[str, Any]:
+        """The checkpoint's contents (format in :mod:`imaml_ext.training.checkpoint`)."""
+        return {"format": FORMAT, "config": self.cfg.to_dict(), "step": self.step, "seconds": self.seconds,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "sampler": self.sampler.state_dict(), "rng": capture_rng()}
+
+
+class Checkpointer:
+    """Saves a :class:`RunState` every ``every`` steps (0: never on the way) and at the end."""
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = path, every
+        self.saved: Optional[int] = None
+
+    def save(self, run: RunState) -> None:
+        save_checkpoint(self.path, run.payload())
+        self.saved = run.step
+
+    def maybe_save(self, run: RunState) -> None:
+        if self.every and run.step % self.every == 0:
+            self.save(run)
+
+    def finish(self, run: RunState) -> None:
+        """Save unless the last save was at this step."""
+        if self.saved != run.step:
+            self.save(run)
+
+
+class Validator:
+    """Scores the model on the same ``tasks`` validation tasks (seed ``seed``) every ``every`` steps."""
+
+    def __init__(self, cfg: TrainConfig, opts: RunOptions, device: torch.device):
+        self.cfg, self.every, self.tasks = cfg, opts.val_every, opts.val_tasks
+        self.sampler = make_sampler(cfg, "val", opts.eval_seed, root=opts.data_root, device=device)
+        self.start = self.sampler.state_dict()
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def __call__(self, model: nn.Module) -> Dict[str, Any]:
+        self.sampler.load_state_dict(self.start)
+        return evaluate(self.cfg, model, self.sampler, self.tasks)
 
 
 def train(cfg: Optional[TrainConfig], opts: RunOptions, resume: Optional[Path] = None,
@@ -193,96 +236,42 @@ def train(cfg: Optional[TrainConfig], opts: RunOptions, resume: Optional[Path] =
         :class:`TrainResult`; ``interrupted`` if a signal stopped the run
         (after checkpointing the completed steps).
     """
-    device = _device(opts.device)
-    state = None
-    if resume is not None:
-        if cfg is not None:
-            raise ValueError("a resumed run keeps its saved configuration: pass cfg=None with resume")
-        state = load_checkpoint(resume)
-        cfg = TrainConfig.from_dict(state["config"])
-    if cfg is None:
-        raise ValueError("give a configuration, or a checkpoint to resume")
-    if meta_steps is not None:
-        cfg = cfg.replace(meta_steps=meta_steps)
+    device = check_device(opts.device)
+    cfg, state = resume_config(cfg, resume, meta_steps)
     out_dir = Path(opts.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, metrics_path = out_dir / CHECKPOINT_NAME, out_dir / METRICS_NAME
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device)
-    optimizer = build_outer_optimizer(cfg, model)
-    sampler = make_sampler(cfg, "train", cfg.seed, root=opts.data_root, device=device)
-    val_sampler = val_start = None
-    if opts.val_every:
-        val_sampler = make_sampler(cfg, "val", opts.eval_seed, root=opts.data_root, device=device)
-        val_start = val_sampler.state_dict()
-    step, seconds = 0, 0.0
+    run = RunState(cfg, device, opts.data_root)
+    validator = Validator(cfg, opts, device) if opts.val_every else None
+    logger = MetricsLogger(out_dir / METRICS_NAME, cfg.method, echo=not opts.progress)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        restore_rng(state["rng"])
-        step, seconds = int(state["step"]), float(state["seconds"])
-        _truncate_metrics(metrics_path, step)
-    elif metrics_path.exists():
-        metrics_path.unlink()
+        run.restore(state)
+    logger.resume_at(run.step if state is not None else None)
     (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    checkpointer = Checkpointer(out_dir / CHECKPOINT_NAME, opts.checkpoint_every)
 
-    saved = -1
-
-    def checkpoint() -> None:
-        nonlocal saved
-        saved = step
-        save_checkpoint(ckpt_path, {
-            "format": FORMAT, "config": cfg.to_dict(), "step": step, "seconds": seconds,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "sampler": sampler.state_dict(), "rng": capture_rng()})
-
-    meta_step = MetaStep(cfg, model, optimizer)
-    window_loss, window_acc, window_n = 0.0, 0.0, 0
+    meta_step = MetaStep(cfg, run.model, run.optimizer)
     last: Dict[str, Any] = {}
     interrupted = False
-    bar = tqdm(total=cfg.meta_steps, initial=step, desc=cfg.method, unit="step",
+    bar = tqdm(total=cfg.meta_steps, initial=run.step, desc=cfg.method, unit="step",
                disable=not opts.progress, dynamic_ncols=True)
-    with InterruptGuard() as guard, open(metrics_path, "a") as log:
-        def write(record: Dict[str, Any]) -> None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            if not opts.progress:
-                print(json.dumps(record), flush=True)
-
-        started = time.perf_counter() - seconds
-        while step < cfg.meta_steps:
-            loss, acc = meta_step(sampler.sample(cfg.meta_batch))
-            window_loss = loss + window_loss
-            window_acc = (acc if acc is not None else 0.0) + window_acc
-            window_n += 1
-            step += 1
-            seconds = time.perf_counter() - started
+    with InterruptGuard() as guard, logger:
+        started = time.perf_counter() - run.seconds
+        while run.step < cfg.meta_steps:
+            logger.add(*meta_step(run.sampler.sample(cfg.meta_batch)))
+            run.step += 1
+            run.seconds = time.perf_counter() - started
             bar.update(1)
-            if step % opts.log_every == 0 or step == cfg.meta_steps:
-                last = {"split": "train", "step": step, "loss": float(window_loss) / window_n,
-                        "acc": float(window_acc) / window_n if acc is not None else None,
-                        "seconds": round(seconds, 3), "method": cfg.method}
-                write(last)
+            if run.step % opts.log_every == 0 or run.step == cfg.meta_steps:
+                last = logger.log_train(run.step, run.seconds)
                 bar.set_postfix(loss=f"{last['loss']:.4f}",
-                                **({"acc": f"{last['acc']:.3f}"} if acc is not None else {}))
-                window_loss, window_acc, window_n = 0.0, 0.0, 0
-            if opts.val_every and step % opts.val_every == 0:
-                val_sampler.load_state_dict(val_start)
-                scores = evaluate(cfg, model, val_sampler, opts.val_tasks)
-                key = "acc" if "acc" in scores else "loss"
-                write({"split": "val", "step": step, "loss": scores["loss"]["mean"],
-                       "acc": scores["acc"]["mean"] if "acc" in scores else None,
-                       f"{key}_ci95": scores[key]["ci95"], "seconds": round(seconds, 3),
-                       "method": cfg.method})
+                                **({"acc": f"{last['acc']:.3f}"} if last["acc"] is not None else {}))
+            if validator is not None and validator.due(run.step):
+                logger.log_val(run.step, run.seconds, validator(run.model))
             if guard.requested is not None:
                 interrupted = True
                 break
-            if opts.checkpoint_every and step % opts.checkpoint_every == 0:
-                checkpoint()
-        if saved != step:
-            checkpoint()
+            checkpointer.maybe_save(run)
+        checkpointer.finish(run)
     bar.close()
-    return TrainResult(step=step, interrupted=interrupted, checkpoint=ckpt_path, metrics=metrics_path,
-                       seconds=seconds, last=last)
+    return TrainResult(step=run.step, interrupted=interrupted, checkpoint=checkpointer.path,
+                       metrics=logger.path, seconds=run.seconds, last=last)
