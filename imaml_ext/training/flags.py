@@ -133,11 +133,10 @@ NONNEGATIVE_INT = Integer(0, "a non-negative integer")
 POSITIVE_FLOAT = PositiveNumber()
 
 
-def option(default: Any, kind: Kind, help: Optional[str] = None, group: Optional[str] = None, *,
-           metavar: Optional[str] = None) -> Any:
+def option(default: Any, kind: Kind, help: Optional[str] = None, group: Optional[str] = None) -> Any:
     """A dataclass field with ``kind``; with ``group`` it is also a command-line flag in that
     argument group (``help`` its help text)."""
-    metadata = {"kind": kind, "help": help, "group": group, "metavar": metavar}
+    metadata = {"kind": kind, "help": help, "group": group}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -159,14 +158,11 @@ def flag_name(name: str) -> str:
 
 def add_flags(groups: Mapping[str, Any], cls: type, with_defaults: bool = False) -> None:
     """Add one flag per field of ``cls`` whose group is in ``groups`` (a parser or argument group
-    each), in declaration order; the destination is the field name.  Without ``with_defaults`` a
-    flag not given is None (the value then comes from elsewhere)."""
-    for f in dataclasses.fields(cls):
-        group = f.metadata.get("group")
-        if group not in groups:
-            continue
-        extra = {"metavar": f.metadata["metavar"]} if f.metadata.get("metavar") else {}
-        if with_defaults:
-            extra["default"] = f.default
-        groups[group].add_argument(flag_name(f.name), dest=f.name, help=f.metadata.get("help"),
-                                   **f.metadata["kind"].argparse_kwargs(), **extra)
+    each), group by group, in declaration order within a group; the destination is the field
+    name.  Without ``with_defaults`` a flag not given is None (the value then comes from elsewhere)."""
+    fields = dataclasses.fields(cls)
+    for group, target in groups.items():
+        for f in (f for f in fields if f.metadata.get("group") == group):
+            extra = {"default": f.default} if with_defaults else {}
+            target.add_argument(flag_name(f.name), dest=f.name, help=f.metadata.get("help"),
+                                **f.metadata["kind"].argparse_kwargs(), **extra)
