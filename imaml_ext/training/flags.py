@@ -15,18 +15,22 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
 from ..data.omniglot import ROTATIONS, valid_rotations
 
-__all__ = ["Kind", "Integer", "PositiveNumber", "Choice", "Rotations", "POSITIVE_INT", "NONNEGATIVE_INT",
+__all__ = ["Kind", "Number", "Choice", "Rotations", "POSITIVE_INT", "NONNEGATIVE_INT",
            "POSITIVE_FLOAT", "option", "check_fields", "add_flags", "flag_name"]
 
 
 class Kind:
-    """The values a field takes: :meth:`check` a Python value, :meth:`parse` a command-line text."""
+    """The values a field takes: :meth:`check` a Python value, :meth:`parse` a command-line text.
+
+    A kind converts the text with :meth:`convert` and describes its values as
+    ``what`` in the parse errors ("expected a positive integer, got 'five'").
+    """
 
     def valid(self, value: Any) -> bool:
         raise NotImplementedError
@@ -39,56 +43,43 @@ class Kind:
         if not self.valid(value):
             raise ValueError(self.problem(name, value))
 
-    def parse(self, text: str) -> Any:
+    def convert(self, text: str) -> Any:
         raise NotImplementedError
+
+    def parse(self, text: str) -> Any:
+        try:
+            value = self.convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {self.what}, got {text!r}") from None
+        if not self.valid(value):
+            raise argparse.ArgumentTypeError(f"must be {self.what}, got {text}")
+        return value
 
     def argparse_kwargs(self) -> Dict[str, Any]:
         return {"type": self.parse}
 
 
 @dataclass(frozen=True)
-class Integer(Kind):
-    """An integer ≥ ``minimum``."""
+class Number(Kind):
+    """An integer ≥ ``minimum`` (``cast=int``) or a finite float > ``minimum`` (``cast=float``)."""
 
+    cast: Callable[[str], Any]
     minimum: int
     what: str
 
-    def valid(self, value: Any) -> bool:
-        return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= self.minimum
-
-    def problem(self, name: str, value: Any) -> str:
-        return f"{name} must be an integer ≥ {self.minimum}, got {value!r}"
-
-    def parse(self, text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {self.what}, got {text!r}") from None
-        if not self.valid(value):
-            raise argparse.ArgumentTypeError(f"must be {self.what}, got {text}")
-        return value
-
-
-@dataclass(frozen=True)
-class PositiveNumber(Kind):
-    """A finite number > 0."""
-
-    what: str = "a positive number"
+    def convert(self, text: str) -> Any:
+        return self.cast(text)
 
     def valid(self, value: Any) -> bool:
-        return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+        integer = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        if self.cast is int:
+            return integer and value >= self.minimum
+        return (integer or isinstance(value, float)) and math.isfinite(value) and value > self.minimum
 
     def problem(self, name: str, value: Any) -> str:
+        if self.cast is int:
+            return f"{name} must be an integer ≥ {self.minimum}, got {value!r}"
         return f"{name} must be a positive finite number, got {value!r}"
-
-    def parse(self, text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {self.what}, got {text!r}") from None
-        if not self.valid(value):
-            raise argparse.ArgumentTypeError(f"must be {self.what}, got {text}")
-        return value
 
 
 @dataclass(frozen=True)
@@ -128,9 +119,9 @@ class Rotations(Kind):
         return angles
 
 
-POSITIVE_INT = Integer(1, "a positive integer")
-NONNEGATIVE_INT = Integer(0, "a non-negative integer")
-POSITIVE_FLOAT = PositiveNumber()
+POSITIVE_INT = Number(int, 1, "a positive integer")
+NONNEGATIVE_INT = Number(int, 0, "a non-negative integer")
+POSITIVE_FLOAT = Number(float, 0, "a positive number")
 
 
 def option(default: Any, kind: Kind, help: Optional[str] = None, group: Optional[str] = None) -> Any:
