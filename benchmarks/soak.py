@@ -1,6 +1,6 @@
 """Memory soak: process RSS over many iMAML meta-iterations must stay flat.
 
-Runs ``--iterations`` meta-steps of :class:`imaml_ext.train.MetaStep` (iMAML-GD,
+Runs ``--iterations`` meta-steps of :class:`imaml_ext.training.train.MetaStep` (iMAML-GD,
 Adam outer optimizer, fresh tasks every step) and records the resident set
 size after each one.  Reports the median RSS of the first and of the last
 100 iterations, their difference, and the least-squares slope over the
@@ -58,8 +58,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from imaml_ext.experiment import build_model, build_outer_optimizer, make_config, make_sampler
-    from imaml_ext.train import MetaStep
+    from imaml_ext.training.experiment import build_model, build_outer_optimizer, make_config, make_sampler
+    from imaml_ext.training.train import MetaStep
 
     torch.set_num_threads(args.threads)
     if args.dataset == "sinusoid":

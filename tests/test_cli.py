@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from imaml_ext.checkpoint import load_checkpoint
-from imaml_ext.cli import main
+from imaml_ext.training.checkpoint import load_checkpoint
+from imaml_ext.training.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "sinusoid", "--meta-batch", "4", "--inner-steps", "2", "--shots", "5",
@@ -99,9 +99,11 @@ def test_missing_data_in_a_subprocess_prints_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_info_runs():
+def test_info_reports_the_backend_and_torch():
+    import imaml_ext as im
     result = run_cli("info")
-    assert result.returncode == 0 and result.stdout.strip()
+    assert result.returncode == 0, result.stderr
+    assert im.backend().name in result.stdout and f"torch {torch.__version__}" in result.stdout
 
 
 # ----------------------------------------------------------------------------- train, resume, eval
@@ -187,7 +189,7 @@ def test_eval_of_a_missing_checkpoint(tmp_path, capsys):
 # ----------------------------------------------------------------------------- plot, demo
 
 def test_plot_writes_a_png(tmp_path, capsys):
-    pytest.importorskip("matplotlib", reason="plot needs the 'plot' extra: pip install 'imaml_ext[plot]'")
+    pytest.importorskip("matplotlib", reason="plot needs matplotlib, in the 'train' extra: pip install 'imaml_ext[train]'")
     for name, method in (("a", "imaml-gd"), ("b", "fomaml")):
         assert exit_code(["train", *TINY, "--method", method, "--meta-steps", "4", "--log-every", "1",
                           "--out", str(tmp_path / name)], capsys)[0] == 0

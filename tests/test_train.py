@@ -15,14 +15,14 @@ import torch.nn.functional as F
 
 import imaml_ext as im
 from imaml_ext.data import TaskSampler
-from imaml_ext.checkpoint import (FORMAT, CheckpointError, capture_rng, load_checkpoint, restore_rng,
-                                  save_checkpoint)
-from imaml_ext.evaluate import adapt, evaluate, summarize
-from imaml_ext.experiment import (METHODS, TrainConfig, build_model, make_config, make_sampler,
-                                  stream_seed)
-from imaml_ext.presets import PRESETS, get_preset
+from imaml_ext.training.checkpoint import (FORMAT, CheckpointError, capture_rng, load_checkpoint,
+                                           restore_rng, save_checkpoint)
+from imaml_ext.training.evaluate import adapt, evaluate, summarize
+from imaml_ext.training.experiment import (METHODS, TrainConfig, build_model, make_config,
+                                           make_sampler, stream_seed)
+from imaml_ext.training.presets import PRESETS, get_preset
 from imaml_ext.unrolled import maml
-from imaml_ext.train import InterruptGuard, MetaStep, RunOptions, train
+from imaml_ext.training.train import InterruptGuard, MetaStep, RunOptions, train
 
 
 def _shared_data_root():

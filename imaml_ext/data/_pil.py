@@ -10,6 +10,7 @@ def pil_image() -> ModuleType:
         from PIL import Image
     except ImportError as exc:
         raise ImportError(
-            "reading image files (PNG/JPEG) needs Pillow: pip install pillow "
-            "(a packed .npz or .pkl cache loads without it)") from exc
+            "reading image files (PNG/JPEG) needs Pillow, part of the 'train' extra: "
+            "pip install 'imaml_ext[train]' (or pip install pillow); a packed .npz or .pkl cache "
+            "loads without it") from exc
     return Image

@@ -32,11 +32,10 @@ import numpy as np
 import torch
 
 from ._pil import pil_image
-from .paths import DatasetNotFoundError, PathLike, dataset_dirs
+from .paths import DatasetNotFoundError, PathLike, check_subset, dataset_dirs
 
 __all__ = ["MiniImageNet", "read_miniimagenet_pickle", "read_miniimagenet_csv"]
 
-SUBSETS = ("train", "val", "test")
 _HOW_TO_GET = (
     "MiniImageNet is not downloaded by imaml_ext (ImageNet's terms of access apply). Put "
     "mini-imagenet-cache-{train,val,test}.pkl, or images/ with train.csv, val.csv and test.csv, "
@@ -120,8 +119,7 @@ class MiniImageNet:
     """
 
     def __init__(self, root: Optional[PathLike] = None, subset: str = "train", *, image_size: int = 84):
-        if subset not in SUBSETS:
-            raise ValueError(f"subset={subset!r}; use one of {SUBSETS}")
+        check_subset(subset)
         looked = []
         for folder in dataset_dirs(("miniimagenet", "mini-imagenet"), root):
             pickled = folder / f"mini-imagenet-cache-{subset}.pkl"

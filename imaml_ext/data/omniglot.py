@@ -64,9 +64,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -79,7 +77,7 @@ import numpy as np
 import torch
 
 from ._pil import pil_image
-from .paths import DatasetNotFoundError, PathLike, dataset_dirs
+from .paths import DatasetNotFoundError, PathLike, atomic_file, check_subset, dataset_dirs
 
 __all__ = [
     "DEFAULT_BASE_URL", "SETS", "DRAWERS", "Omniglot", "OmniglotArrays",
@@ -91,7 +89,6 @@ __all__ = [
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
 SETS = ("background", "evaluation")
 DRAWERS = 20
-SUBSETS = ("train", "val", "test")
 SPLITS = ("standard", "lake")
 
 _PNG_NAME = re.compile(r"^(\d+)_(\d+)\.png$")
@@ -230,14 +227,8 @@ def write_npz_atomic(path: PathLike, arrays: Mapping[str, np.ndarray]) -> Path:
     """Save ``arrays`` as a compressed .npz at ``path``: a temporary file in
     the same folder, renamed over ``path`` once complete."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            np.savez_compressed(out, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as out:
+        np.savez_compressed(out, **arrays)
     return path
 
 
@@ -272,12 +263,11 @@ def _fetch(url: str, target: Path, expected_sha256: Optional[str], timeout: floa
     """Download ``url`` to ``target`` through a temporary file, checking length,
     zip integrity, the expected layout and (if given) the SHA-256."""
     set_name = target.name[len("images_"):-len(".zip")]
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
+    with atomic_file(target) as tmp:
         digest = hashlib.sha256()
         received = 0
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
                 announced = response.headers.get("Content-Length")
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     digest.update(chunk)
@@ -302,11 +292,6 @@ def _fetch(url: str, target: Path, expected_sha256: Optional[str], timeout: floa
             raise RuntimeError(f"{url}: member {broken} of the zip is corrupt; download it again")
         if not any(n.startswith(f"images_{set_name}/") and n.lower().endswith(".png") for n in names):
             raise RuntimeError(f"{url}: the zip holds no images_{set_name}/<Alphabet>/characterNN/*.png")
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def download_omniglot(folder: PathLike, *, base_url: str = DEFAULT_BASE_URL,
@@ -455,15 +440,22 @@ def omniglot_split(names: Sequence[str], background: Optional[np.ndarray] = None
     return subsets
 
 
+ROTATIONS = (0, 90, 180, 270)
+
+
+def valid_rotations(rotations: Sequence[int]) -> bool:
+    """Whether ``rotations`` are one or more distinct angles from :data:`ROTATIONS`."""
+    return bool(rotations) and len(set(rotations)) == len(rotations) and all(r in ROTATIONS for r in rotations)
+
+
 def rotate_classes(images: torch.Tensor, rotations: Sequence[int]) -> torch.Tensor:
     """Each class once per rotation: [C, M, ..., H, W] → [C·R, M, ..., H, W].
 
     Class ``c`` rotated by ``rotations[r]`` degrees counter-clockwise is class
     ``c·R + r``.  Angles must be distinct multiples of 90 in [0, 360).
     """
-    if not rotations or len(set(rotations)) != len(rotations) \
-            or any(r % 90 or not 0 <= r < 360 for r in rotations):
-        raise ValueError(f"rotations={tuple(rotations)}: give distinct angles from (0, 90, 180, 270)")
+    if not valid_rotations(rotations):
+        raise ValueError(f"rotations={tuple(rotations)}: give distinct angles from {ROTATIONS}")
     if tuple(rotations) == (0,):
         return images
     rotated = [torch.rot90(images, k=r // 90, dims=(-2, -1)) for r in rotations]
@@ -509,8 +501,7 @@ class Omniglot:
 
     def _select(self, arrays: OmniglotArrays, subset: str, split: str, split_seed: int,
                 train_classes: int, val_classes: int, rotations: Sequence[int]) -> None:
-        if subset not in SUBSETS:
-            raise ValueError(f"subset={subset!r}; use one of {SUBSETS}")
+        check_subset(subset)
         rotations = tuple(int(r) for r in rotations)
         chosen = omniglot_split(arrays.names, arrays.background, split=split, split_seed=split_seed,
                                 train_classes=train_classes, val_classes=val_classes)[subset]

@@ -1,4 +1,4 @@
-"""Where datasets live on disk, and the error raised when one is missing.
+"""Where datasets live on disk, their subsets, the error raised when one is missing, and atomic file writes.
 
 A *data root* holds one folder per dataset (``<root>/omniglot``,
 ``<root>/miniimagenet``).  The root is, in order of precedence, the ``root``
@@ -9,12 +9,16 @@ argument of a loader, the environment variable ``IMAML_EXT_DATA``, or
 from __future__ import annotations
 
 import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["ENV_VAR", "DatasetNotFoundError", "data_root", "dataset_dirs"]
+__all__ = ["ENV_VAR", "SUBSETS", "DatasetNotFoundError", "check_subset", "data_root", "dataset_dirs",
+           "atomic_file"]
 
 ENV_VAR = "IMAML_EXT_DATA"
+SUBSETS = ("train", "val", "test")
 
 PathLike = Union[str, os.PathLike]
 
@@ -28,6 +32,13 @@ class DatasetNotFoundError(FileNotFoundError):
         lines.append(how_to_get)
         lines.append(f"The data root is the `root` argument, else ${ENV_VAR}, else ~/.cache/imaml_ext.")
         super().__init__("\n".join(lines))
+
+
+def check_subset(subset: str) -> str:
+    """``subset`` if it is one of :data:`SUBSETS`, else a ValueError."""
+    if subset not in SUBSETS:
+        raise ValueError(f"subset={subset!r}; use one of {SUBSETS}")
+    return subset
 
 
 def data_root(root: Optional[PathLike] = None) -> Path:
@@ -49,3 +60,36 @@ def dataset_dirs(folder_names: Sequence[str], root: Optional[PathLike] = None) -
     """
     base = data_root(root)
     return [base / name for name in folder_names] + [base]
+
+
+@contextmanager
+def atomic_file(path: PathLike) -> Iterator[Path]:
+    """Write ``path`` all at once: yields a temporary path in the same folder
+    to write; when the block ends without an error, that file gets the usual
+    file mode, is flushed to disk and renamed over ``path``, else it is
+    removed.  A reader never sees a half-written file; a failed write leaves
+    the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

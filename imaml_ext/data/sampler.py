@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-__all__ = ["SeededSampler", "TaskBatch", "TaskSampler", "TaskStream", "to_float", "worker_seed"]
+__all__ = ["SeededSampler", "TaskBatch", "TaskSampler", "TaskStream", "derive_seed", "to_float", "worker_seed"]
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -50,11 +50,16 @@ def to_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tenso
     raise TypeError(f"images of dtype {x.dtype}: give uint8 (0..255) or floating-point data")
 
 
-def worker_seed(seed: int, worker_id: int) -> int:
-    """A 63-bit seed for worker ``worker_id`` of a sampler seeded ``seed``:
-    distinct per worker, the same on every platform (NumPy ``SeedSequence``)."""
-    state = np.random.SeedSequence([int(seed), int(worker_id)]).generate_state(1, np.uint64)[0]
+def derive_seed(seed: int, stream: int) -> int:
+    """A 63-bit seed for stream ``stream`` of ``seed``: distinct per stream,
+    the same on every platform (NumPy ``SeedSequence``)."""
+    state = np.random.SeedSequence([int(seed), int(stream)]).generate_state(1, np.uint64)[0]
     return int(state >> np.uint64(1))
+
+
+def worker_seed(seed: int, worker_id: int) -> int:
+    """The seed of worker ``worker_id`` of a sampler seeded ``seed`` (:func:`derive_seed`)."""
+    return derive_seed(seed, worker_id)
 
 
 class SeededSampler:

@@ -8,7 +8,7 @@ tuples and dicts only):
 key            content
 =============  ====================================================================
 ``format``     :data:`FORMAT`
-``config``     :meth:`TrainConfig.to_dict() <imaml_ext.experiment.TrainConfig.to_dict>`
+``config``     :meth:`TrainConfig.to_dict() <imaml_ext.training.experiment.TrainConfig.to_dict>`
 ``step``       meta-steps completed
 ``seconds``    training wall time so far (all resumed parts together)
 ``model``      ``model.state_dict()``
@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Union
 
 import numpy as np
 import torch
+
+from ..data.paths import atomic_file
 
 __all__ = ["FORMAT", "CheckpointError", "capture_rng", "restore_rng", "save_checkpoint",
            "load_checkpoint", "find_checkpoint", "CHECKPOINT_NAME"]
@@ -69,30 +70,12 @@ def restore_rng(state: Dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: PathLike, payload: Dict[str, Any]) -> Path:
-    """Write ``payload`` to ``path`` atomically: a temporary file in the same
-    folder, flushed to disk, then renamed over ``path``.  A reader never sees
-    a half-written checkpoint; an interrupted write leaves the old one."""
+    """Write ``payload`` to ``path`` atomically (:func:`imaml_ext.data.paths.atomic_file`):
+    a reader never sees a half-written checkpoint; an interrupted write leaves the old one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
-        with os.fdopen(fd, "wb") as out:
-            torch.save(payload, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        torch.save(payload, tmp)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def find_checkpoint(path: PathLike) -> Path:

@@ -2,10 +2,12 @@
 
 :class:`TrainConfig` holds everything that determines the trained
 parameters (dataset, task shape, method and its hyper-parameters, outer
-optimizer, seed); where a run happens (device, data folder, output folder)
-is not part of it.  :func:`make_config` layers, from weakest to strongest:
+optimizer, seed); where and how a run happens (device, data folder, output
+folder, logging) is :class:`RunOptions`.  Their fields are declared with
+:func:`~imaml_ext.training.flags.option`: one declaration gives the field's
+check and its command-line flag.  :func:`make_config` layers, from weakest to strongest:
 the dataset's defaults (:data:`DATASET_DEFAULTS`), a named preset
-(:mod:`imaml_ext.presets`), explicit values.
+(:mod:`imaml_ext.training.presets`), explicit values.
 
 Task streams are seeded per purpose with :func:`stream_seed`, so the
 training tasks of seed s, the validation tasks and the test tasks are
@@ -14,35 +16,39 @@ independent streams, and the test tasks are the same for every training seed.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import MiniImageNet, Omniglot, SinusoidTasks, TaskSampler
-from .data.omniglot import load_omniglot_arrays
-from .models import MiniImagenetConvNet, OmniglotConvNet, SinusoidMLP
+from ..data import MiniImageNet, Omniglot, SinusoidTasks, TaskSampler, derive_seed
+from ..data.omniglot import load_omniglot_arrays
+from ..data.paths import SUBSETS, check_subset
+from ..models import MiniImagenetConvNet, OmniglotConvNet, SinusoidMLP
+from .flags import NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, Choice, Rotations, check_fields, option
+from .methods import implicit_method_names, method_names
 from .presets import get_preset
 
 __all__ = [
     "DATASETS", "METHODS", "IMAML_METHODS", "OUTER_OPTIMIZERS", "DATASET_DEFAULTS",
     "TrainConfig", "make_config", "build_model", "build_outer_optimizer", "make_sampler",
-    "loss_function", "is_classification", "stream_seed",
+    "loss_function", "is_classification", "stream_seed", "check_device", "RunOptions",
 ]
 
 DATASETS = ("omniglot", "miniimagenet", "sinusoid")
-METHODS = ("imaml-gd", "imaml-hf", "maml", "fomaml", "checkpointed-maml", "reptile")
-IMAML_METHODS = ("imaml-gd", "imaml-hf")
+METHODS = method_names()
+IMAML_METHODS = implicit_method_names()
 OUTER_OPTIMIZERS = ("adam", "sgd")
-SUBSETS = ("train", "val", "test")
-_PURPOSES = {"train": 0, "val": 1, "test": 2}
+_PURPOSES = {purpose: index for index, purpose in enumerate(SUBSETS)}  # train 0, val 1, test 2
+_TASK, _OPT = "task and method", "optimisation"
+_DATASET = Choice(DATASETS)
 
 # Defaults per dataset.  Omniglot: λ = 2, 5 CG steps and 16 inner steps are
 # the iMAML paper's; inner lr, outer lr, meta-batch and queries are our
-# choices (see imaml_ext.presets).
+# choices (see imaml_ext.training.presets).
 # MiniImageNet: not tuned here.  Sinusoid: tuned on this project's demo.
 DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "omniglot": dict(ways=5, shots=1, queries=15, lam=2.0, inner_steps=16, inner_lr=0.05,
@@ -68,50 +74,34 @@ class TrainConfig:
     the MLP width (sinusoid).
     """
 
-    dataset: str = "omniglot"
-    method: str = "imaml-gd"
-    ways: int = 5
-    shots: int = 1
-    queries: int = 15
-    lam: float = 2.0
-    inner_steps: int = 16
-    inner_lr: float = 0.05
-    cg_steps: int = 5
-    inner_cg_steps: int = 5
-    meta_batch: int = 32
-    meta_steps: int = 10000
-    outer_opt: str = "adam"
-    outer_lr: float = 1e-3
-    hidden: int = 64
-    rotations: Tuple[int, ...] = field(default=(0, 90, 180, 270))
-    val_classes: int = 0
-    seed: int = 0
+    dataset: str = option("omniglot", _DATASET, "default: omniglot (or the preset's)", _TASK)
+    method: str = option("imaml-gd", Choice(METHODS), "default: imaml-gd", _TASK)
+    ways: int = option(5, POSITIVE_INT, "N, classes per task", _TASK)
+    shots: int = option(1, POSITIVE_INT, "K, support examples per class (sinusoid: per task)", _TASK)
+    queries: int = option(15, POSITIVE_INT, "query examples per class (sinusoid: per task)", _TASK)
+    lam: float = option(2.0, POSITIVE_FLOAT, "iMAML's λ (proximal strength)", _TASK)
+    inner_steps: int = option(16, NONNEGATIVE_INT, "inner GD / SGD / Newton steps", _TASK)
+    inner_lr: float = option(0.05, POSITIVE_FLOAT, "inner GD / SGD step size", _TASK)
+    cg_steps: int = option(5, POSITIVE_INT, "CG iterations of iMAML's meta-gradient", _TASK)
+    inner_cg_steps: int = option(5, POSITIVE_INT, "CG iterations per Newton step (imaml-hf)", _TASK)
+    meta_batch: int = option(32, POSITIVE_INT, "tasks per meta-step (T)", _OPT)
+    meta_steps: int = option(10000, POSITIVE_INT, "total meta-steps (with --resume: a new total)", _OPT)
+    outer_opt: str = option("adam", Choice(OUTER_OPTIMIZERS), "outer optimizer (default adam)", _OPT)
+    outer_lr: float = option(1e-3, POSITIVE_FLOAT, "outer learning rate", _OPT)
+    hidden: int = option(64, POSITIVE_INT, "conv filters (images) or MLP width (sinusoid)", _TASK)
+    rotations: Tuple[int, ...] = option((0, 90, 180, 270), Rotations(),
+                                        "Omniglot training rotations, e.g. 0,90,180,270", _TASK)
+    val_classes: int = option(0, NONNEGATIVE_INT, "Omniglot training characters held out for validation", _TASK)
+    seed: int = option(0, NONNEGATIVE_INT, "seed of the initialisation and training tasks (default 0)", _OPT)
 
     def __post_init__(self):
         self.rotations = tuple(int(r) for r in self.rotations)
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.outer_opt not in OUTER_OPTIMIZERS:
-            raise ValueError(f"outer_opt must be one of {OUTER_OPTIMIZERS}, got {self.outer_opt!r}")
-        for name in ("ways", "shots", "cg_steps", "inner_cg_steps", "meta_batch", "meta_steps", "hidden"):
-            _check_int(name, getattr(self, name), 1)
-        for name in ("queries", "inner_steps", "val_classes", "seed"):
-            _check_int(name, getattr(self, name), 0)
-        if self.queries < 1:
-            raise ValueError("queries must be ≥ 1: the query set gives the meta-training loss")
-        for name in ("lam", "inner_lr", "outer_lr"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        if not self.rotations or any(r % 90 or not 0 <= r < 360 for r in self.rotations) \
-                or len(set(self.rotations)) != len(self.rotations):
-            raise ValueError(f"rotations must be distinct angles from (0, 90, 180, 270), got {self.rotations}")
+        """Raise ValueError naming the first invalid field (the rules of :mod:`.flags`,
+        which the command line applies to its flags too)."""
+        check_fields(self)
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON- and checkpoint-friendly dict (``rotations`` as a list)."""
@@ -137,9 +127,32 @@ class TrainConfig:
         return f"{self.dataset}-{shape}-{self.method}-seed{self.seed}"
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+_RUN = "run"
+
+
+@dataclass
+class RunOptions:
+    """Where and how a run happens (not part of the checkpointed configuration).
+
+    ``log_every``: steps per metrics line; ``checkpoint_every``: steps per
+    checkpoint (0: only at the end or on interruption); ``val_every``: steps
+    per validation (0: none) on ``val_tasks`` tasks, the same tasks each
+    time; ``eval_seed``: seed of those tasks.
+    """
+
+    out_dir: Path
+    device: str = "cpu"
+    data_root: Optional[str] = None
+    log_every: int = option(10, POSITIVE_INT, "steps per metrics line (default 10)", _RUN)
+    checkpoint_every: int = option(500, NONNEGATIVE_INT, "steps per checkpoint; 0: only at the end (default 500)",
+                                   _RUN)
+    val_every: int = option(0, NONNEGATIVE_INT, "steps per validation; 0: none", _RUN)
+    val_tasks: int = option(100, POSITIVE_INT, "tasks per validation (default 100)", _RUN)
+    eval_seed: int = option(0, NONNEGATIVE_INT)
+    progress: bool = True
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def make_config(dataset: Optional[str] = None, preset: Optional[str] = None,
@@ -155,8 +168,7 @@ def make_config(dataset: Optional[str] = None, preset: Optional[str] = None,
         raise ValueError(f"preset {preset!r} is for dataset {preset_values['dataset']!r}, "
                          f"not {dataset!r}")
     dataset = dataset or preset_values.get("dataset", "omniglot")
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    _DATASET.check("dataset", dataset)
     values: Dict[str, Any] = dict(DATASET_DEFAULTS[dataset], dataset=dataset)
     values.update(preset_values)
     values.update({k: v for k, v in explicit.items() if v is not None})
@@ -190,8 +202,18 @@ def build_outer_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Opt
 
 def stream_seed(seed: int, purpose: str) -> int:
     """A 63-bit seed for the task stream of ``purpose`` (train / val / test) under ``seed``."""
-    state = np.random.SeedSequence([int(seed), _PURPOSES[purpose]]).generate_state(1, np.uint64)[0]
-    return int(state >> np.uint64(1))
+    return derive_seed(seed, _PURPOSES[purpose])
+
+
+def check_device(name: str, what: str = "device") -> torch.device:
+    """``torch.device(name)``, or a ValueError if it is not a device or is a CUDA one without CUDA."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{what} {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{what} {name}: CUDA is not available on this machine")
+    return device
 
 
 def make_sampler(cfg: TrainConfig, subset: str, seed: int, *, root=None, queries: Optional[int] = None,
@@ -203,8 +225,7 @@ def make_sampler(cfg: TrainConfig, subset: str, seed: int, *, root=None, queries
     ``cfg.queries``.  Raises :class:`~imaml_ext.data.DatasetNotFoundError`
     when the data is missing.
     """
-    if subset not in SUBSETS:
-        raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
+    check_subset(subset)
     queries = cfg.queries if queries is None else queries
     generator_seed = stream_seed(seed, subset)
     if cfg.dataset == "sinusoid":

@@ -1,6 +1,7 @@
 """Test-time adaptation and few-shot evaluation over many tasks.
 
-Adaptation needs no meta-gradient, so it calls the inner solvers directly:
+Adaptation needs no meta-gradient, so it calls the inner solvers directly,
+as each method's entry in :data:`~imaml_ext.training.methods.METHODS` says:
 
 * iMAML-GD: gradient descent on the regularised objective
   L̂(φ) + (λ/2)‖φ − θ‖² from θ (:func:`imaml_ext.inner.solve_gd`);
@@ -23,9 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .experiment import IMAML_METHODS, TrainConfig, is_classification, loss_function
-from .functional import TaskLoss
-from .inner import solve_gd, solve_hf
+from ..functional import TaskLoss
+from .experiment import TrainConfig, is_classification, loss_function
+from .methods import ADAPTATIONS, get_method
 
 __all__ = ["adapt", "task_scores", "Score", "summarize", "evaluate"]
 
@@ -41,11 +42,8 @@ def adapt(cfg: TrainConfig, model: nn.Module, support_x: torch.Tensor, support_y
     steps = cfg.inner_steps if inner_steps is None else inner_steps
     task_loss = TaskLoss(model, loss_function(cfg))
     theta = task_loss.theta().detach()
-    if method == "imaml-hf":
-        return solve_hf(task_loss, theta, support_x, support_y, lam=cfg.lam, steps=steps,
-                        cg_steps=cfg.inner_cg_steps)
-    lam = cfg.lam if method in IMAML_METHODS else 0.0
-    return solve_gd(task_loss, theta, support_x, support_y, lam=lam, steps=steps, lr=cfg.inner_lr)
+    run = ADAPTATIONS["sgd"] if method == "sgd" else get_method(method).adapt_for_test
+    return run(cfg, task_loss, theta, support_x, support_y, steps)
 
 
 def task_scores(cfg: TrainConfig, model: nn.Module, phi: torch.Tensor, query_x: torch.Tensor,

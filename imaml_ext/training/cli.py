@@ -7,53 +7,28 @@ checkpoint or a missing optional dependency (one message, no traceback);
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 from typing import List, Optional
 
+from .flags import NONNEGATIVE_INT, POSITIVE_INT, add_flags
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-# Command-line flags that set TrainConfig fields (dest == field name).
-CONFIG_FLAGS = ("dataset", "method", "ways", "shots", "queries", "lam", "inner_steps", "inner_lr",
-                "cg_steps", "inner_cg_steps", "meta_batch", "outer_opt", "outer_lr", "hidden",
-                "rotations", "val_classes", "seed")
+_TRAIN_EXTRA = ("tqdm", "PIL", "matplotlib")  # modules of the 'train' extra (pyproject.toml)
 
 
 class UsageError(Exception):
     """A problem to report in one message, with exit code 2."""
 
 
-# ----------------------------------------------------------------------------- argument types
-
-def _number(kind, minimum, what):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if (kind is float and not math.isfinite(value)) or value < minimum \
-                or (minimum == 0 and kind is float and value == 0):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return value
-    return parse
-
-
-positive_int = _number(int, 1, "a positive integer")
-nonnegative_int = _number(int, 0, "a non-negative integer")
-positive_float = _number(float, 0, "a positive number")
-
-
-def rotations(text: str):
-    try:
-        angles = tuple(int(a) for a in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated degrees like 0,90,180,270, got {text!r}") from None
-    if any(a % 90 or not 0 <= a < 360 for a in angles) or len(set(angles)) != len(angles):
-        raise argparse.ArgumentTypeError(f"angles must be distinct values of 0, 90, 180, 270, got {text!r}")
-    return angles
+def _config_flags() -> List[str]:
+    """The TrainConfig fields set by flags of their own (``--meta-steps`` excepted: with
+    ``--resume`` it is a new total, not a change of configuration)."""
+    from .experiment import TrainConfig
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("group") and f.name != "meta_steps"]
 
 
 def _default_device() -> str:
@@ -62,13 +37,11 @@ def _default_device() -> str:
 
 
 def _check_device(name: str) -> str:
-    import torch
+    from .experiment import check_device
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        check_device(name, what="--device")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return name
 
 
@@ -92,7 +65,7 @@ def _train(args) -> int:
         return 0
     _setup_threads(args)
     device = _check_device(args.device or _default_device())
-    given = [f for f in CONFIG_FLAGS if getattr(args, f) is not None]
+    given = [f for f in _config_flags() if getattr(args, f) is not None]
     if args.resume is not None:
         if given or args.preset:
             flags = ", ".join("--" + f.replace("_", "-") for f in given) or "--preset"
@@ -180,10 +153,10 @@ def _eval(args) -> int:
 # ----------------------------------------------------------------------------- plot, demo, info
 
 def _plot(args) -> int:
+    from .metrics import metrics_file
     from .plotting import plot_curves
-    from .train import METRICS_NAME
 
-    paths = [Path(p) / METRICS_NAME if Path(p).is_dir() else Path(p) for p in args.metrics]
+    paths = [metrics_file(p) for p in args.metrics]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise UsageError(f"metrics file not found: {', '.join(missing)}")
@@ -199,33 +172,35 @@ def _plot(args) -> int:
 def _demo(args) -> int:
     from .demo import DemoConfig, run_demo
     _setup_threads(args)
+    device = _check_device(args.device or "cpu")
     cfg = DemoConfig(meta_steps=args.meta_steps, seed=args.seed, eval_tasks=args.eval_tasks)
-    run_demo(cfg, out_dir=Path(args.out), progress=not args.no_progress)
+    run_demo(cfg, out_dir=Path(args.out), progress=not args.no_progress, device=device)
     return 0
 
 
 def _info(args) -> int:
-    from ._build import describe
+    from .._build import describe
     print(describe())
     return 0
 
 
 # ----------------------------------------------------------------------------- parser
 
-def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+def _add_common(p: argparse.ArgumentParser, data: bool = True,
+                device_default: str = "cuda if available, else cpu") -> None:
+    p.add_argument("--device", help=f"torch device (default: {device_default})")
     if data:
         p.add_argument("--data", metavar="DIR",
                        help="data root holding omniglot/ or miniimagenet/ (default: $IMAML_EXT_DATA, "
                             "else ~/.cache/imaml_ext)")
-    p.add_argument("--threads", type=positive_int,
+    p.add_argument("--threads", type=POSITIVE_INT.parse,
                    help="CPU threads for torch (train/eval default: torch's choice; demo default: 1, "
                         "the MLP gains nothing from more). On a busy machine 1 is often much faster")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (train: print metrics lines)")
 
 
 def _train_parser(sub) -> None:
-    from .experiment import DATASET_DEFAULTS, DATASETS, METHODS, OUTER_OPTIMIZERS
+    from .experiment import DATASET_DEFAULTS, DATASETS, RunOptions, TrainConfig
     from .presets import describe_presets
 
     defaults = "; ".join(
@@ -242,36 +217,15 @@ def _train_parser(sub) -> None:
                     "and exits (code 130); --resume OUT continues exactly.",
         epilog=f"dataset defaults (our choices unless a preset says otherwise):\n  {defaults}\n\n"
                f"presets:\n" + "\n".join("  " + line for line in describe_presets().splitlines()))
-    g = p.add_argument_group("task and method")
-    g.add_argument("--preset", help="named setting (see below and --list-presets)")
-    g.add_argument("--list-presets", action="store_true", help="print the presets and exit")
-    g.add_argument("--dataset", choices=DATASETS, help="default: omniglot (or the preset's)")
-    g.add_argument("--method", choices=METHODS, help="default: imaml-gd")
-    g.add_argument("--ways", type=positive_int, help="N, classes per task")
-    g.add_argument("--shots", type=positive_int, help="K, support examples per class (sinusoid: per task)")
-    g.add_argument("--queries", type=positive_int, help="query examples per class (sinusoid: per task)")
-    g.add_argument("--lam", type=positive_float, help="iMAML's λ (proximal strength)")
-    g.add_argument("--inner-steps", type=nonnegative_int, help="inner GD / SGD / Newton steps")
-    g.add_argument("--inner-lr", type=positive_float, help="inner GD / SGD step size")
-    g.add_argument("--cg-steps", type=positive_int, help="CG iterations of iMAML's meta-gradient")
-    g.add_argument("--inner-cg-steps", type=positive_int, help="CG iterations per Newton step (imaml-hf)")
-    g.add_argument("--hidden", type=positive_int, help="conv filters (images) or MLP width (sinusoid)")
-    g.add_argument("--rotations", type=rotations, help="Omniglot training rotations, e.g. 0,90,180,270")
-    g.add_argument("--val-classes", type=nonnegative_int, help="Omniglot training characters held out for validation")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--meta-batch", type=positive_int, help="tasks per meta-step (T)")
-    g.add_argument("--meta-steps", type=positive_int, help="total meta-steps (with --resume: a new total)")
-    g.add_argument("--outer-opt", choices=OUTER_OPTIMIZERS, help="outer optimizer (default adam)")
-    g.add_argument("--outer-lr", type=positive_float, help="outer learning rate")
-    g.add_argument("--seed", type=nonnegative_int, help="seed of the initialisation and training tasks (default 0)")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", metavar="DIR", help="run folder (default out/train/<dataset>-<N>w<K>s-<method>-seed<S>)")
-    g.add_argument("--resume", metavar="CKPT", help="continue the run in this folder or checkpoint file")
-    g.add_argument("--log-every", type=positive_int, default=10, help="steps per metrics line (default 10)")
-    g.add_argument("--checkpoint-every", type=nonnegative_int, default=500,
-                   help="steps per checkpoint; 0: only at the end (default 500)")
-    g.add_argument("--val-every", type=nonnegative_int, default=0, help="steps per validation; 0: none")
-    g.add_argument("--val-tasks", type=positive_int, default=100, help="tasks per validation (default 100)")
+    task = p.add_argument_group("task and method")
+    task.add_argument("--preset", help="named setting (see below and --list-presets)")
+    task.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    # Flags of the configuration's fields: not given -> None (the preset's or the dataset's value).
+    add_flags({"task and method": task, "optimisation": p.add_argument_group("optimisation")}, TrainConfig)
+    run = p.add_argument_group("run")
+    run.add_argument("--out", metavar="DIR", help="run folder (default out/train/<dataset>-<N>w<K>s-<method>-seed<S>)")
+    run.add_argument("--resume", metavar="CKPT", help="continue the run in this folder or checkpoint file")
+    add_flags({"run": run}, RunOptions, with_defaults=True)
     _add_common(p)
     p.set_defaults(run=_train, parser=p)
 
@@ -286,12 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "regularised inner solve from θ; MAML variants and Reptile: SGD steps "
                                    "with the inner lr) and report mean ± 1.96·std/√n over the tasks.")
     p.add_argument("checkpoint", help="checkpoint file or run folder")
-    p.add_argument("--tasks", type=positive_int, default=600, help="tasks to evaluate (default 600)")
-    p.add_argument("--batch", type=positive_int, default=50, help="tasks adapted at once (default 50)")
-    p.add_argument("--inner-steps", type=nonnegative_int, help="adaptation steps (default: as trained)")
-    p.add_argument("--queries", type=positive_int, help="query examples per class (default: as trained)")
+    p.add_argument("--tasks", type=POSITIVE_INT.parse, default=600, help="tasks to evaluate (default 600)")
+    p.add_argument("--batch", type=POSITIVE_INT.parse, default=50, help="tasks adapted at once (default 50)")
+    p.add_argument("--inner-steps", type=NONNEGATIVE_INT.parse, help="adaptation steps (default: as trained)")
+    p.add_argument("--queries", type=POSITIVE_INT.parse, help="query examples per class (default: as trained)")
     p.add_argument("--subset", choices=("test", "val"), default="test", help="default test")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the evaluation tasks (default 0)")
+    p.add_argument("--seed", type=NONNEGATIVE_INT.parse, default=0, help="seed of the evaluation tasks (default 0)")
     p.add_argument("--out", metavar="JSON", help="result file (default <run>/eval-<subset>-k<steps>.json)")
     _add_common(p)
     p.set_defaults(run=_eval, parser=p)
@@ -303,11 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_plot, parser=p)
 
     p = sub.add_parser("demo", help="sinusoid regression: iMAML vs MAML vs FOMAML vs transfer (no data, CPU minutes)")
-    p.add_argument("--meta-steps", type=positive_int, default=1000, help="meta-steps per method (default 1000)")
-    p.add_argument("--eval-tasks", type=positive_int, default=200, help="held-out tasks (default 200)")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--meta-steps", type=POSITIVE_INT.parse, default=1000, help="meta-steps per method (default 1000)")
+    p.add_argument("--eval-tasks", type=POSITIVE_INT.parse, default=200, help="held-out tasks (default 200)")
+    p.add_argument("--seed", type=NONNEGATIVE_INT.parse, default=0)
     p.add_argument("--out", metavar="DIR", default="out/demo", help="folder for runs, results and figures")
-    _add_common(p, data=False)
+    _add_common(p, data=False, device_default="cpu; the MLP gains little from a GPU")
     p.set_defaults(run=_demo, parser=p, threads=1)
 
     p = sub.add_parser("info", help="versions, compiled backend and devices")
@@ -318,12 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
-    from .data import DatasetNotFoundError
+    from ..data import DatasetNotFoundError
     from .plotting import MissingDependencyError
     try:
         return args.run(args)
     except (UsageError, DatasetNotFoundError, CheckpointError, MissingDependencyError) as exc:
         print(f"imaml-ext {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        if exc.name not in _TRAIN_EXTRA:
+            raise
+        print(f"imaml-ext {args.command}: error: needs {exc.name}, part of the 'train' extra: "
+              f"pip install 'imaml_ext[train]'", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"\nimaml-ext {args.command}: interrupted", file=sys.stderr)

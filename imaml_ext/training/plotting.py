@@ -1,16 +1,17 @@
 """Figures: learning curves from metrics JSONL files, and the demo's sinusoid fits.
 
-Needs matplotlib, the optional ``plot`` extra (``pip install 'imaml_ext[plot]'``);
+Needs matplotlib, part of the ``train`` extra (``pip install 'imaml_ext[train]'``);
 it is imported only when a figure is drawn, with the Agg (file-only) backend.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
+
+from .metrics import METRICS_NAME, read_metrics
 
 __all__ = ["MissingDependencyError", "require_matplotlib", "read_metrics", "plot_curves", "plot_fits"]
 
@@ -25,32 +26,11 @@ def require_matplotlib():
         import matplotlib
     except ImportError:
         raise MissingDependencyError(
-            "plots need matplotlib, the optional 'plot' extra: pip install 'imaml_ext[plot]' "
+            "plots need matplotlib, part of the 'train' extra: pip install 'imaml_ext[train]' "
             "(or pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
-
-
-def read_metrics(path: os.PathLike) -> Dict[str, List[dict]]:
-    """The records of a metrics JSONL file, grouped by ``split`` (train / val), in file order."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"metrics file not found: {path}")
-    groups: Dict[str, List[dict]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number} is not JSON ({exc})") from None
-        if "step" not in record or "loss" not in record:
-            raise ValueError(f"{path}:{number} lacks 'step' or 'loss'; is this a metrics.jsonl of imaml-ext train?")
-        groups.setdefault(record.get("split", "train"), []).append(record)
-    if not groups:
-        raise ValueError(f"{path} holds no metrics")
-    return groups
 
 
 def plot_curves(paths: Sequence[os.PathLike], out: os.PathLike,
@@ -94,7 +74,7 @@ def plot_curves(paths: Sequence[os.PathLike], out: os.PathLike,
 
 def _label(path: Path) -> str:
     """A run's name: its folder for ``<run>/metrics.jsonl``, else the file name."""
-    return path.parent.name if path.name == "metrics.jsonl" and path.parent.name else path.stem
+    return path.parent.name if path.name == METRICS_NAME and path.parent.name else path.stem
 
 
 def plot_fits(x_grid: torch.Tensor, truth: torch.Tensor, support_x: torch.Tensor, support_y: torch.Tensor,

@@ -1,17 +1,18 @@
 """The built-in example: meta-learning sinusoid regression, no data needed.
 
 Meta-trains the 1-40-40-1 MLP on 10-shot sinusoid tasks with iMAML-GD, MAML
-and first-order MAML (each with :func:`imaml_ext.train.train`, from the same
+and first-order MAML (each with :func:`imaml_ext.training.train.train`, from the same
 initialisation), and pre-trains a "transfer learning" baseline: the same
 network fitted to the pooled points of all training tasks, with no
 meta-learning.  On held-out tasks it reports the query MSE after 0, 1 and 10
 adaptation steps from each initialisation — each method adapts as it was
-trained (:func:`imaml_ext.evaluate.adapt`: regularised GD for iMAML, SGD for
+trained (:func:`imaml_ext.training.evaluate.adapt`: regularised GD for iMAML, SGD for
 MAML; the baseline and the untrained network fine-tune with SGD) — prints a
 table, and draws the fits on a few tasks after 10 steps.
 
 Settings (tuned on two CPU cores): λ = 1, 10 inner steps of lr 0.01, 5 CG
 steps, Adam 1e-3, meta-batch 25.  A few minutes in total on two CPU cores.
+It runs on the CPU unless given another ``device``.
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..functional import TaskLoss
 from .evaluate import adapt, summarize, task_scores
-from .experiment import TrainConfig, build_model, make_config, make_sampler
-from .functional import TaskLoss
+from .experiment import TrainConfig, build_model, check_device, make_config, make_sampler
+from .metrics import METRICS_NAME
 from .plotting import MissingDependencyError, plot_curves, plot_fits
 from .train import RunOptions, train
 
@@ -64,12 +66,13 @@ class DemoConfig:
                            outer_lr=self.outer_lr, seed=self.seed)
 
 
-def pretrain_transfer(cfg: TrainConfig, progress: bool) -> torch.nn.Module:
+def pretrain_transfer(cfg: TrainConfig, progress: bool, device: torch.device = torch.device("cpu")
+                      ) -> torch.nn.Module:
     """The no-meta-learning baseline: one network fitted by Adam to the pooled
     support and query points of ``meta_batch`` fresh training tasks per step."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
-    sampler = make_sampler(cfg, "train", cfg.seed)
+    model = build_model(cfg).to(device)
+    sampler = make_sampler(cfg, "train", cfg.seed, device=device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.outer_lr)
     for _ in tqdm(range(cfg.meta_steps), desc="transfer", unit="step", disable=not progress):
         sx, sy, qx, qy = sampler.sample(cfg.meta_batch)
@@ -81,35 +84,37 @@ def pretrain_transfer(cfg: TrainConfig, progress: bool) -> torch.nn.Module:
 
 
 def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: Optional[Path] = Path("out/demo"),
-             progress: bool = True) -> Dict[str, Dict[int, float]]:
+             progress: bool = True, device: str = "cpu") -> Dict[str, Dict[int, float]]:
     """Train, evaluate, print the table, write ``demo_results.json`` and the
-    figures in ``out_dir``; returns {method: {k: mean query MSE}}.
+    figures in ``out_dir``; returns {method: {k: mean query MSE}}.  Everything
+    runs on ``device``.
 
     Each method's run folder (``out_dir/<method>``) holds its checkpoint and
     metrics, so ``imaml-ext eval`` and ``imaml-ext plot`` work on them.
     """
     out_dir = Path(out_dir)
+    device = check_device(device)
     start = time.perf_counter()
     base = cfg.train_config(cfg.methods[0])
     torch.manual_seed(cfg.seed)
-    models = {"untrained": build_model(base)}
+    models = {"untrained": build_model(base).to(device)}
     configs = {"untrained": base}
     train_seconds: Dict[str, float] = {}
     for method in cfg.methods:
         mcfg = cfg.train_config(method)
-        result = train(mcfg, RunOptions(out_dir=out_dir / method, log_every=50, checkpoint_every=0,
-                                        progress=progress))
+        result = train(mcfg, RunOptions(out_dir=out_dir / method, device=str(device), log_every=50,
+                                        checkpoint_every=0, progress=progress))
         if result.interrupted:
             raise KeyboardInterrupt
-        model = build_model(mcfg)
+        model = build_model(mcfg).to(device)
         model.load_state_dict(torch.load(result.checkpoint, weights_only=True)["model"])
         models[method], configs[method], train_seconds[method] = model, mcfg, result.seconds
     t0 = time.perf_counter()
-    models["transfer"] = pretrain_transfer(base, progress)
+    models["transfer"] = pretrain_transfer(base, progress, device)
     configs["transfer"] = base
     train_seconds["transfer"] = time.perf_counter() - t0
 
-    sampler = make_sampler(base, "test", cfg.seed, queries=cfg.eval_queries)
+    sampler = make_sampler(base, "test", cfg.seed, queries=cfg.eval_queries, device=device)
     amplitude, phase = sampler.sample_tasks(cfg.eval_tasks)
     sx, sy, qx, qy = sampler.sample_points(amplitude, phase)
     table: Dict[str, Dict[int, float]] = {}
@@ -156,9 +161,10 @@ def _draw(cfg: DemoConfig, models, configs, adapted, amplitude, phase, sx, sy, o
             continue
         task_loss = TaskLoss(models[name], F.mse_loss)
         with torch.no_grad():
-            fits[LABELS[name]] = task_loss.outputs(adapted[name][:n], grid.expand(n, -1)[..., None])[..., 0]
-    fits_png = plot_fits(grid, truth.float(), sx[:n, :, 0], sy[:n, :, 0], fits, out_dir / "demo_fits.png",
-                         title=f"held-out tasks, {cfg.shots} support points, after {STEPS[-1]} adaptation steps")
-    curves_png = plot_curves([out_dir / m / "metrics.jsonl" for m in cfg.methods], out_dir / "demo_curves.png",
+            x = grid.to(sx.device).expand(n, -1)[..., None]
+            fits[LABELS[name]] = task_loss.outputs(adapted[name][:n], x)[..., 0].cpu()
+    fits_png = plot_fits(grid, truth.float(), sx[:n, :, 0].cpu(), sy[:n, :, 0].cpu(), fits,
+                         out_dir / "demo_fits.png", title=f"held-out tasks, {cfg.shots} support points, after {STEPS[-1]} adaptation steps")
+    curves_png = plot_curves([out_dir / m / METRICS_NAME for m in cfg.methods], out_dir / "demo_curves.png",
                              labels=[LABELS[m] for m in cfg.methods])
     print(f"figures: {fits_png} (fits), {curves_png} (meta-training curves)")

@@ -1,0 +1,115 @@
+"""The meta-learning methods of the training application, in one table.
+
+Each entry of :data:`METHODS` says, for one ``--method`` name:
+
+* ``algorithm``: the library call that adapts a meta-batch at training
+  time (:func:`imaml_ext.imaml` or :func:`imaml_ext.maml`), with the
+  configuration fields it reads (``hyper``) and the options the method fixes
+  (``options``, e.g. ``inner_solver="hf"`` or ``mode="checkpointed"``);
+* ``reptile``: whether the meta-gradient is Reptile's θ − mean_t φ_t
+  (:func:`imaml_ext.reptile_grad`, adapted without a graph) instead of the
+  backward of the query loss;
+* ``adaptation``: how a trained model adapts to a new task at evaluation
+  time (:data:`ADAPTATIONS`): the regularised inner solve of training for
+  iMAML, plain SGD steps with the inner learning rate for the MAML family.
+
+Training (:class:`~imaml_ext.training.train.MetaStep`), evaluation
+(:func:`~imaml_ext.training.evaluate.adapt`), the configuration's checks,
+the CLI's choices and the presets all read this table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Tuple
+
+import torch
+from torch import nn
+
+from ..adapted import Adapted
+from ..functional import TaskLoss
+from ..implicit import imaml
+from ..inner import solve_gd, solve_hf
+from ..unrolled import maml
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .experiment import TrainConfig
+
+__all__ = ["Method", "METHODS", "ADAPTATIONS", "get_method", "method_names", "implicit_method_names"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Test-time adaptation: (cfg, task_loss, θ [P], support_x, support_y, steps) -> φ [T, P].
+Adaptation = Callable[["TrainConfig", TaskLoss, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def _proximal_gd(cfg, task_loss, theta, x, y, steps):
+    """Gradient descent on L̂(φ) + (λ/2)‖φ − θ‖² from θ (iMAML-GD's inner solve)."""
+    return solve_gd(task_loss, theta, x, y, lam=cfg.lam, steps=steps, lr=cfg.inner_lr)
+
+
+def _newton(cfg, task_loss, theta, x, y, steps):
+    """Hessian-free Newton on the same objective (iMAML-HF's inner solve)."""
+    return solve_hf(task_loss, theta, x, y, lam=cfg.lam, steps=steps, cg_steps=cfg.inner_cg_steps)
+
+
+def _sgd(cfg, task_loss, theta, x, y, steps):
+    """Plain SGD steps on L̂ with the inner learning rate (λ = 0)."""
+    return solve_gd(task_loss, theta, x, y, lam=0.0, steps=steps, lr=cfg.inner_lr)
+
+
+ADAPTATIONS: Dict[str, Adaptation] = {"proximal-gd": _proximal_gd, "newton": _newton, "sgd": _sgd}
+
+_IMAML_HYPER = ("lam", "inner_steps", "inner_lr", "cg_steps", "inner_cg_steps")
+_MAML_HYPER = ("inner_steps", "inner_lr")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One meta-learning method: its training-time algorithm and its test-time adaptation."""
+
+    name: str
+    algorithm: Callable[..., Adapted]
+    hyper: Tuple[str, ...]
+    options: Mapping[str, Any] = field(default_factory=dict)
+    adaptation: str = "sgd"
+    reptile: bool = False
+
+    @property
+    def implicit(self) -> bool:
+        """Whether the meta-gradient is iMAML's implicit one (λ and the CG steps apply)."""
+        return self.algorithm is imaml
+
+    def adapt(self, cfg: "TrainConfig", model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
+              loss_fn: LossFn) -> Adapted:
+        """The training-time inner loop over a meta-batch (``[T, n, ...]`` support set)."""
+        hyper = {name: getattr(cfg, name) for name in self.hyper}
+        return self.algorithm(model, support_x, support_y, loss_fn, **hyper, **self.options)
+
+    def adapt_for_test(self, cfg: "TrainConfig", task_loss: TaskLoss, theta: torch.Tensor,
+                       support_x: torch.Tensor, support_y: torch.Tensor, steps: int) -> torch.Tensor:
+        """Test-time adaptation from θ: each task's adapted parameters ``[T, P]``."""
+        return ADAPTATIONS[self.adaptation](cfg, task_loss, theta, support_x, support_y, steps)
+
+
+METHODS: Dict[str, Method] = {m.name: m for m in (
+    Method("imaml-gd", imaml, _IMAML_HYPER, {"inner_solver": "gd"}, adaptation="proximal-gd"),
+    Method("imaml-hf", imaml, _IMAML_HYPER, {"inner_solver": "hf"}, adaptation="newton"),
+    Method("maml", maml, _MAML_HYPER, {"mode": "full"}),
+    Method("fomaml", maml, _MAML_HYPER, {"mode": "first_order"}),
+    Method("checkpointed-maml", maml, _MAML_HYPER, {"mode": "checkpointed"}),
+    Method("reptile", maml, _MAML_HYPER, {"mode": "first_order"}, reptile=True),
+)}
+
+
+def method_names() -> Tuple[str, ...]:
+    return tuple(METHODS)
+
+
+def implicit_method_names() -> Tuple[str, ...]:
+    return tuple(name for name, method in METHODS.items() if method.implicit)
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"method must be one of {method_names()}, got {name!r}") from None

@@ -1,0 +1,116 @@
+"""The metrics file of a run (``metrics.jsonl``): writing it during training, reading it for plots.
+
+One JSON object per line: ``{"split": "train", "step", "loss", "acc",
+"seconds", "method"}`` — loss and accuracy averaged over the steps since the
+previous line, ``acc`` null for regression, ``seconds`` the training wall
+time so far — and, with validation, ``{"split": "val", "step", "loss",
+"acc", "acc_ci95" (classification) or "loss_ci95" (regression), "seconds",
+"method"}``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+__all__ = ["METRICS_NAME", "MetricsLogger", "read_metrics", "metrics_file"]
+
+METRICS_NAME = "metrics.jsonl"
+
+
+def metrics_file(path: os.PathLike) -> Path:
+    """``path`` itself, or ``path/metrics.jsonl`` for a run folder."""
+    path = Path(path)
+    return path / METRICS_NAME if path.is_dir() else path
+
+
+class MetricsLogger:
+    """Appends metric records to a run's metrics file, averaging the training steps between lines.
+
+    :meth:`resume_at` keeps the lines up to a checkpoint's step (those after
+    it are written again when the steps are replayed) or, for a new run,
+    starts an empty file.  Inside ``with logger:`` :meth:`add` accumulates a
+    step's loss and accuracy, :meth:`log_train` writes their mean, and
+    :meth:`write` any record; without a progress bar (``echo``) each record
+    is also printed.
+    """
+
+    def __init__(self, path: os.PathLike, method: str, echo: bool = False):
+        self.path, self.method, self.echo = Path(path), method, echo
+        self._file = None
+        self._loss: Any = 0.0
+        self._acc: Any = 0.0
+        self._n = 0
+        self._classification = False
+
+    def resume_at(self, step: Optional[int]) -> None:
+        """Keep the lines up to ``step`` (None: a new run, no lines)."""
+        if step is None:
+            if self.path.exists():
+                self.path.unlink()
+        elif self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def __enter__(self) -> "MetricsLogger":
+        self._file = open(self.path, "a")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+        self._file = None
+
+    def write(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.echo:
+            print(json.dumps(record), flush=True)
+        return record
+
+    def add(self, loss: torch.Tensor, acc: Optional[torch.Tensor]) -> None:
+        """One training step's loss and accuracy (None for regression), left on the device."""
+        self._loss = loss + self._loss
+        self._acc = (acc if acc is not None else 0.0) + self._acc
+        self._classification = acc is not None
+        self._n += 1
+
+    def log_train(self, step: int, seconds: float) -> Dict[str, Any]:
+        """Write the mean loss and accuracy of the steps since the last line, and start a new window."""
+        record = self.write({"split": "train", "step": step, "loss": float(self._loss) / self._n,
+                             "acc": float(self._acc) / self._n if self._classification else None,
+                             "seconds": round(seconds, 3), "method": self.method})
+        self._loss, self._acc, self._n = 0.0, 0.0, 0
+        return record
+
+    def log_val(self, step: int, seconds: float, scores: Dict[str, Any]) -> Dict[str, Any]:
+        """Write a validation line from :func:`~imaml_ext.training.evaluate.evaluate`'s scores."""
+        key = "acc" if "acc" in scores else "loss"
+        return self.write({"split": "val", "step": step, "loss": scores["loss"]["mean"],
+                           "acc": scores["acc"]["mean"] if "acc" in scores else None,
+                           f"{key}_ci95": scores[key]["ci95"], "seconds": round(seconds, 3),
+                           "method": self.method})
+
+
+def read_metrics(path: os.PathLike) -> Dict[str, List[dict]]:
+    """The records of a metrics JSONL file, grouped by ``split`` (train / val), in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file not found: {path}")
+    groups: Dict[str, List[dict]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number} is not JSON ({exc})") from None
+        if "step" not in record or "loss" not in record:
+            raise ValueError(f"{path}:{number} lacks 'step' or 'loss'; is this a metrics.jsonl of imaml-ext train?")
+        groups.setdefault(record.get("split", "train"), []).append(record)
+    if not groups:
+        raise ValueError(f"{path} holds no metrics")
+    return groups

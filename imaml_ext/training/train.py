@@ -1,0 +1,277 @@
+"""Meta-training: one meta-step per method, and the resumable training loop.
+
+:class:`MetaStep` performs one meta-iteration: adapt the model to a
+meta-batch of T tasks, put the meta-gradient of the mean query loss on the
+model's parameters, step the outer optimizer.  :func:`train` runs it for
+``cfg.meta_steps`` steps with a progress bar, JSONL metrics, atomic
+checkpoints (:mod:`imaml_ext.training.checkpoint`), optional validation, and SIGINT /
+SIGTERM handling that checkpoints after the step in progress and returns.
+
+Exact resumption: the parameters, the optimizer state, the task sampler's
+generator and the global torch / NumPy / Python generators are all restored,
+so N steps in one go and N/2 + N/2 resumed give bit-identical parameters
+(on the same device, with the same number of threads).
+
+The metrics file's records are described in :mod:`imaml_ext.training.metrics`.
+
+:func:`train` is made of named pieces: :func:`resume_config` (which
+configuration a run or a resumed run has), :class:`RunState` (model,
+optimizer, sampler, step and time; built, restored from and saved to a
+checkpoint), :class:`Checkpointer`, :class:`Validator`,
+:class:`~imaml_ext.training.metrics.MetricsLogger` and :class:`InterruptGuard`.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..unrolled import reptile_grad
+from .checkpoint import CHECKPOINT_NAME, FORMAT, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .evaluate import evaluate
+from .experiment import (RunOptions, TrainConfig, build_model, build_outer_optimizer, check_device,
+                         is_classification, loss_function, make_sampler)
+from .methods import get_method
+from .metrics import METRICS_NAME, MetricsLogger
+
+__all__ = ["MetaStep", "RunOptions", "TrainResult", "InterruptGuard", "train", "METRICS_NAME", "RunState",
+           "Checkpointer", "Validator", "resume_config"]
+
+
+class MetaStep:
+    """One meta-iteration of ``cfg.method`` on ``model`` with ``optimizer``.
+
+    Calling it with a batch ``(sx, sy, qx, qy)`` (``[T, n, ...]`` support,
+    ``[T, m, ...]`` query) returns the detached mean query loss and, for
+    classification, the mean query accuracy (else None), both 0-dim tensors
+    left on the device.
+
+    The loss is the query loss of the adapted parameters averaged over all
+    T·m query examples (equal to the mean over tasks).  Reptile adapts on
+    the support set without a graph and uses θ − mean_t φ_t as the
+    gradient (:func:`imaml_ext.unrolled.reptile_grad`); its reported loss is
+    the query loss of the adapted parameters.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.cfg, self.model, self.optimizer = cfg, model, optimizer
+        self.method = get_method(cfg.method)
+        self.loss_fn = loss_function(cfg)
+        self.classification = is_classification(cfg)
+
+    def adapt(self, sx: torch.Tensor, sy: torch.Tensor):
+        return self.method.adapt(self.cfg, self.model, sx, sy, self.loss_fn)
+
+    def query_loss(self, out: torch.Tensor, qy: torch.Tensor) -> torch.Tensor:
+        """Mean loss over all T·m queries: out [T, m, ...], qy [T, m, ...] -> scalar."""
+        return self.loss_fn(out.flatten(0, 1), qy.flatten(0, 1))
+
+    def __call__(self, batch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        sx, sy, qx, qy = batch
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.method.reptile:
+            with torch.no_grad():
+                adapted = self.adapt(sx, sy)
+                out = adapted(qx)
+                loss = self.query_loss(out, qy)
+            reptile_grad(self.model, adapted, write=True)
+        else:
+            adapted = self.adapt(sx, sy)
+            out = adapted(qx)
+            loss = self.query_loss(out, qy)
+            loss.backward()
+        self.optimizer.step()
+        acc = (out.detach().argmax(-1) == qy).float().mean() if self.classification else None
+        return loss.detach(), acc
+
+
+@dataclass
+class TrainResult:
+    """How a run ended: steps done, whether interrupted, where its files are, last logged metrics."""
+
+    step: int
+    interrupted: bool
+    checkpoint: Path
+    metrics: Path
+    seconds: float
+    last: Dict[str, Any]
+
+
+class InterruptGuard:
+    """Turns SIGINT / SIGTERM into a request to stop after the current step.
+
+    Inside ``with guard:`` the first signal sets :attr:`requested` to the
+    signal number and prints a notice to stderr; a second SIGINT raises
+    KeyboardInterrupt at once.  The
+    previous handlers are restored on exit.  Outside the main thread the
+    guard installs nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def handle(self, signum: int, frame=None) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after the current step to save a checkpoint "
+              f"(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "InterruptGuard":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def resume_config(cfg: Optional[TrainConfig], resume: Optional[Path], meta_steps: Optional[int]
+                  ) -> Tuple[TrainConfig, Optional[Dict[str, Any]]]:
+    """The configuration of the run and, when resuming, the checkpoint to continue from."""
+    state = None
+    if resume is not None:
+        if cfg is not None:
+            raise ValueError("a resumed run keeps its saved configuration: pass cfg=None with resume")
+        state = load_checkpoint(resume)
+        cfg = TrainConfig.from_dict(state["config"])
+    if cfg is None:
+        raise ValueError("give a configuration, or a checkpoint to resume")
+    if meta_steps is not None:
+        cfg = cfg.replace(meta_steps=meta_steps)
+    return cfg, state
+
+
+class RunState:
+    """What a checkpoint holds: the model, outer optimizer and training task sampler of ``cfg``,
+    the meta-steps done and the training time so far."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, data_root: Optional[str]):
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg).to(device)
+        self.optimizer = build_outer_optimizer(cfg, self.model)
+        self.sampler = make_sampler(cfg, "train", cfg.seed, root=data_root, device=device)
+        self.step, self.seconds = 0, 0.0
+
+    def restore(self, state: Dict[str, Any]) -> None:
+        """Continue from a checkpoint's contents (also the global random-number generators)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        restore_rng(state["rng"])
+        self.step, self.seconds = int(state["step"]), float(state["seconds"])
+
+    def payload(self) -> Dict[str, Any]:
+        """The checkpoint's contents (format in :mod:`imaml_ext.training.checkpoint`)."""
+        return {"format": FORMAT, "config": self.cfg.to_dict(), "step": self.step, "seconds": self.seconds,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "sampler": self.sampler.state_dict(), "rng": capture_rng()}
+
+
+class Checkpointer:
+    """Saves a :class:`RunState` every ``every`` steps (0: never on the way) and at the end."""
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = path, every
+        self.saved: Optional[int] = None
+
+    def save(self, run: RunState) -> None:
+        save_checkpoint(self.path, run.payload())
+        self.saved = run.step
+
+    def maybe_save(self, run: RunState) -> None:
+        if self.every and run.step % self.every == 0:
+            self.save(run)
+
+    def finish(self, run: RunState) -> None:
+        """Save unless the last save was at this step."""
+        if self.saved != run.step:
+            self.save(run)
+
+
+class Validator:
+    """Scores the model on the same ``tasks`` validation tasks (seed ``seed``) every ``every`` steps."""
+
+    def __init__(self, cfg: TrainConfig, opts: RunOptions, device: torch.device):
+        self.cfg, self.every, self.tasks = cfg, opts.val_every, opts.val_tasks
+        self.sampler = make_sampler(cfg, "val", opts.eval_seed, root=opts.data_root, device=device)
+        self.start = self.sampler.state_dict()
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def __call__(self, model: nn.Module) -> Dict[str, Any]:
+        self.sampler.load_state_dict(self.start)
+        return evaluate(self.cfg, model, self.sampler, self.tasks)
+
+
+def train(cfg: Optional[TrainConfig], opts: RunOptions, resume: Optional[Path] = None,
+          meta_steps: Optional[int] = None) -> TrainResult:
+    """Meta-train, writing ``checkpoint.pt``, ``metrics.jsonl`` and ``config.json`` in ``opts.out_dir``.
+
+    Args:
+        cfg: the configuration of a new run; None with ``resume``.
+        opts: where and how to run.
+        resume: a checkpoint (file or run folder) to continue; its
+            configuration is used.
+        meta_steps: with ``resume``, a new total number of meta-steps.
+
+    Returns:
+        :class:`TrainResult`; ``interrupted`` if a signal stopped the run
+        (after checkpointing the completed steps).
+    """
+    device = check_device(opts.device)
+    cfg, state = resume_config(cfg, resume, meta_steps)
+    out_dir = Path(opts.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = RunState(cfg, device, opts.data_root)
+    validator = Validator(cfg, opts, device) if opts.val_every else None
+    logger = MetricsLogger(out_dir / METRICS_NAME, cfg.method, echo=not opts.progress)
+    if state is not None:
+        run.restore(state)
+    logger.resume_at(run.step if state is not None else None)
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    checkpointer = Checkpointer(out_dir / CHECKPOINT_NAME, opts.checkpoint_every)
+
+    meta_step = MetaStep(cfg, run.model, run.optimizer)
+    last: Dict[str, Any] = {}
+    interrupted = False
+    bar = tqdm(total=cfg.meta_steps, initial=run.step, desc=cfg.method, unit="step",
+               disable=not opts.progress, dynamic_ncols=True)
+    with InterruptGuard() as guard, logger:
+        started = time.perf_counter() - run.seconds
+        while run.step < cfg.meta_steps:
+            logger.add(*meta_step(run.sampler.sample(cfg.meta_batch)))
+            run.step += 1
+            run.seconds = time.perf_counter() - started
+            bar.update(1)
+            if run.step % opts.log_every == 0 or run.step == cfg.meta_steps:
+                last = logger.log_train(run.step, run.seconds)
+                bar.set_postfix(loss=f"{last['loss']:.4f}",
+                                **({"acc": f"{last['acc']:.3f}"} if last["acc"] is not None else {}))
+            if validator is not None and validator.due(run.step):
+                logger.log_val(run.step, run.seconds, validator(run.model))
+            if guard.requested is not None:
+                interrupted = True
+                break
+            checkpointer.maybe_save(run)
+        checkpointer.finish(run)
+    bar.close()
+    return TrainResult(step=run.step, interrupted=interrupted, checkpoint=checkpointer.path,
+                       metrics=logger.path, seconds=run.seconds, last=last)
