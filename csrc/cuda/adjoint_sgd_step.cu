@@ -16,12 +16,9 @@ namespace {
 void adjoint_sgd_step_cuda(at::Tensor& adj, const at::Tensor& Ha,
                            const at::Tensor& g, at::Tensor& lr_grad, double lr) {
   check_adjoint_sgd_step(adj, Ha, g, lr_grad);
-  const int64_t T = adj.size(0);
-  const int64_t P = adj.size(1);
+  const RowGrid grid(adj);
+  const int64_t T = grid.T, P = grid.P, nb = grid.nb;
   if (T == 0) return;
-  const c10::cuda::CUDAGuard guard(adj.device());
-  const int64_t nb = slices_per_row(T, P);
-  check_grid_size(T, nb);
   AT_DISPATCH_FLOATING_TYPES(adj.scalar_type(), "adjoint_sgd_step_", [&] {
     at::Tensor part;
     if (nb > 1) part = at::empty({T * nb}, adj.options());

@@ -15,13 +15,10 @@ namespace {
 
 // out[t] = <x_t, y_t>; y may equal x.
 at::Tensor batched_dot_impl(const at::Tensor& x, const at::Tensor& y) {
-  const int64_t T = x.size(0);
-  const int64_t P = x.size(1);
+  const RowGrid grid(x);
+  const int64_t T = grid.T, P = grid.P, nb = grid.nb;
   at::Tensor out = at::empty({T}, x.options());
   if (T == 0) return out;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t nb = slices_per_row(T, P);
-  check_grid_size(T, nb);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batched_dot", [&] {
     at::Tensor part;
     if (nb > 1) part = at::empty({T * nb}, x.options());

@@ -16,12 +16,9 @@ void cg_step_cuda(at::Tensor& x, at::Tensor& r, at::Tensor& p,
                   const at::Tensor& Hp, at::Tensor& rs, at::Tensor& state,
                   const at::Tensor& threshold_sq, double a, double b) {
   check_cg_step(x, r, p, Hp, rs, state, threshold_sq);
-  const int64_t T = x.size(0);
-  const int64_t P = x.size(1);
+  const RowGrid grid(x);
+  const int64_t T = grid.T, P = grid.P, nb = grid.nb;
   if (T == 0) return;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t nb = slices_per_row(T, P);
-  check_grid_size(T, nb);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cg_step_", [&] {
     at::Tensor scratch, outcome;
     if (nb > 1) {

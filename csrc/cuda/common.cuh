@@ -43,6 +43,24 @@ inline void check_grid_size(int64_t T, int64_t nb) {
       "imaml_ext: too many tasks for one launch (T = ", std::to_string(T), ")");
 }
 
+// Where an op over the rows of a [T, P] tensor runs: T rows of nb slices
+// each (T * nb blocks), with the tensor's device current for as long as the
+// RowGrid lives. T == 0 needs no launch (nb = 0).
+struct RowGrid {
+  explicit RowGrid(const at::Tensor& rows)
+      : guard(rows.device()),
+        T(rows.size(0)),
+        P(rows.size(1)),
+        nb(T > 0 ? slices_per_row(T, P) : 0) {
+    check_grid_size(T, nb);
+  }
+
+  const c10::cuda::CUDAGuard guard;
+  const int64_t T;
+  const int64_t P;
+  const int64_t nb;
+};
+
 // t's data, or null for an undefined tensor (scratch that a launch does not
 // need).
 template <typename T>

@@ -16,12 +16,9 @@ void prox_sgd_step_cuda(at::Tensor& phi, const at::Tensor& g,
                         const at::Tensor& theta, double lr, double lam,
                         double max_norm) {
   check_prox_sgd_step(phi, g, theta);
-  const int64_t T = phi.size(0);
-  const int64_t P = phi.size(1);
+  const RowGrid grid(phi);
+  const int64_t T = grid.T, P = grid.P, nb = grid.nb;
   if (T == 0) return;
-  const c10::cuda::CUDAGuard guard(phi.device());
-  const int64_t nb = slices_per_row(T, P);
-  check_grid_size(T, nb);
   AT_DISPATCH_FLOATING_TYPES(phi.scalar_type(), "prox_sgd_step_", [&] {
     at::Tensor part;
     if (max_norm > 0 && nb > 1) part = at::empty({T * nb}, phi.options());
