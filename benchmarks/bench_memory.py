@@ -303,7 +303,7 @@ def plot(result: dict, path: str) -> str:
         import matplotlib.pyplot as plt
         import matplotlib.ticker
     except ImportError:
-        return "matplotlib not installed (pip install 'imaml_ext[plot]'); no plot written"
+        return "matplotlib not installed (pip install 'imaml_ext[train]'); no plot written"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for method in dict.fromkeys(r["method"] for r in result["rows"]):
         ok = [r for r in result["rows"] if r["method"] == method and "error" not in r]

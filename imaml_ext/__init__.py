@@ -1,9 +1,11 @@
 """imaml_ext: fast, small meta-gradients for gradient-based meta-learning.
 
-Public API (DESIGN.md §3): :func:`imaml`, :func:`maml`, the batched solvers
-:func:`cg` and :func:`hvp`, the linear solvers :class:`CG` and
-:class:`Neumann` of iMAML's backward pass, the fused vector ops in :mod:`imaml_ext.ops`, and
-:func:`backend`, which says which implementation of those ops runs.
+Public API: :func:`imaml`, :func:`maml` and :func:`reptile_grad`, their
+result :class:`Adapted`, the batched solvers :func:`cg` and :func:`hvp`, the
+linear solvers :class:`CG` and :class:`Neumann` of iMAML's backward pass, the
+fused vector ops in :mod:`imaml_ext.ops`, and :func:`backend`, which says
+which implementation of those ops runs.  ARCHITECTURE.md follows one
+meta-gradient through the modules.
 """
 from . import ops
 from ._build import backend
@@ -16,4 +18,5 @@ from .unrolled import maml, reptile_grad
 
 __version__ = "0.1.0"
 
-__all__ = ["imaml", "maml", "reptile_grad", "NonFiniteLossError", "Adapted", "cg", "CGResult", "CG", "Neumann", "hvp", "make_hvp", "ops", "backend", "__version__"]
+__all__ = ["imaml", "maml", "reptile_grad", "NonFiniteLossError", "Adapted", "cg", "CGResult", "CG",
+           "Neumann", "hvp", "make_hvp", "ops", "backend", "__version__"]
