@@ -33,7 +33,8 @@ from . import inner
 from .adapted import Adapted
 from .functional import TaskLoss
 from .hvp import HVP_MODES, make_hvp
-from .solvers import CG, CGResult, CGState, Matvec, ShiftedOperator
+from .solvers import (CG, IMAML_DEV_RESIDUAL_TOL, CGResult, CGState, ImamlDevCG, Matvec,
+                      ShiftedOperator)
 from .validation import (check_nonnegative, check_positive, check_steps, check_task_batch,
                          optional_positive)
 
@@ -100,14 +101,20 @@ class _ImplicitMetaGrad(torch.autograd.Function):
 
 
 def _linear_solver(linear_solver: Union[str, LinearSolver], cg_steps: int,
-                   cg_tol: Optional[float]) -> LinearSolver:
-    """``"cg"`` -> CG(cg_steps, cg_tol); a callable is used as it is."""
+                   cg_tol: Optional[float], compat: Optional[str]) -> LinearSolver:
+    """``"cg"`` -> CG(cg_steps, cg_tol), or with ``compat="imaml_dev"`` the
+    official code's CG, ImamlDevCG(cg_steps); a callable is used as it is."""
     if isinstance(linear_solver, str):
         if linear_solver != "cg":
             raise ValueError(f"linear_solver must be 'cg', a solver object such as "
                              f"imaml_ext.solvers.Neumann(steps=..., alpha=...), or a callable "
                              f"(matvec, rhs) -> x; got {linear_solver!r}")
-        return CG(max_iter=cg_steps, tol=cg_tol)
+        if compat != "imaml_dev":
+            return CG(max_iter=cg_steps, tol=cg_tol)
+        if cg_tol is not None:
+            raise ValueError(f"compat='imaml_dev' stops CG as the official code does (a task once "
+                             f"its rᵀr < {IMAML_DEV_RESIDUAL_TOL:g}); cg_tol applies without compat")
+        return ImamlDevCG(max_iter=cg_steps)
     if isinstance(linear_solver, type):
         raise TypeError(f"linear_solver takes a solver object, not its class: pass "
                         f"{linear_solver.__name__}(...), e.g. imaml_ext.solvers.Neumann(steps=20, alpha=0.5)")
@@ -155,9 +162,19 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
             (``"gd"``); None: no clipping.
         hvp_mode: ``"reverse"``, ``"forward"`` or ``"auto"`` (:mod:`imaml_ext.hvp`).
         operator: ``(a, b)`` to solve with A = a·I + b·H instead of I + H/λ.
-        compat: ``"imaml_dev"`` reproduces the official iMAML code, which
-            differs from the paper: plain GD on L̂ followed by one pull-back
-            step φ ← φ − α·λ(φ − θ), and A = (1 + cg_damping)·I + H/(λ + 10).
+        compat: ``"imaml_dev"`` reproduces the meta-gradient of the official
+            iMAML code (aravindr93/imaml_dev), which differs from the paper in
+            four ways, all four reproduced: (1) the inner loop is plain GD on
+            the unregularised L̂, then one pull-back step φ ← φ − α·λ(φ − θ);
+            (2) the system is A = (1 + cg_damping)·I + H/(λ + 10) instead of
+            I + H/λ; (3) CG stops a task once its rᵀr < 1e-10 (absolute),
+            with no stop on pᵀAp ≤ 0 (:class:`~imaml_ext.solvers.ImamlDevCG`;
+            ``cg_tol`` is refused); (4) ``cg_steps`` ≤ 1 means no solve: the
+            query gradient as it is (``cg_steps=0`` is accepted only here).
+            Within float64 rounding no difference remains
+            (tests/test_imaml_dev_compat.py restates the official algorithm).
+            Not covered: the official evaluation's character split, which
+            differs from its training split; this project has one fixed split.
             Never the default; use it only to compare with that code.
         cg_damping: d in the ``"imaml_dev"`` operator (default 1.0, the
             official code's); only with ``compat="imaml_dev"``.
@@ -176,19 +193,21 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
     check_positive("lam", lam)
     check_positive("inner_lr", inner_lr)
     check_steps("inner_steps", inner_steps)
-    if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
+    if compat not in COMPAT_MODES:
+        raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+    if compat == "imaml_dev":
+        check_steps("cg_steps", cg_steps)  # ≤ 1: no solve, as in the official loop
+    elif isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
         raise ValueError(f"cg_steps must be a positive integer (0 CG steps would give a zero "
                          f"meta-gradient), got {cg_steps!r}")
     check_steps("inner_cg_steps", inner_cg_steps)
     cg_tol = optional_positive("cg_tol", cg_tol)
     max_grad_norm = optional_positive("max_grad_norm", max_grad_norm)
-    solver = _linear_solver(linear_solver, cg_steps, cg_tol)
+    solver = _linear_solver(linear_solver, cg_steps, cg_tol, compat)
     if inner_solver not in INNER_SOLVERS:
         raise ValueError(f"inner_solver must be one of {INNER_SOLVERS}, got {inner_solver!r}")
     if hvp_mode not in HVP_MODES + ("auto",):
         raise ValueError(f"hvp_mode must be one of {HVP_MODES + ('auto',)}, got {hvp_mode!r}")
-    if compat not in COMPAT_MODES:
-        raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
     if cg_damping is not None and compat != "imaml_dev":
         raise ValueError("cg_damping is the damping of compat='imaml_dev''s operator; it applies "
                          "only with compat='imaml_dev' (use operator=(a, b) otherwise)")

@@ -29,7 +29,8 @@ from . import ops
 from .ops import CGState
 from .validation import check_nonnegative, check_positive, check_steps
 
-__all__ = ["cg", "CGResult", "CGState", "CG", "Neumann", "ShiftedOperator", "Matvec"]
+__all__ = ["cg", "CGResult", "CGState", "CG", "Neumann", "ImamlDevCG", "IMAML_DEV_RESIDUAL_TOL",
+           "ShiftedOperator", "Matvec"]
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
@@ -140,6 +141,68 @@ class CG:
             return cg(matvec.m, rhs, shift=matvec.shift, scale=matvec.scale,
                       max_iter=self.max_iter, tol=self.tol)
         return cg(matvec, rhs, max_iter=self.max_iter, tol=self.tol)
+
+
+#: The official iMAML code's CG stopping threshold on rᵀr (absolute; utils.cg_solve's residual_tol).
+IMAML_DEV_RESIDUAL_TOL = 1e-10
+
+
+@dataclass(frozen=True)
+class ImamlDevCG:
+    """Linear solver: conjugate gradient exactly as the official iMAML code
+    (aravindr93/imaml_dev, ``utils.cg_solve`` called from its training loop)
+    runs it, batched over tasks; :func:`~imaml_ext.imaml` uses it with
+    ``compat="imaml_dev"``.
+
+    * ``max_iter`` ≤ 1: no solve, the right-hand side is returned as it is
+      (the official loop uses the raw query gradient when ``cg_steps <= 1``).
+    * Otherwise, from x₀ = 0, up to ``max_iter`` iterations per task; a task
+      stops after the iteration whose new rᵀr is below ``residual_tol``
+      (absolute, strict), with no test before the first iteration and no
+      stop on pᵀAp ≤ 0 or non-finite values (they propagate, as there).
+      A task whose right-hand side is exactly zero gets x = 0 (its CG would
+      divide 0 by 0; the official loop only solves for tasks in the loss).
+
+    All per-task decisions stay on the device.  Returns a :class:`CGResult`
+    (state CONVERGED for a task that met the threshold, else RUNNING), or
+    the ``[T, P]`` right-hand side itself when there is no solve.
+    """
+
+    max_iter: int
+    residual_tol: float = IMAML_DEV_RESIDUAL_TOL
+
+    def __post_init__(self):
+        check_steps("ImamlDevCG.max_iter", self.max_iter)
+        check_nonnegative("ImamlDevCG.residual_tol", self.residual_tol)
+
+    def __call__(self, matvec: Matvec, rhs: torch.Tensor):
+        if rhs.dim() != 2:
+            raise ValueError(f"rhs must be [T, P], got shape {tuple(rhs.shape)}")
+        rhs = rhs.detach()
+        if self.max_iter <= 1:
+            return rhs.clone()
+        x = torch.zeros_like(rhs)
+        r = rhs.clone()
+        p = r.clone()
+        rs = ops.batched_sq_norm(r.contiguous())
+        # A task with an exactly zero right-hand side (one the loss leaves out)
+        # is solved by x = 0; the official loop never runs CG for it.
+        running = rs != 0
+        iterations = torch.zeros(rhs.shape[0], dtype=torch.int64, device=rhs.device)
+        for _ in range(self.max_iter):
+            ap = matvec(p)
+            alpha = (rs / ops.batched_dot(p.contiguous(), ap.contiguous())).unsqueeze(1)
+            step = running.unsqueeze(1)
+            x = torch.where(step, x + alpha * p, x)
+            r_new = torch.where(step, r - alpha * ap, r)
+            rs_new = ops.batched_sq_norm(r_new.contiguous())
+            p = torch.where(step, r_new + (rs_new / rs).unsqueeze(1) * p, p)
+            r = r_new
+            iterations += running
+            rs = torch.where(running, rs_new, rs)
+            running = running & ~(rs_new < self.residual_tol)
+        state = torch.where(running, int(CGState.RUNNING), int(CGState.CONVERGED)).to(torch.int32)
+        return CGResult(x=x, iterations=iterations, state=state, residual_sq=rs)
 
 
 @dataclass(frozen=True)

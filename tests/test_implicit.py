@@ -109,13 +109,14 @@ def test_batched_equals_single_task_calls(mode):
 
 def test_operator_option_and_imaml_dev_compat():
     """compat='imaml_dev' = GD on L̂, then one pull-back step, and the system
-    (1 + d)·I + H/(λ + 10), checked on a ridge problem in closed form."""
+    (1 + d)·I + H/(λ + 10), checked on a ridge problem in closed form (with an
+    accurate CG in place of the official one, which stops at rᵀr < 1e-10)."""
     xs, ys, xq, yq = ridge_tasks(T=2)
     model = nn.Linear(5, 1, bias=False).double()
     theta = model.weight.detach().flatten().clone()
     lam, lr, steps, d = 1.0, 0.1, 5, 1.0
     adapted = im.imaml(model, xs, ys, half_mse, lam=lam, inner_steps=steps, inner_lr=lr,
-                       cg_steps=40, cg_tol=1e-14, compat="imaml_dev", cg_damping=d)
+                       linear_solver=im.CG(max_iter=40, tol=1e-14), compat="imaml_dev", cg_damping=d)
     sum(half_mse(adapted(xq)[t], yq[t]) for t in range(2)).backward()
 
     n = xs.shape[1]
