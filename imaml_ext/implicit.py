@@ -101,9 +101,10 @@ class _ImplicitMetaGrad(torch.autograd.Function):
 
 
 def _linear_solver(linear_solver: Union[str, LinearSolver], cg_steps: int,
-                   cg_tol: Optional[float], compat: Optional[str]) -> LinearSolver:
+                   cg_tol: Optional[float], compat: Optional[str], num_tasks: int) -> LinearSolver:
     """``"cg"`` -> CG(cg_steps, cg_tol), or with ``compat="imaml_dev"`` the
-    official code's CG, ImamlDevCG(cg_steps); a callable is used as it is."""
+    official code's CG for a meta-loss averaged over the tasks; a callable is
+    used as it is."""
     if isinstance(linear_solver, str):
         if linear_solver != "cg":
             raise ValueError(f"linear_solver must be 'cg', a solver object such as "
@@ -114,7 +115,7 @@ def _linear_solver(linear_solver: Union[str, LinearSolver], cg_steps: int,
         if cg_tol is not None:
             raise ValueError(f"compat='imaml_dev' stops CG as the official code does (a task once "
                              f"its rᵀr < {IMAML_DEV_RESIDUAL_TOL:g}); cg_tol applies without compat")
-        return ImamlDevCG(max_iter=cg_steps)
+        return ImamlDevCG(max_iter=cg_steps, rhs_scale=1.0 / num_tasks)
     if isinstance(linear_solver, type):
         raise TypeError(f"linear_solver takes a solver object, not its class: pass "
                         f"{linear_solver.__name__}(...), e.g. imaml_ext.solvers.Neumann(steps=20, alpha=0.5)")
@@ -171,6 +172,9 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
             with no stop on pᵀAp ≤ 0 (:class:`~imaml_ext.solvers.ImamlDevCG`;
             ``cg_tol`` is refused); (4) ``cg_steps`` ≤ 1 means no solve: the
             query gradient as it is (``cg_steps=0`` is accepted only here).
+            The official code averages the tasks' solutions, so the backward
+            is assumed to start from a meta-loss that is the mean over the T
+            tasks (the threshold of (3) is applied to T·∂L/∂φ_t).
             Within float64 rounding no difference remains
             (tests/test_imaml_dev_compat.py restates the official algorithm).
             Not covered: the official evaluation's character split, which
@@ -203,7 +207,7 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
     check_steps("inner_cg_steps", inner_cg_steps)
     cg_tol = optional_positive("cg_tol", cg_tol)
     max_grad_norm = optional_positive("max_grad_norm", max_grad_norm)
-    solver = _linear_solver(linear_solver, cg_steps, cg_tol, compat)
+    solver = _linear_solver(linear_solver, cg_steps, cg_tol, compat, support_x.shape[0])
     if inner_solver not in INNER_SOLVERS:
         raise ValueError(f"inner_solver must be one of {INNER_SOLVERS}, got {inner_solver!r}")
     if hvp_mode not in HVP_MODES + ("auto",):

@@ -163,6 +163,12 @@ class ImamlDevCG:
       A task whose right-hand side is exactly zero gets x = 0 (its CG would
       divide 0 by 0; the official loop only solves for tasks in the loss).
 
+    The official code solves with each task's own query gradient g_t and
+    averages the solutions over the tasks afterwards; a backward pass gets
+    rhs_t = ``rhs_scale``·g_t instead (1/T for a mean over T tasks), and CG
+    commutes with that scaling but for the absolute threshold, which is
+    therefore applied as rᵀr < ``residual_tol``·``rhs_scale``².
+
     All per-task decisions stay on the device.  Returns a :class:`CGResult`
     (state CONVERGED for a task that met the threshold, else RUNNING), or
     the ``[T, P]`` right-hand side itself when there is no solve.
@@ -170,10 +176,12 @@ class ImamlDevCG:
 
     max_iter: int
     residual_tol: float = IMAML_DEV_RESIDUAL_TOL
+    rhs_scale: float = 1.0
 
     def __post_init__(self):
         check_steps("ImamlDevCG.max_iter", self.max_iter)
         check_nonnegative("ImamlDevCG.residual_tol", self.residual_tol)
+        check_positive("ImamlDevCG.rhs_scale", self.rhs_scale)
 
     def __call__(self, matvec: Matvec, rhs: torch.Tensor):
         if rhs.dim() != 2:
@@ -189,6 +197,7 @@ class ImamlDevCG:
         # is solved by x = 0; the official loop never runs CG for it.
         running = rs != 0
         iterations = torch.zeros(rhs.shape[0], dtype=torch.int64, device=rhs.device)
+        threshold = self.residual_tol * self.rhs_scale ** 2
         for _ in range(self.max_iter):
             ap = matvec(p)
             alpha = (rs / ops.batched_dot(p.contiguous(), ap.contiguous())).unsqueeze(1)
@@ -200,7 +209,7 @@ class ImamlDevCG:
             r = r_new
             iterations += running
             rs = torch.where(running, rs_new, rs)
-            running = running & ~(rs_new < self.residual_tol)
+            running = running & ~(rs_new < threshold)
         state = torch.where(running, int(CGState.RUNNING), int(CGState.CONVERGED)).to(torch.int32)
         return CGResult(x=x, iterations=iterations, state=state, residual_sq=rs)
 
