@@ -109,10 +109,11 @@ def make_hvp(f: PerTaskLoss, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     """
     if phi.dim() != 2:
         raise ValueError(f"phi must be [T, P], got shape {tuple(phi.shape)}")
+    transformed = under_transform(phi)
     if mode == "auto":
-        mode = "forward" if under_transform(phi) else default_mode(phi.device)
+        mode = "forward" if transformed else default_mode(phi.device)
     if mode == "reverse":
-        if under_transform(phi):
+        if transformed:
             raise ValueError("hvp_mode='reverse' cannot run inside a torch.func transform (it needs "
                              "requires_grad_); use hvp_mode='forward' or 'auto'")
         return _reverse(f, phi, x, y)

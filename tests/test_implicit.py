@@ -17,6 +17,14 @@ def half_mse(out, target):
     return 0.5 * ((out.squeeze(-1) - target) ** 2).mean()
 
 
+def classification_tasks(T, n_support, n_query, dim, classes):
+    """Random float64 tasks: support x ``[T, n_support, dim]``, labels ``[T, n_support]``,
+    query x ``[T, n_query, dim]``, labels ``[T, n_query]`` (drawn in that order)."""
+    xs, ys = torch.randn(T, n_support, dim, dtype=torch.float64), torch.randint(0, classes, (T, n_support))
+    xq, yq = torch.randn(T, n_query, dim, dtype=torch.float64), torch.randint(0, classes, (T, n_query))
+    return xs, ys, xq, yq
+
+
 def ridge_tasks(T=4, d=5, n=12, m=9):
     g = torch.Generator().manual_seed(1)
     xs = torch.randn(T, n, d, generator=g, dtype=torch.float64)
@@ -62,8 +70,7 @@ def test_tanh_mlp_matches_dense_inverse():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     T = 3
-    xs, ys = torch.randn(T, 10, 2, dtype=torch.float64), torch.randint(0, 3, (T, 10))
-    xq, yq = torch.randn(T, 8, 2, dtype=torch.float64), torch.randint(0, 3, (T, 8))
+    xs, ys, xq, yq = classification_tasks(T, 10, 8, 2, 3)
     adapted = im.imaml(model, xs, ys, F.cross_entropy, lam=LAM, inner_steps=300, inner_lr=0.1,
                        cg_steps=100, cg_tol=1e-15)
     F.cross_entropy(adapted(xq).flatten(0, 1), yq.flatten()).backward()
@@ -89,8 +96,7 @@ def test_batched_equals_single_task_calls(mode):
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
     T = 3
-    xs, ys = torch.randn(T, 6, 3, dtype=torch.float64), torch.randint(0, 2, (T, 6))
-    xq, yq = torch.randn(T, 5, 3, dtype=torch.float64), torch.randint(0, 2, (T, 5))
+    xs, ys, xq, yq = classification_tasks(T, 6, 5, 3, 2)
     kw = dict(lam=1.5, inner_steps=10, inner_lr=0.3, cg_steps=7, hvp_mode=mode)
 
     adapted = im.imaml(model, xs, ys, F.cross_entropy, **kw)
@@ -418,8 +424,7 @@ def test_adapted_params_are_named_views_that_carry_the_meta_gradient():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     T = 3
-    xs, ys = torch.randn(T, 6, 3, dtype=torch.float64), torch.randint(0, 2, (T, 6))
-    xq, yq = torch.randn(T, 5, 3, dtype=torch.float64), torch.randint(0, 2, (T, 5))
+    xs, ys, xq, yq = classification_tasks(T, 6, 5, 3, 2)
     adapted = im.imaml(model, xs, ys, F.cross_entropy, inner_steps=5)
     params = adapted.params
     assert list(params) == [n for n, _ in model.named_parameters()]
@@ -460,8 +465,7 @@ def test_torch_func_grad_and_vjp_equal_backward(hvp_mode):
     torch.manual_seed(6)
     net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     T = 3
-    batch = (torch.randn(T, 6, 3, dtype=torch.float64), torch.randint(0, 2, (T, 6)),
-             torch.randn(T, 5, 3, dtype=torch.float64), torch.randint(0, 2, (T, 5)))
+    batch = classification_tasks(T, 6, 5, 3, 2)
     meta = MetaLoss(net, lam=1.5, inner_steps=10, inner_lr=0.3, cg_steps=7, hvp_mode=hvp_mode)
     params = {n: p.detach().clone() for n, p in meta.named_parameters()}
 
