@@ -16,8 +16,25 @@ class Adapted:
     ``adapted(x)`` runs the model with task t's parameters on ``x[t]``
     (x ``[T, m, ...]`` -> ``[T, m, ...]``); ``flat`` is the ``[T, P]`` buffer
     (carrying the meta-gradient's autograd graph) and ``params`` its named
-    ``[T, ...]`` views.  ``info`` holds solver diagnostics (filled in by the
-    backward pass where the method has one, e.g. the CG outcome of iMAML).
+    ``[T, ...]`` views.  ``info`` holds solver diagnostics, per task.  From
+    :func:`~imaml_ext.imaml` (keys and shapes also in
+    :data:`imaml_ext.diagnostics.INFO_FIELDS`):
+
+    * after the forward: ``"residual"`` ``[T]``, the relative stationarity
+      residual ‖∇L̂(φ) + λ(φ − θ)‖/‖∇L̂(θ)‖ of the inner problem at the last
+      iterate whose gradient the inner solver evaluated (for GD and HF the
+      iterate before the last step; :mod:`imaml_ext.inner`);
+      ``"residual_norm"`` ``[T]`` the same, absolute; ``"residual_at_theta"``
+      ``[T]`` its value at θ; ``"inner_steps_taken"`` ``[T]`` int64;
+    * after the backward: ``"linear_solve"`` (the linear solver's result),
+      ``"cg"`` (:class:`~imaml_ext.solvers.CGResult`: ``x`` ``[T, P]``,
+      ``iterations``, ``state``, ``residual_sq``, ``min_curvature``, each
+      ``[T]``), ``"nonpositive_curvature"`` ``[T]`` bool (CG met pᵀAp ≤ 0),
+      ``"min_rayleigh"`` ``[T]`` (smallest pᵀAp/pᵀp CG met, an upper bound
+      on the smallest eigenvalue of A = I + H/λ).
+
+    From :func:`~imaml_ext.maml`: ``"inner_losses"`` ``[K, T]`` and the
+    inner solver's name.
     """
 
     def __init__(self, task_loss: TaskLoss, flat: torch.Tensor, info: Dict[str, object]):

@@ -81,6 +81,10 @@ class TaskLoss:
         tensors.update(self.constants)
         return functional_call(self.model, tensors, (x_t,))
 
+    def per_task_outputs(self, phi_t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """One task's model outputs ``model_phi_t(x_t)``, a pure function of ``phi_t`` [P]."""
+        return self._call(phi_t, x_t)
+
     def per_task(self, phi_t: torch.Tensor, x_t: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
         """Scalar loss of one task: ``loss_fn(model_phi_t(x_t), y_t)``."""
         loss = self.loss_fn(self._call(phi_t, x_t), y_t)

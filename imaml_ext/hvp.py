@@ -17,15 +17,19 @@ Two modes:
 ``"forward"`` inside a ``torch.func`` transform (``grad``, ``vjp``, ...
 taken over :func:`imaml_ext.imaml`), where the reverse mode's
 ``requires_grad_`` is not allowed.
+
+In place of H, :func:`make_curvature` can return the Gauss–Newton matrix
+G_t = J_tᵀ ∇²_z ℓ_t J_t (:func:`make_gnvp`; the names are :data:`CURVATURES`).
 """
 from __future__ import annotations
 
 from typing import Callable, Dict, Union
 
 import torch
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
-__all__ = ["make_hvp", "hvp", "HVP_MODES", "DEFAULT_MODES", "default_mode"]
+__all__ = ["make_hvp", "hvp", "HVP_MODES", "DEFAULT_MODES", "default_mode", "make_gnvp", "make_curvature",
+           "CURVATURES"]
 
 HVP_MODES = ("reverse", "forward")
 PerTaskLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -126,3 +130,67 @@ def hvp(f: PerTaskLoss, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
         v: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     """One batched Hessian-vector product ``[T, P]`` (see :func:`make_hvp`)."""
     return make_hvp(f, phi, x, y, mode)(v)
+
+
+#: Curvature matrices the implicit backward and the Hessian-free inner solver
+#: can use in place of "H": the Hessian of the support loss, or its
+#: Gauss–Newton approximation (:func:`make_gnvp`).
+CURVATURES = ("hessian", "gauss_newton")
+
+
+def make_gnvp(model_fn: Callable, loss_fn: Callable, phi: torch.Tensor, x: torch.Tensor,
+              y: torch.Tensor) -> Matvec:
+    """Batched Gauss–Newton products at ``phi``.
+
+    With z_t(φ) = ``model_fn(φ, x_t)`` the model's outputs and
+    ℓ_t(z) = ``loss_fn(z, y_t)``, the Hessian of the loss splits as
+
+        ∇²(ℓ_t ∘ z_t) = J_tᵀ ∇²_z ℓ_t J_t + Σ_i ∂ℓ_t/∂z_i ∇²z_i,   J_t = ∂z_t/∂φ,
+
+    and the Gauss–Newton matrix G_t keeps the first term.  G_t ⪰ 0 whenever ℓ
+    is convex in z (cross-entropy, MSE), so I + G_t/λ is positive definite
+    and CG on it is always a solve.  Each product is J v (forward mode, one
+    ``jvp`` through the model), ∇²_z ℓ·(J v) (reverse-over-reverse on the
+    loss alone) and Jᵀ(·) (one ``vjp`` through the model).
+
+    Args:
+        model_fn: ``(phi_t [P], x_t) -> z_t``, one task's outputs, a pure function.
+        loss_fn: ``(z_t, y_t) -> scalar``.
+        phi: ``[T, P]`` point; x, y: per-task data, leading dimension T.
+
+    Returns:
+        ``matvec(v [T, P]) -> [T, P]`` with row t equal to G_t v_t.
+    """
+    if phi.dim() != 2:
+        raise ValueError(f"phi must be [T, P], got shape {tuple(phi.shape)}")
+    phi = phi.detach()
+
+    def one_task(p, v, x_t, y_t):
+        def outputs(q):
+            return model_fn(q, x_t)
+
+        z, jv = jvp(outputs, (p,), (v,))
+        _, loss_hvp = vjp(grad(lambda zz: loss_fn(zz, y_t)), z)
+        (hz_jv,) = loss_hvp(jv)  # ∇²_z ℓ is symmetric: its vjp is its product
+        _, pullback = vjp(outputs, p)
+        return pullback(hz_jv)[0]
+
+    batched = vmap(one_task)
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        return batched(phi, v, x, y)
+
+    return matvec
+
+
+def make_curvature(task_loss, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                   curvature: str = "hessian", mode: str = "auto") -> Matvec:
+    """Batched products with each task's curvature matrix at ``phi`` [T, P]:
+    the Hessian H_t (:func:`make_hvp`, in HVP ``mode``) or the Gauss–Newton
+    matrix G_t (:func:`make_gnvp`), by name (:data:`CURVATURES`).
+    ``task_loss`` is an :class:`~imaml_ext.functional.TaskLoss`."""
+    if curvature == "hessian":
+        return make_hvp(task_loss.per_task, phi, x, y, mode)
+    if curvature == "gauss_newton":
+        return make_gnvp(task_loss.per_task_outputs, task_loss.loss_fn, phi, x, y)
+    raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")

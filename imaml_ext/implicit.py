@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import inner
+from . import diagnostics, inner
 from .adapted import Adapted
 from .functional import TaskLoss
-from .hvp import HVP_MODES, make_hvp
+from .hvp import CURVATURES, HVP_MODES, make_curvature
 from .solvers import (CG, IMAML_DEV_RESIDUAL_TOL, CGResult, CGState, ImamlDevCG, Matvec,
                       ShiftedOperator)
 from .validation import (check_nonnegative, check_positive, check_steps, check_task_batch,
@@ -40,7 +40,7 @@ from .validation import (check_nonnegative, check_positive, check_steps, check_t
 
 __all__ = ["imaml", "INNER_SOLVERS", "LinearSolver"]
 
-INNER_SOLVERS = ("gd", "hf")
+INNER_SOLVERS = ("gd", "hf", "nesterov")
 COMPAT_MODES = (None, "imaml_dev")
 LinearSolver = Callable[[Matvec, torch.Tensor], object]
 _CG_STEPS_DEFAULT = 5
@@ -59,10 +59,12 @@ class _ImplicitSystem:
     hvp_mode: str
     solver: LinearSolver
     info: Dict[str, object]
+    curvature: str = "hessian"
 
     def solve(self, phi: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-        """A_t⁻¹ rhs_t for every task, at φ* ``[T, P]``; records the solver's result."""
-        hvp = make_hvp(self.task_loss.per_task, phi, self.x, self.y, self.hvp_mode)
+        """A_t⁻¹ rhs_t for every task, at φ* ``[T, P]``; records the solver's result
+        and the diagnostics (:mod:`imaml_ext.diagnostics`), warning if they are bad."""
+        hvp = make_curvature(self.task_loss, phi, self.x, self.y, self.curvature, self.hvp_mode)
         result = self.solver(ShiftedOperator(hvp, self.a, self.b), rhs)
         self.info["linear_solve"] = result
         x = result if isinstance(result, torch.Tensor) else getattr(result, "x", None)
@@ -77,6 +79,8 @@ class _ImplicitSystem:
             # A task whose CG met a non-finite value (a NaN query gradient, say)
             # contributes NaN, as a differentiated loop would: never a silent 0.
             x = torch.where((result.state == CGState.NONFINITE)[:, None], torch.nan, x)
+            diagnostics.record_cg(self.info, result)
+        diagnostics.check(self.info)
         return x
 
 
@@ -135,7 +139,8 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
           cg_steps: int = _CG_STEPS_DEFAULT, cg_tol: Optional[float] = None,
           inner_cg_steps: int = 5, max_grad_norm: Optional[float] = None, hvp_mode: str = "auto",
           operator: Optional[tuple] = None, compat: Optional[str] = None,
-          cg_damping: Optional[float] = None) -> Adapted:
+          cg_damping: Optional[float] = None, curvature: str = "hessian",
+          inner_tol: Optional[float] = None, inner_momentum: Optional[float] = None) -> Adapted:
     """Adapt ``model`` to T tasks with iMAML; the result's backward yields the
     implicit meta-gradient on ``model``'s parameters.
 
@@ -146,9 +151,11 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         support_y: ``[T, n, ...]`` support targets.
         loss_fn: ``loss_fn(outputs [n, ...], targets [n, ...]) -> scalar``, one task.
         lam: λ > 0, strength of the proximal term (λ/2)‖φ − θ‖².
-        inner_steps: GD steps (``"gd"``) or Newton steps (``"hf"``).
-        inner_lr: GD step size (``"gd"`` and ``compat="imaml_dev"``).
-        inner_solver: ``"gd"`` or ``"hf"`` (see :mod:`imaml_ext.inner`).
+        inner_steps: GD steps (``"gd"``, ``"nesterov"``) or Newton steps (``"hf"``).
+        inner_lr: GD step size (``"gd"``, ``"nesterov"`` and ``compat="imaml_dev"``).
+        inner_solver: ``"gd"``, ``"nesterov"`` (accelerated GD, same cost per
+            step, fewer steps to a given residual) or ``"hf"`` (see
+            :mod:`imaml_ext.inner`).
         linear_solver: how the backward pass solves A_t x_t = ∂L/∂φ_t:
             ``"cg"`` (batched CG configured by ``cg_steps``/``cg_tol``), a
             solver object from :mod:`imaml_ext.solvers` (``CG(max_iter, tol)``,
@@ -182,15 +189,39 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
             Never the default; use it only to compare with that code.
         cg_damping: d in the ``"imaml_dev"`` operator (default 1.0, the
             official code's); only with ``compat="imaml_dev"``.
+        curvature: the matrix H in A = a·I + b·H and in ``"hf"``'s Newton
+            system: ``"hessian"`` (∇²L̂, the exact implicit Jacobian) or
+            ``"gauss_newton"``, G = Jᵀ∇²_z ℓ J with z the model's outputs
+            on the support set (:func:`~imaml_ext.hvp.make_gnvp`).  G ⪰ 0
+            for losses convex in z (cross-entropy, MSE), so I + G/λ is
+            positive definite and CG never stops on pᵀAp ≤ 0; the price is
+            dropping Σ_i ∂ℓ/∂z_i ∇²z_i, which vanishes where the support
+            outputs fit their targets (MSE) and is the part that makes H
+            indefinite.
+        inner_tol: relative stationarity residual ‖∇F(φ)‖/‖∇F(θ)‖ at which a
+            task's inner solver stops moving it (per task, on the device);
+            None: all ``inner_steps``.  Not with ``compat``.
+        inner_momentum: β of ``"nesterov"``; None: (1 − √(λ·lr))/(1 + √(λ·lr))
+            (:func:`~imaml_ext.inner.nesterov_momentum`).
 
     An explicit ``cg_tol=0`` or ``max_grad_norm=0`` (the old spelling of
     "off") still means off, with a DeprecationWarning.
 
     Returns:
-        :class:`~imaml_ext.adapted.Adapted`; after ``backward()``,
-        ``adapted.info["linear_solve"]`` holds what the linear solver
-        returned (for CG a :class:`~imaml_ext.solvers.CGResult` with the
-        per-task outcome, also under ``info["cg"]``).
+        :class:`~imaml_ext.adapted.Adapted`; ``adapted.info`` holds per-task
+        diagnostics (:data:`imaml_ext.diagnostics.INFO_FIELDS`): after the
+        forward the inner problem's stationarity residual (``"residual"``
+        ``[T]``, relative to its value at θ, and ``"residual_norm"``,
+        ``"residual_at_theta"``, ``"inner_steps_taken"``, all ``[T]``;
+        not with ``compat="imaml_dev"``); after ``backward()``
+        ``info["linear_solve"]``, what the linear solver returned (for CG a
+        :class:`~imaml_ext.solvers.CGResult`, also under ``info["cg"]``,
+        with ``"nonpositive_curvature"`` ``[T]`` bool and ``"min_rayleigh"``
+        ``[T]``, the smallest pᵀAp/pᵀp CG met).  The backward raises
+        :class:`~imaml_ext.diagnostics.ImplicitGradientWarning` (once per
+        process) when the median relative residual exceeds
+        :data:`~imaml_ext.diagnostics.RESIDUAL_WARN_THRESHOLD` or a task's
+        CG met pᵀAp ≤ 0.
     """
     task_loss = TaskLoss(model, loss_fn)
     check_task_batch(task_loss, support_x, support_y)
@@ -221,6 +252,19 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
     if inner_solver == "hf" and max_grad_norm is not None:
         raise ValueError("max_grad_norm clips the GD inner loop's gradients; "
                          "inner_solver='hf' does not use it")
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    inner_tol = optional_positive("inner_tol", inner_tol)
+    if compat == "imaml_dev" and (curvature != "hessian" or inner_tol is not None):
+        raise ValueError("compat='imaml_dev' reproduces the official code, which has no curvature "
+                         "or inner_tol option; pass neither with it")
+    if inner_momentum is not None:
+        if inner_solver != "nesterov":
+            raise ValueError("inner_momentum is the momentum of inner_solver='nesterov'; "
+                             f"inner_solver={inner_solver!r} does not use it")
+        check_nonnegative("inner_momentum", inner_momentum)
+        if inner_momentum >= 1:
+            raise ValueError(f"inner_momentum must be < 1 (β ≥ 1 diverges), got {inner_momentum!r}")
     if task_loss.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"imaml needs float32 or float64 parameters, got {task_loss.dtype}; "
                         "call model.float() (or .double()) first")
@@ -228,6 +272,7 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         raise ValueError(f"operator must be a pair (a, b) for A = a·I + b·H, got {operator!r}")
 
     x, y = support_x, support_y
+    info: Dict[str, object] = {}
     if compat == "imaml_dev":
         if operator is not None:
             raise ValueError("compat='imaml_dev' fixes the operator; do not pass operator as well")
@@ -242,17 +287,31 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         a, b = (1.0, 1.0 / lam) if operator is None else map(float, operator)
         if inner_solver == "gd":
             def solve(theta):
-                return inner.solve_gd(task_loss, theta, x, y, lam=lam, steps=inner_steps,
-                                      lr=inner_lr, max_grad_norm=max_grad_norm)
+                found: dict = {}
+                phi = inner.solve_gd(task_loss, theta, x, y, lam=lam, steps=inner_steps, lr=inner_lr,
+                                     max_grad_norm=max_grad_norm, tol=inner_tol, diagnostics=found)
+                diagnostics.record_inner(info, found)
+                return phi
+        elif inner_solver == "nesterov":
+            def solve(theta):
+                found: dict = {}
+                phi = inner.solve_nesterov(task_loss, theta, x, y, lam=lam, steps=inner_steps,
+                                           lr=inner_lr, momentum=inner_momentum,
+                                           max_grad_norm=max_grad_norm, tol=inner_tol, diagnostics=found)
+                diagnostics.record_inner(info, found)
+                return phi
         else:
             def solve(theta):
-                return inner.solve_hf(task_loss, theta, x, y, lam=lam, steps=inner_steps,
-                                      cg_steps=inner_cg_steps, hvp_mode=hvp_mode)
+                found: dict = {}
+                phi = inner.solve_hf(task_loss, theta, x, y, lam=lam, steps=inner_steps,
+                                     cg_steps=inner_cg_steps, hvp_mode=hvp_mode, curvature=curvature,
+                                     tol=inner_tol, diagnostics=found)
+                diagnostics.record_inner(info, found)
+                return phi
     if not a > 0:
         raise ValueError(f"the operator's identity coefficient a must be > 0, got {a}")
 
-    info: Dict[str, object] = {}
     system = _ImplicitSystem(task_loss=task_loss, x=x, y=y, a=a, b=b, hvp_mode=hvp_mode,
-                             solver=solver, info=info)
+                             solver=solver, info=info, curvature=curvature)
     phi = _ImplicitMetaGrad.apply(task_loss.theta(), solve, system)
     return Adapted(task_loss, phi, info)

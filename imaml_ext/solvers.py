@@ -41,13 +41,18 @@ class CGResult:
 
     x: ``[T, P]`` solution; iterations: ``[T]`` int64, steps taken per task;
     state: ``[T]`` int32, one of the :class:`CGState` codes;
-    residual_sq: ``[T]``, ‖rhs − A x‖² as tracked by the recurrence.
+    residual_sq: ``[T]``, ‖rhs − A x‖² as tracked by the recurrence;
+    min_curvature: ``[T]``, the smallest Rayleigh quotient pᵀAp/pᵀp over the
+    search directions p a task evaluated (+inf if none), an upper bound on
+    the smallest eigenvalue of A_t, ≤ 0 where the task met pᵀAp ≤ 0
+    (None from solvers that do not track it).
     """
 
     x: torch.Tensor
     iterations: torch.Tensor
     state: torch.Tensor
     residual_sq: torch.Tensor
+    min_curvature: Optional[torch.Tensor] = None
 
     def summary(self) -> str:
         """One line per distinct outcome, e.g. ``'30 tasks converged; 2 tasks stopped: pᵀAp ≤ 0'``."""
@@ -97,12 +102,25 @@ def cg(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, *,
     threshold_sq = (tol * tol) * ops.batched_sq_norm(rhs)
     state = torch.where(rs <= threshold_sq, int(CGState.CONVERGED), int(CGState.RUNNING)).to(torch.int32)
     iterations = torch.zeros(rhs.shape[0], dtype=torch.int64, device=rhs.device)
+    min_curvature = torch.full_like(rs, float("inf"))
     for _ in range(max_iter):
-        iterations += state == CGState.RUNNING
-        ops.cg_step_(x, r, p, matvec(p), rs, state, threshold_sq, shift, scale)
+        running = state == CGState.RUNNING
+        iterations += running
+        hp = matvec(p)
+        min_curvature = _track_curvature(min_curvature, running, p, hp, shift, scale)
+        ops.cg_step_(x, r, p, hp, rs, state, threshold_sq, shift, scale)
     # A task stopped on curvature did not take the step it was counted for.
     iterations -= (state >= CGState.NONPOSITIVE_CURVATURE).long()
-    return CGResult(x=x, iterations=iterations, state=state, residual_sq=rs)
+    return CGResult(x=x, iterations=iterations, state=state, residual_sq=rs, min_curvature=min_curvature)
+
+
+def _track_curvature(smallest: torch.Tensor, running: torch.Tensor, p: torch.Tensor, hp: torch.Tensor,
+                     shift: float, scale: float) -> torch.Tensor:
+    """min(smallest, pᵀAp/pᵀp) for the running tasks, A = shift·I + scale·M, ``[T]``
+    (two batched reductions, on the device)."""
+    pp = ops.batched_sq_norm(p)
+    rayleigh = shift + scale * ops.batched_dot(p, hp.contiguous()) / pp
+    return torch.where(running & (pp > 0), torch.minimum(smallest, rayleigh), smallest)
 
 
 @dataclass(frozen=True)
