@@ -304,3 +304,25 @@ def test_inner_options_are_checked():
         im.imaml(model, xs, ys, inner_solver="nesterov", inner_momentum=1.0)
     with pytest.raises(ValueError, match="inner_tol must be a non-negative"):
         im.imaml(model, xs, ys, inner_tol=-1.0)
+
+
+# ---------------------------------------------------------------- the training application
+
+def test_training_logs_the_diagnostics_at_log_cadence(tmp_path):
+    from imaml_ext.training.experiment import make_config
+    from imaml_ext.training.metrics import metrics_file, read_metrics
+    from imaml_ext.training.train import RunOptions, train
+    for method in ("imaml-gd", "fomaml"):
+        cfg = make_config("sinusoid", method=method, meta_steps=4, meta_batch=3, inner_steps=2, shots=5,
+                          queries=5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", im.ImplicitGradientWarning)
+            train(cfg, RunOptions(out_dir=tmp_path / method, progress=False, log_every=2, checkpoint_every=0))
+        lines = read_metrics(metrics_file(tmp_path / method))["train"]
+        assert [r["step"] for r in lines] == [2, 4]
+        for r in lines:
+            if method == "fomaml":
+                assert "residual_median" not in r
+                continue
+            assert 0 < r["residual_median"] <= r["residual_max"]
+            assert r["nonpositive_tasks"] in range(4) and isinstance(r["min_rayleigh"], float)

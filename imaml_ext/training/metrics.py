@@ -6,6 +6,13 @@ previous line, ``acc`` null for regression, ``seconds`` the training wall
 time so far — and, with validation, ``{"split": "val", "step", "loss",
 "acc", "acc_ci95" (classification) or "loss_ci95" (regression), "seconds",
 "method"}``.
+
+Training lines of iMAML runs also carry the implicit gradient's diagnostics
+of the meta-step at which the line is written
+(:func:`imaml_ext.diagnostics.summary`): ``residual_median`` and
+``residual_max`` (relative stationarity residual of the inner problem over
+the meta-batch's tasks), ``nonpositive_tasks`` (tasks whose backward CG
+met pᵀAp ≤ 0) and ``min_rayleigh`` (smallest pᵀAp/pᵀp it saw).
 """
 from __future__ import annotations
 
@@ -78,11 +85,12 @@ class MetricsLogger:
         self._classification = acc is not None
         self._n += 1
 
-    def log_train(self, step: int, seconds: float) -> Dict[str, Any]:
-        """Write the mean loss and accuracy of the steps since the last line, and start a new window."""
+    def log_train(self, step: int, seconds: float, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Write the mean loss and accuracy of the steps since the last line (and the
+        ``extra`` fields, e.g. the diagnostics of this step), and start a new window."""
         record = self.write({"split": "train", "step": step, "loss": float(self._loss) / self._n,
                              "acc": float(self._acc) / self._n if self._classification else None,
-                             "seconds": round(seconds, 3), "method": self.method})
+                             "seconds": round(seconds, 3), "method": self.method, **(extra or {})})
         self._loss, self._acc, self._n = 0.0, 0.0, 0
         return record
 

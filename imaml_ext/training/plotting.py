@@ -36,15 +36,20 @@ def require_matplotlib():
 def plot_curves(paths: Sequence[os.PathLike], out: os.PathLike,
                 labels: Optional[Sequence[str]] = None) -> Path:
     """Query loss and (if logged) accuracy against meta-step, one line per run
-    (validation dashed with markers), saved as a PNG at ``out``."""
+    (validation dashed with markers), saved as a PNG at ``out``; for runs that
+    logged the implicit gradient's diagnostics (iMAML), a panel with the
+    median (solid) and largest (dotted) relative inner residual and, on a
+    second axis, the number of tasks whose CG met pᵀAp ≤ 0 (crosses)."""
     if labels is not None and len(labels) != len(paths):
         raise ValueError(f"{len(labels)} labels for {len(paths)} metrics files")
     runs = [read_metrics(p) for p in paths]
     labels = list(labels) if labels is not None else [_label(Path(p)) for p in paths]
     has_acc = any(r.get("acc") is not None for groups in runs for recs in groups.values() for r in recs)
+    has_diag = any(r.get("residual_median") is not None for groups in runs for r in groups.get("train", []))
     plt = require_matplotlib()
     import matplotlib.ticker as ticker
-    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
+    panels = 1 + has_acc + has_diag
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     keys = [("loss", "query loss")] + ([("acc", "query accuracy")] if has_acc else [])
     for ax, (key, title) in zip(axes[0], keys):
         for index, (groups, label) in enumerate(zip(runs, labels)):
@@ -63,13 +68,35 @@ def plot_curves(paths: Sequence[os.PathLike], out: os.PathLike,
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
             ax.yaxis.set_minor_formatter(ticker.ScalarFormatter())
-    axes[0][-1].legend(fontsize=8)
+    if has_diag:
+        _plot_diagnostics(axes[0][-1], runs, labels)
+    axes[0][1 if has_acc else 0].legend(fontsize=8)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _plot_diagnostics(ax, runs, labels) -> None:
+    """The inner residual and the non-positive-curvature counts of each run's training lines."""
+    counts = ax.twinx()
+    for index, (groups, label) in enumerate(zip(runs, labels)):
+        records = [r for r in groups.get("train", []) if r.get("residual_median") is not None]
+        if not records:
+            continue
+        color, steps = f"C{index % 10}", [r["step"] for r in records]
+        ax.plot(steps, [r["residual_median"] for r in records], color=color, label=f"{label} median")
+        ax.plot(steps, [r["residual_max"] for r in records], color=color, linestyle=":", label=f"{label} max")
+        counts.plot(steps, [r.get("nonpositive_tasks", 0) for r in records], color=color, marker="x",
+                    linestyle="none", markersize=4)
+    ax.set_yscale("log")
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel("inner residual ‖∇F(φ)‖/‖∇F(θ)‖")
+    counts.set_ylabel("tasks with pᵀAp ≤ 0 (x)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _label(path: Path) -> str:

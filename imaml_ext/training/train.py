@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import diagnostics
 from ..unrolled import reptile_grad
 from .checkpoint import CHECKPOINT_NAME, FORMAT, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .evaluate import evaluate
@@ -64,6 +65,7 @@ class MetaStep:
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.cfg, self.model, self.optimizer = cfg, model, optimizer
+        self.info: Dict[str, Any] = {}
         self.method = get_method(cfg.method)
         self.loss_fn = loss_function(cfg)
         self.classification = is_classification(cfg)
@@ -89,6 +91,7 @@ class MetaStep:
             out = adapted(qx)
             loss = self.query_loss(out, qy)
             loss.backward()
+        self.info = adapted.info  # the last step's solver diagnostics, for the log
         self.optimizer.step()
         acc = (out.detach().argmax(-1) == qy).float().mean() if self.classification else None
         return loss.detach(), acc
@@ -262,7 +265,7 @@ def train(cfg: Optional[TrainConfig], opts: RunOptions, resume: Optional[Path] =
             run.seconds = time.perf_counter() - started
             bar.update(1)
             if run.step % opts.log_every == 0 or run.step == cfg.meta_steps:
-                last = logger.log_train(run.step, run.seconds)
+                last = logger.log_train(run.step, run.seconds, diagnostics.summary(meta_step.info))
                 bar.set_postfix(loss=f"{last['loss']:.4f}",
                                 **({"acc": f"{last['acc']:.3f}"} if last["acc"] is not None else {}))
             if validator is not None and validator.due(run.step):
