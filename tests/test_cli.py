@@ -213,11 +213,15 @@ def test_demo_prints_the_table_and_draws_the_fits(tmp_path, capsys):
     code, out, _ = exit_code(["demo", "--meta-steps", "20", "--eval-tasks", "20", "--no-progress",
                               "--out", str(tmp_path)], capsys)
     assert code == 0
-    for row in ("untrained init", "iMAML-GD", "MAML", "first-order MAML", "transfer (pretrain + fine-tune)"):
+    for row in ("untrained init", "iMAML-GD", "iMAML-HF", "MAML", "first-order MAML",
+                "transfer (pretrain + fine-tune)"):
         assert row in out
-    assert "k=0" in out and "k=10" in out
+    assert "k=0" in out and "K (as trained)" in out and "adapts as it was meta-trained" in out
+    assert "Hessian-free Newton steps" in out and "SGD steps of lr 0.01" in out
     results = json.loads((tmp_path / "demo_results.json").read_text())
-    assert set(results["query_mse"]) == {"untrained", "imaml-gd", "maml", "fomaml", "transfer"}
+    assert set(results["query_mse"]) == {"untrained", "imaml-gd", "imaml-hf", "maml", "fomaml", "transfer"}
+    assert set(results["inner_residual"]) == {"imaml-gd", "imaml-hf"}
+    assert all(r >= 0 for r in results["inner_residual"].values())
     try:
         import matplotlib  # noqa: F401
     except ImportError:

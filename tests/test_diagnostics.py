@@ -326,3 +326,31 @@ def test_training_logs_the_diagnostics_at_log_cadence(tmp_path):
                 continue
             assert 0 < r["residual_median"] <= r["residual_max"]
             assert r["nonpositive_tasks"] in range(4) and isinstance(r["min_rayleigh"], float)
+
+
+def test_evaluation_says_how_each_method_adapts_and_how_well_imaml_solved_it():
+    from imaml_ext.training.evaluate import evaluate, inner_residual, adapt
+    from imaml_ext.training.experiment import build_model, make_config, make_sampler
+    for method, text in (("imaml-gd", "7 GD steps of lr 0.02 on L̂(φ) + (λ/2)‖φ − θ‖², λ = 3"),
+                         ("imaml-hf", "7 Hessian-free Newton steps (5 CG steps each)"),
+                         ("maml", "7 SGD steps of lr 0.02 on L̂ from θ")):
+        cfg = make_config("sinusoid", method=method, inner_steps=7, inner_lr=0.02, lam=3.0, shots=5, queries=5)
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        result = evaluate(cfg, model, make_sampler(cfg, "test", 0), num_tasks=6, batch=3)
+        assert text in result["adaptation"]
+        if method == "maml":
+            assert "inner_residual" not in result
+            continue
+        sx, sy, _, _ = make_sampler(cfg, "test", 0).sample(3)
+        phi = adapt(cfg, model, sx, sy)
+        # Independent: the residual of the regularised problem by autograd.
+        tl = TaskLoss(model, F.mse_loss)
+        theta = tl.theta().detach()
+        p = phi.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(tl.losses(p, sx, sy).sum(), p)
+        p0 = theta.repeat(3, 1).requires_grad_(True)
+        (g0,) = torch.autograd.grad(tl.losses(p0, sx, sy).sum(), p0)
+        expected = (g + 3.0 * (phi - theta)).norm(dim=1) / g0.norm(dim=1)
+        torch.testing.assert_close(inner_residual(cfg, model, phi, sx, sy), expected, rtol=1e-5, atol=1e-7)
+        assert result["inner_residual"] > 0

@@ -143,6 +143,8 @@ def _eval(args) -> int:
     else:
         loss = scores["loss"]
         print(f"{what}: query MSE {loss['mean']:.4f} ± {loss['ci95']:.4f} (mean ± 1.96·std/√n)")
+    print(f"adapted as meta-trained: {scores['adaptation']}" + (
+        f"; inner residual ‖∇F(φ)‖/‖∇F(θ)‖ median {scores['inner_residual']:.3g}" if "inner_residual" in scores else ""))
     out = Path(args.out) if args.out else file.parent / f"eval-{args.subset}-k{steps}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

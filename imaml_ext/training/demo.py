@@ -1,18 +1,25 @@
 """The built-in example: meta-learning sinusoid regression, no data needed.
 
-Meta-trains the 1-40-40-1 MLP on 10-shot sinusoid tasks with iMAML-GD, MAML
-and first-order MAML (each with :func:`imaml_ext.training.train.train`, from the same
-initialisation), and pre-trains a "transfer learning" baseline: the same
-network fitted to the pooled points of all training tasks, with no
-meta-learning.  On held-out tasks it reports the query MSE after 0, 1 and 10
-adaptation steps from each initialisation — each method adapts as it was
-trained (:func:`imaml_ext.training.evaluate.adapt`: regularised GD for iMAML, SGD for
-MAML; the baseline and the untrained network fine-tune with SGD) — prints a
-table, and draws the fits on a few tasks after 10 steps.
+Meta-trains the 1-40-40-1 MLP on 10-shot sinusoid tasks with iMAML-GD,
+iMAML-HF, MAML and first-order MAML (each with
+:func:`imaml_ext.training.train.train`, from the same initialisation), and
+pre-trains a "transfer learning" baseline: the same network fitted to the
+pooled points of all training tasks, with no meta-learning.  On held-out
+tasks it reports the query MSE after 0 and 1 adaptation steps and after the
+adaptation each method was meta-trained with (its own number of steps) —
+each method adapts as it was trained
+(:func:`imaml_ext.training.evaluate.adapt`: iMAML its regularised inner solve
+from θ with its λ, steps and lr or Newton steps; MAML its K SGD steps at its
+inner lr; the baseline and the untrained network fine-tune with the MAML
+setting's SGD) — with, for iMAML, the measured stationarity residual of that
+inner solve; prints a table, and draws the fits on a few tasks.
 
-Settings (tuned on two CPU cores): λ = 1, 10 inner steps of lr 0.01, 5 CG
-steps, Adam 1e-3, meta-batch 25.  A few minutes in total on two CPU cores.
-It runs on the CPU unless given another ``device``.
+Settings: MAML and first-order MAML 10 inner steps of lr 0.01; iMAML λ =
+``imaml_lam``, iMAML-GD ``imaml_inner_steps`` steps of lr
+``imaml_inner_lr``, iMAML-HF ``hf_inner_steps`` Newton steps of
+``hf_cg_steps`` CG steps; 5 CG steps in the backward solve; Adam 1e-3,
+meta-batch 25.  It runs on the CPU unless given another ``device``;
+benchmarks/RESULTS.md has its time and table.
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..functional import TaskLoss
-from .evaluate import adapt, summarize, task_scores
+from .evaluate import adapt, adaptation_text, inner_residual, summarize, task_scores
 from .experiment import TrainConfig, build_model, check_device, make_config, make_sampler
 from .metrics import METRICS_NAME
 from .plotting import MissingDependencyError, plot_curves, plot_fits
@@ -35,10 +42,10 @@ from .train import RunOptions, train
 
 __all__ = ["DemoConfig", "run_demo", "DEMO_METHODS"]
 
-DEMO_METHODS = ("imaml-gd", "maml", "fomaml")
-LABELS = {"imaml-gd": "iMAML-GD", "maml": "MAML", "fomaml": "first-order MAML",
+DEMO_METHODS = ("imaml-gd", "imaml-hf", "maml", "fomaml")
+LABELS = {"imaml-gd": "iMAML-GD", "imaml-hf": "iMAML-HF", "maml": "MAML", "fomaml": "first-order MAML",
           "transfer": "transfer (pretrain + fine-tune)", "untrained": "untrained init"}
-STEPS = (0, 1, 10)
+STEPS = (0, 1, None)  # None: the method's own number of steps, as meta-trained
 
 
 @dataclass
@@ -51,6 +58,11 @@ class DemoConfig:
     lam: float = 1.0
     inner_steps: int = 10
     inner_lr: float = 0.01
+    imaml_lam: float = 1.0
+    imaml_inner_steps: int = 10
+    imaml_inner_lr: float = 0.01
+    hf_inner_steps: int = 3
+    hf_cg_steps: int = 5
     cg_steps: int = 5
     outer_lr: float = 1e-3
     eval_tasks: int = 200
@@ -60,9 +72,14 @@ class DemoConfig:
     methods: Sequence[str] = DEMO_METHODS
 
     def train_config(self, method: str) -> TrainConfig:
-        return make_config("sinusoid", method=method, shots=self.shots, queries=self.shots, lam=self.lam,
-                           inner_steps=self.inner_steps, inner_lr=self.inner_lr, cg_steps=self.cg_steps,
-                           meta_batch=self.meta_batch, meta_steps=self.meta_steps,
+        """The run of ``method``: iMAML's inner settings for the iMAML methods, else MAML's."""
+        inner = dict(lam=self.lam, inner_steps=self.inner_steps, inner_lr=self.inner_lr)
+        if method == "imaml-gd":
+            inner = dict(lam=self.imaml_lam, inner_steps=self.imaml_inner_steps, inner_lr=self.imaml_inner_lr)
+        elif method == "imaml-hf":
+            inner = dict(lam=self.imaml_lam, inner_steps=self.hf_inner_steps, inner_cg_steps=self.hf_cg_steps)
+        return make_config("sinusoid", method=method, shots=self.shots, queries=self.shots, **inner,
+                           cg_steps=self.cg_steps, meta_batch=self.meta_batch, meta_steps=self.meta_steps,
                            outer_lr=self.outer_lr, seed=self.seed)
 
 
@@ -95,7 +112,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: Optional[Path] = Path("out
     out_dir = Path(out_dir)
     device = check_device(device)
     start = time.perf_counter()
-    base = cfg.train_config(cfg.methods[0])
+    base = cfg.train_config("maml")  # the baselines fine-tune with MAML's SGD setting
     torch.manual_seed(cfg.seed)
     models = {"untrained": build_model(base).to(device)}
     configs = {"untrained": base}
@@ -117,37 +134,57 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: Optional[Path] = Path("out
     sampler = make_sampler(base, "test", cfg.seed, queries=cfg.eval_queries, device=device)
     amplitude, phase = sampler.sample_tasks(cfg.eval_tasks)
     sx, sy, qx, qy = sampler.sample_points(amplitude, phase)
-    table: Dict[str, Dict[int, float]] = {}
-    ci: Dict[str, Dict[int, float]] = {}
+    table: Dict[str, Dict[str, float]] = {}
+    ci: Dict[str, Dict[str, float]] = {}
     adapted: Dict[str, torch.Tensor] = {}
+    residual: Dict[str, float] = {}
+    how: Dict[str, str] = {}
     for name, model in models.items():
         method = name if name in cfg.methods else "sgd"
+        mcfg = configs[name]
         table[name], ci[name] = {}, {}
         for k in STEPS:
-            phi = adapt(configs[name], model, sx, sy, k, method=method)
-            score = summarize(task_scores(configs[name], model, phi, qx, qy)["loss"])
-            table[name][k], ci[name][k] = score.mean, score.ci95
+            steps = mcfg.inner_steps if k is None else k
+            phi = adapt(mcfg, model, sx, sy, steps, method=method)
+            score = summarize(task_scores(mcfg, model, phi, qx, qy)["loss"])
+            table[name][_column(k)], ci[name][_column(k)] = score.mean, score.ci95
         adapted[name] = phi
+        how[name] = adaptation_text(mcfg, mcfg.inner_steps, method=method)
+        if method.startswith("imaml"):
+            residual[name] = float(inner_residual(mcfg, model, phi, sx, sy).median())
     total = time.perf_counter() - start
 
     print(f"\nSinusoid regression, {cfg.shots}-shot, {cfg.eval_tasks} held-out tasks: query MSE "
-          f"(± 95% CI) after k adaptation steps (lr {cfg.inner_lr})")
-    print(f"{'initialisation':<32}" + "".join(f"{f'k={k}':>16}" for k in STEPS) + f"{'training':>11}")
+          f"(± 95% CI) after 0 and 1 adaptation steps and after each method's own adaptation (K steps, "
+          f"as meta-trained)")
+    print(f"{'initialisation':<32}" + "".join(f"{_column(k):>16}" for k in STEPS) + f"{'residual':>10}"
+          + f"{'training':>11}")
     for name in models:
-        cells = "".join(f"{f'{table[name][k]:.3f} ± {ci[name][k]:.3f}':>16}" for k in STEPS)
+        cells = "".join(f"{f'{table[name][_column(k)]:.3f} ± {ci[name][_column(k)]:.3f}':>16}" for k in STEPS)
+        res = f"{residual[name]:>10.3f}" if name in residual else f"{'-':>10}"
         trained = f"{train_seconds[name]:>9.0f} s" if name in train_seconds else f"{'-':>11}"
-        print(f"{LABELS.get(name, name):<32}{cells}{trained}")
+        print(f"{LABELS.get(name, name):<32}{cells}{res}{trained}")
+    print("Each adapts as it was meta-trained (K = its own steps):")
+    for name in models:
+        print(f"  {LABELS.get(name, name)}: {how[name]}")
+    print("residual: median over tasks of the iMAML inner problem's ‖∇L̂(φ) + λ(φ − θ)‖ / ‖∇L̂(θ)‖ "
+          "after the adaptation (0: solved)")
     print(f"{cfg.meta_steps} meta-steps per method, meta-batch {cfg.meta_batch}; total {total:.0f} s")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "demo_results.json").write_text(json.dumps(
         {"config": {**asdict(cfg), "methods": list(cfg.methods)}, "query_mse": table, "ci95": ci,
+         "inner_residual": residual, "adaptation": how,
          "train_seconds": train_seconds, "total_seconds": total}, indent=2) + "\n")
     try:
         _draw(cfg, models, configs, adapted, amplitude, phase, sx, sy, out_dir)
     except MissingDependencyError as exc:
         print(f"no figures: {exc}")
     return table
+
+
+def _column(k: Optional[int]) -> str:
+    return "K (as trained)" if k is None else f"k={k}"
 
 
 def _draw(cfg: DemoConfig, models, configs, adapted, amplitude, phase, sx, sy, out_dir: Path) -> None:
@@ -164,7 +201,8 @@ def _draw(cfg: DemoConfig, models, configs, adapted, amplitude, phase, sx, sy, o
             x = grid.to(sx.device).expand(n, -1)[..., None]
             fits[LABELS[name]] = task_loss.outputs(adapted[name][:n], x)[..., 0].cpu()
     fits_png = plot_fits(grid, truth.float(), sx[:n, :, 0].cpu(), sy[:n, :, 0].cpu(), fits,
-                         out_dir / "demo_fits.png", title=f"held-out tasks, {cfg.shots} support points, after {STEPS[-1]} adaptation steps")
+                         out_dir / "demo_fits.png", title=f"held-out tasks, {cfg.shots} support points, "
+                                                           "after each method's own adaptation")
     curves_png = plot_curves([out_dir / m / METRICS_NAME for m in cfg.methods], out_dir / "demo_curves.png",
                              labels=[LABELS[m] for m in cfg.methods])
     print(f"figures: {fits_png} (fits), {curves_png} (meta-training curves)")

@@ -9,6 +9,11 @@ as each method's entry in :data:`~imaml_ext.training.methods.METHODS` says:
 * MAML, first-order MAML, checkpointed MAML, Reptile: plain SGD steps on
   L̂ with the inner learning rate (``solve_gd`` with λ = 0).
 
+The result says which adaptation ran (:func:`adaptation_text`) and, for
+iMAML, how well the inner problem was solved: the median relative
+stationarity residual ‖∇L̂(φ) + λ(φ − θ)‖/‖∇L̂(θ)‖ of the adapted φ
+(:func:`inner_residual`, one extra gradient per batch of tasks).
+
 A score is reported as mean ± 1.96·s/√n over n tasks, s the standard
 deviation of the per-task scores (n − 1 in the denominator): query accuracy
 for classification, query MSE for regression.
@@ -26,9 +31,9 @@ from tqdm.auto import tqdm
 
 from ..functional import TaskLoss
 from .experiment import TrainConfig, is_classification, loss_function
-from .methods import ADAPTATIONS, get_method
+from .methods import ADAPTATIONS, describe_adaptation, get_method
 
-__all__ = ["adapt", "task_scores", "Score", "summarize", "evaluate"]
+__all__ = ["adapt", "adaptation_text", "inner_residual", "task_scores", "Score", "summarize", "evaluate"]
 
 
 def adapt(cfg: TrainConfig, model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
@@ -44,6 +49,27 @@ def adapt(cfg: TrainConfig, model: nn.Module, support_x: torch.Tensor, support_y
     theta = task_loss.theta().detach()
     run = ADAPTATIONS["sgd"] if method == "sgd" else get_method(method).adapt_for_test
     return run(cfg, task_loss, theta, support_x, support_y, steps)
+
+
+def _adaptation(cfg: TrainConfig, method: Optional[str]) -> str:
+    method = cfg.method if method is None else method
+    return "sgd" if method == "sgd" else get_method(method).adaptation
+
+
+def adaptation_text(cfg: TrainConfig, steps: int, method: Optional[str] = None) -> str:
+    """How :func:`adapt` adapts (``method`` as there), e.g. for the output of evaluation."""
+    return describe_adaptation(cfg, _adaptation(cfg, method), steps)
+
+
+def inner_residual(cfg: TrainConfig, model: nn.Module, phi: torch.Tensor, support_x: torch.Tensor,
+                   support_y: torch.Tensor) -> torch.Tensor:
+    """Relative stationarity residual ``[T]`` of iMAML's inner problem at ``phi`` [T, P]:
+    ‖∇L̂(φ) + λ(φ − θ)‖ / ‖∇L̂(θ)‖ with λ = ``cfg.lam`` and θ the model's parameters."""
+    task_loss = TaskLoss(model, loss_function(cfg))
+    theta = task_loss.theta().detach()
+    g, _ = task_loss.grad(phi, support_x, support_y)
+    g0, _ = task_loss.grad(theta.expand_as(phi).contiguous(), support_x, support_y)
+    return (g + cfg.lam * (phi - theta)).norm(dim=1) / g0.norm(dim=1)
 
 
 def task_scores(cfg: TrainConfig, model: nn.Module, phi: torch.Tensor, query_x: torch.Tensor,
@@ -84,8 +110,9 @@ def evaluate(cfg: TrainConfig, model: nn.Module, sampler: Any, num_tasks: int = 
     """Adapt to ``num_tasks`` tasks from ``sampler`` (``batch`` at a time) and score the queries.
 
     Returns a dict with ``loss`` (and ``acc`` for classification) as
-    :class:`Score` dicts, the number of tasks, the inner steps used and
-    the seconds taken.
+    :class:`Score` dicts, the number of tasks, the inner steps used,
+    ``adaptation`` (:func:`adaptation_text`), for iMAML ``inner_residual``
+    (the median over tasks of :func:`inner_residual`) and the seconds taken.
     """
     if num_tasks < 1 or batch < 1:
         raise ValueError(f"num_tasks={num_tasks} and batch={batch} must be ≥ 1")
@@ -98,10 +125,17 @@ def evaluate(cfg: TrainConfig, model: nn.Module, sampler: Any, num_tasks: int = 
             t = min(batch, num_tasks - done)
             sx, sy, qx, qy = sampler.sample(t)
             phi = adapt(cfg, model, sx, sy, steps)
-            for key, value in task_scores(cfg, model, phi, qx, qy).items():
+            scores = task_scores(cfg, model, phi, qx, qy)
+            if get_method(cfg.method).implicit:
+                scores["inner_residual"] = inner_residual(cfg, model, phi, sx, sy)
+            for key, value in scores.items():
                 collected.setdefault(key, []).append(value.cpu())
             done += t
             bar.update(t)
+    residual = collected.pop("inner_residual", None)
     result: Dict[str, Any] = {k: asdict(summarize(torch.cat(v))) for k, v in collected.items()}
-    result.update(tasks=num_tasks, inner_steps=steps, seconds=time.perf_counter() - start)
+    if residual is not None:
+        result["inner_residual"] = float(torch.cat(residual).median())
+    result.update(tasks=num_tasks, inner_steps=steps, adaptation=adaptation_text(cfg, steps),
+                  seconds=time.perf_counter() - start)
     return result

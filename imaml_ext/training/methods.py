@@ -34,7 +34,8 @@ from ..unrolled import maml
 if TYPE_CHECKING:  # pragma: no cover
     from .experiment import TrainConfig
 
-__all__ = ["Method", "METHODS", "ADAPTATIONS", "get_method", "method_names", "implicit_method_names"]
+__all__ = ["Method", "METHODS", "ADAPTATIONS", "get_method", "method_names", "implicit_method_names",
+           "describe_adaptation"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Test-time adaptation: (cfg, task_loss, θ [P], support_x, support_y, steps) -> φ [T, P].
@@ -57,6 +58,20 @@ def _sgd(cfg, task_loss, theta, x, y, steps):
 
 
 ADAPTATIONS: Dict[str, Adaptation] = {"proximal-gd": _proximal_gd, "newton": _newton, "sgd": _sgd}
+
+# What each adaptation does, for the output of evaluation (formatted with the config and steps).
+_ADAPTATION_TEXT = {
+    "proximal-gd": "{steps} GD steps of lr {cfg.inner_lr:g} on L̂(φ) + (λ/2)‖φ − θ‖², λ = {cfg.lam:g}, "
+                   "from θ (iMAML-GD's inner solve)",
+    "newton": "{steps} Hessian-free Newton steps ({cfg.inner_cg_steps} CG steps each) on "
+              "L̂(φ) + (λ/2)‖φ − θ‖², λ = {cfg.lam:g}, from θ (iMAML-HF's inner solve)",
+    "sgd": "{steps} SGD steps of lr {cfg.inner_lr:g} on L̂ from θ",
+}
+
+
+def describe_adaptation(cfg: "TrainConfig", adaptation: str, steps: int) -> str:
+    """One line saying how a model adapts at test time, e.g. ``'10 SGD steps of lr 0.01 on L̂ from θ'``."""
+    return _ADAPTATION_TEXT[adaptation].format(cfg=cfg, steps=steps)
 
 _IMAML_HYPER = ("lam", "inner_steps", "inner_lr", "cg_steps", "inner_cg_steps")
 _MAML_HYPER = ("inner_steps", "inner_lr")
