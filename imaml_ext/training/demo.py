@@ -19,7 +19,7 @@ Settings: MAML and first-order MAML 10 inner steps of lr 0.01; iMAML λ =
 ``imaml_inner_lr``, iMAML-HF ``hf_inner_steps`` Newton steps of
 ``hf_cg_steps`` CG steps; 5 CG steps in the backward solve; Adam 1e-3,
 meta-batch 25.  It runs on the CPU unless given another ``device``;
-benchmarks/RESULTS.md has its time and table.
+benchmarks/RESULTS.md has its measurements.
 """
 from __future__ import annotations
 
