@@ -354,3 +354,18 @@ def test_evaluation_says_how_each_method_adapts_and_how_well_imaml_solved_it():
         expected = (g + 3.0 * (phi - theta)).norm(dim=1) / g0.norm(dim=1)
         torch.testing.assert_close(inner_residual(cfg, model, phi, sx, sy), expected, rtol=1e-5, atol=1e-7)
         assert result["inner_residual"] > 0
+
+
+def test_tolerance_stops_hessian_free_newton_tasks():
+    from imaml_ext.inner import solve_hf
+    tl, theta, xs, ys, _ = ridge_problem()
+    xs = xs * torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)[:, None, None]
+    lam, tol, steps = 0.5, 1e-4, 40
+    found = {}
+    phi = solve_hf(tl, theta, xs, ys, lam=lam, steps=steps, cg_steps=2, tol=tol, diagnostics=found)
+    assert bool((found["steps_taken"] < steps).all())
+    p = phi.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(tl.losses(p, xs, ys).sum(), p)
+    p0 = theta.repeat(3, 1).requires_grad_(True)
+    (g0,) = torch.autograd.grad(tl.losses(p0, xs, ys).sum(), p0)
+    assert bool(((g + lam * (phi - theta)).norm(dim=1) <= tol * g0.norm(dim=1)).all())
