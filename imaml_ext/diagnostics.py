@@ -99,32 +99,39 @@ def summary(info: Mapping[str, object]) -> Dict[str, Optional[float]]:
     return out
 
 
-def check(info: Mapping[str, object], threshold: float = RESIDUAL_WARN_THRESHOLD) -> bool:
+def check(info: Mapping[str, object], threshold: float = RESIDUAL_WARN_THRESHOLD) -> None:
     """Warn (:class:`ImplicitGradientWarning`, once per process) if the median
     relative residual exceeds ``threshold`` or some task met non-positive
-    curvature.  Returns whether the diagnostics were bad."""
+    curvature.  Until it has warned, one host synchronisation (a single
+    boolean decided on the device); after that, none."""
     global _warned
-    stats = summary(info)
+    if _warned:
+        return
     residual = info.get("residual")
-    unsolved = int((residual > threshold).sum()) if isinstance(residual, torch.Tensor) else 0
+    nonpositive = info.get("nonpositive_curvature")
+    flags = []
+    if isinstance(residual, torch.Tensor):
+        flags.append((residual.median() > threshold).reshape(1))
+    if isinstance(nonpositive, torch.Tensor):
+        flags.append(nonpositive.any().reshape(1))
+    if not flags or not bool(torch.cat(flags).any()):
+        return
+    _warned = True
+    stats = summary(info)
     median = stats.get("residual_median")
     curvature = stats.get("nonpositive_tasks") or 0
-    bad = (median is not None and median > threshold) or curvature > 0
-    if bad and not _warned:
-        _warned = True
-        counted = residual if isinstance(residual, torch.Tensor) else info.get("nonpositive_curvature")
-        tasks = counted.numel()
-        parts = []
-        if median is not None and median > threshold:
-            parts.append(f"the inner problem is not solved: median relative stationarity residual "
-                         f"‖∇L̂(φ) + λ(φ − θ)‖/‖∇L̂(θ)‖ = {median:.3g} > {threshold:g} "
-                         f"({unsolved} of {tasks} tasks above)")
-        if curvature:
-            parts.append(f"{curvature} of {tasks} tasks met non-positive curvature (pᵀAp ≤ 0, "
-                         f"smallest Rayleigh quotient {stats.get('min_rayleigh', float('nan')):.3g}) in the "
-                         f"backward CG, so I + H/λ is not positive definite there")
-        warnings.warn("iMAML's implicit meta-gradient is unreliable: " + "; ".join(parts) +
-                      f". Try {_ADVICE}. adapted.info holds the per-task numbers "
-                      f"(imaml_ext.diagnostics.INFO_FIELDS). Shown once per process.",
-                      ImplicitGradientWarning, stacklevel=4)
-    return bad
+    tasks = (residual if isinstance(residual, torch.Tensor) else nonpositive).numel()
+    parts = []
+    if median is not None and median > threshold:
+        unsolved = int((residual > threshold).sum())
+        parts.append(f"the inner problem is not solved: median relative stationarity residual "
+                     f"‖∇L̂(φ) + λ(φ − θ)‖/‖∇L̂(θ)‖ = {median:.3g} > {threshold:g} "
+                     f"({unsolved} of {tasks} tasks above)")
+    if curvature:
+        parts.append(f"{curvature} of {tasks} tasks met non-positive curvature (pᵀAp ≤ 0, "
+                     f"smallest Rayleigh quotient {stats.get('min_rayleigh', float('nan')):.3g}) in the "
+                     f"backward CG, so I + H/λ is not positive definite there")
+    warnings.warn("iMAML's implicit meta-gradient is unreliable: " + "; ".join(parts) +
+                  f". Try {_ADVICE}. adapted.info holds the per-task numbers "
+                  f"(imaml_ext.diagnostics.INFO_FIELDS). Shown once per process.",
+                  ImplicitGradientWarning, stacklevel=4)
