@@ -299,7 +299,7 @@ def test_validation_lines_use_fixed_tasks(tmp_path, one_thread):
     val = [r for r in lines if r["split"] == "val"]
     assert [r["step"] for r in val] == [2, 4] and all("loss_ci95" in r for r in val)
     train_lines = [r for r in lines if r["split"] == "train"]
-    assert set(train_lines[0]) == {"split", "step", "loss", "acc", "seconds", "method"}
+    assert set(train_lines[0]) == {"split", "step", "window", "loss", "acc", "seconds", "method"}
 
 
 # ----------------------------------------------------------------------------- end to end
