@@ -117,9 +117,9 @@ def _train(args) -> int:
         result = train(None if args.resume is not None else cfg, opts, resume=args.resume,
                        meta_steps=args.meta_steps if args.resume is not None else None)
     except RunError as exc:
-        from .gradcheck import NonFiniteMetaGradientError
+        from .gradcheck import NonFiniteStepError
         print(f"imaml-ext train: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED if isinstance(exc, NonFiniteMetaGradientError) else EXIT_USAGE
+        return EXIT_FAILED if isinstance(exc, NonFiniteStepError) else EXIT_USAGE
     if result.interrupted:
         print(f"\nInterrupted after step {result.step}; checkpoint saved to {result.checkpoint}.\n"
               f"Resume with: imaml-ext train --resume {result.checkpoint.parent}", file=sys.stderr)

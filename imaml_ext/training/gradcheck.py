@@ -10,7 +10,7 @@ training stops it from reaching the model.
 :class:`MetaGradientWatch` keeps each step's flag and per-task query losses
 on the device; :meth:`MetaGradientWatch.check`, called where the training
 loop reads the host anyway (a metrics line, a checkpoint), raises
-:class:`NonFiniteMetaGradientError` naming the first refused step and the
+:class:`NonFiniteStepError` naming the first refused step and the
 tasks of its meta-batch whose query loss is not finite.
 """
 from __future__ import annotations
@@ -21,11 +21,12 @@ import torch
 
 from .runfolder import RunError
 
-__all__ = ["NonFiniteMetaGradientError", "step_if_finite", "MetaGradientWatch"]
+__all__ = ["NonFiniteStepError", "step_if_finite", "MetaGradientWatch"]
 
 
-class NonFiniteMetaGradientError(RunError):
-    """A meta-step's gradient had NaN or infinite entries (the step was not applied)."""
+class NonFiniteStepError(RunError):
+    """A meta-step met NaN or infinite values: in its meta-gradient (the step was not applied)
+    or, raised by the training loop, in an inner loop's support loss."""
 
 
 def step_if_finite(optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -63,7 +64,7 @@ class MetaGradientWatch:
 
     def check(self) -> None:
         """One host read of the flags recorded since the last check; raise
-        :class:`NonFiniteMetaGradientError` for the first refused step."""
+        :class:`NonFiniteStepError` for the first refused step."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
@@ -78,5 +79,5 @@ class MetaGradientWatch:
         else:
             why = ("every task's query loss is finite, so the meta-gradient itself overflowed: lower the "
                    "outer or inner learning rate")
-        raise NonFiniteMetaGradientError(
+        raise NonFiniteStepError(
             f"meta-step {step}: the meta-gradient has NaN or infinite entries and was not applied; {why}")

@@ -47,10 +47,11 @@ from tqdm.auto import tqdm
 from ..unrolled import reptile_grad
 from .checkpoint import CHECKPOINT_NAME, FORMAT, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .evaluate import evaluate
-from ..data.paths import data_root
+from ..data.paths import atomic_file, data_root
+from ..finite import NonFiniteLossError
 from .experiment import (RunOptions, TrainConfig, build_model, build_outer_optimizer, check_device,
                          is_classification, loss_function, make_sampler)
-from .gradcheck import MetaGradientWatch, NonFiniteMetaGradientError, step_if_finite
+from .gradcheck import MetaGradientWatch, NonFiniteStepError, step_if_finite
 from .methods import get_method
 from .metrics import METRICS_NAME, MetricsLogger
 from .runfolder import RunError, RunLock
@@ -288,8 +289,9 @@ def train(cfg: Optional[TrainConfig], opts: RunOptions, resume: Optional[Path] =
         (after checkpointing the completed steps).
 
     Raises:
-        NonFiniteMetaGradientError: a meta-gradient had NaN or infinite
-            entries; that step was not applied and nothing after it is saved.
+        NonFiniteStepError: a meta-gradient had NaN or infinite entries
+            (that step was not applied), or a support loss became
+            non-finite in the inner loop; nothing after it is saved.
     """
     device = check_device(opts.device)
     out_dir = Path(opts.out_dir)
@@ -311,7 +313,8 @@ def _train_locked(cfg: TrainConfig, state: Optional[Dict[str, Any]], opts: RunOp
     if state is not None:
         run.restore(state)
     logger.resume_at(run.step if state is not None else None)
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    with atomic_file(out_dir / "config.json") as tmp:
+        tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     checkpointer = Checkpointer(out_dir / CHECKPOINT_NAME, opts.checkpoint_every, opts.checkpoint_minutes)
     watch = MetaGradientWatch()
 
@@ -323,7 +326,11 @@ def _train_locked(cfg: TrainConfig, state: Optional[Dict[str, Any]], opts: RunOp
     with InterruptGuard() as guard, logger:
         started = time.perf_counter() - run.seconds
         while run.step < cfg.meta_steps:
-            logger.add(*meta_step(run.sampler.sample(cfg.meta_batch)))
+            try:
+                logger.add(*meta_step(run.sampler.sample(cfg.meta_batch)))
+            except NonFiniteLossError as exc:  # the library's: a support loss went NaN / inf
+                _check_gradients(watch, checkpointer)  # an earlier refused step is reported first
+                raise NonFiniteStepError(f"meta-step {run.step + 1}: {exc}. {_kept(checkpointer)}") from None
             run.step += 1
             watch.record(run.step, meta_step.finite, meta_step.task_losses)
             run.seconds = time.perf_counter() - started
@@ -346,12 +353,17 @@ def _train_locked(cfg: TrainConfig, state: Optional[Dict[str, Any]], opts: RunOp
                        metrics=logger.path, seconds=run.seconds, last=last)
 
 
+def _kept(checkpointer: Checkpointer) -> str:
+    """What a run stopped by a non-finite step leaves, for the error message."""
+    if checkpointer.saved is not None:
+        return f"Training stopped; {checkpointer.path} holds meta-step {checkpointer.saved}."
+    before = f" ({checkpointer.path} is from before)" if checkpointer.path.exists() else ""
+    return f"Training stopped; nothing was saved by this run{before}."
+
+
 def _check_gradients(watch: MetaGradientWatch, checkpointer: Checkpointer) -> None:
     """:meth:`MetaGradientWatch.check`, its error saying what the checkpoint holds."""
     try:
         watch.check()
-    except NonFiniteMetaGradientError as exc:
-        kept = (f"{checkpointer.path} holds meta-step {checkpointer.saved}" if checkpointer.saved is not None
-                else "nothing was saved by this run" + (f" ({checkpointer.path} is from before)"
-                                                         if checkpointer.path.exists() else ""))
-        raise NonFiniteMetaGradientError(f"{exc}. Training stopped; {kept}.") from None
+    except NonFiniteStepError as exc:
+        raise NonFiniteStepError(f"{exc}. {_kept(checkpointer)}") from None
