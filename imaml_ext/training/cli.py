@@ -238,9 +238,11 @@ def _train_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Meta-train with iMAML (GD or HF inner solver), MAML (full, first-order, "
                     "checkpointed) or Reptile. Values not given come from --preset, else from the "
-                    "dataset's defaults. Writes OUT/checkpoint.pt (every --checkpoint-every steps, "
-                    "atomically), OUT/metrics.jsonl and OUT/config.json. Ctrl-C saves a checkpoint "
-                    "and exits (code 130); --resume OUT continues exactly.",
+                    "dataset's defaults. Writes OUT/checkpoint.pt (atomically, every --checkpoint-every "
+                    "steps and every --checkpoint-minutes), OUT/metrics.jsonl and OUT/config.json; OUT "
+                    "is locked while the training runs. Ctrl-C saves a checkpoint and exits (code 130); "
+                    "--resume OUT continues exactly, with the run options it was started with unless "
+                    "given again.",
         epilog=f"dataset defaults (our choices unless a preset says otherwise):\n  {defaults}\n\n"
                f"presets:\n" + "\n".join("  " + line for line in describe_presets().splitlines()))
     task = p.add_argument_group("task and method")
