@@ -132,6 +132,7 @@ def main(argv=None) -> int:
 # ----------------------------------------------------------------------------- fault run
 
 REPO = Path(__file__).resolve().parents[1]
+PHASES = ("start-up", "resume", "training")
 # Tiny sinusoid training; checkpoints every 5 steps and every 0.6 s, so kills land in all phases.
 FAULT_TRAIN = ["--dataset", "sinusoid", "--method", "imaml-gd", "--meta-batch", "4", "--inner-steps", "2",
                "--shots", "5", "--queries", "5", "--threads", "1", "--no-progress",
@@ -148,6 +149,19 @@ def _cli(args, **popen):
 def _train_lines(run: Path):
     from imaml_ext.training.metrics import read_metrics
     return read_metrics(run / "metrics.jsonl")["train"]
+
+
+def _wait_for_training(run: Path, proc, step: int) -> None:
+    """Until ``proc`` has logged a metrics line after ``step`` (it runs meta-steps) or has ended."""
+    metrics = run / "metrics.jsonl"
+    while proc.poll() is None:
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        try:
+            if lines and json.loads(lines[-1])["step"] > step:
+                return
+        except (ValueError, KeyError):  # a line being written
+            pass
+        time.sleep(0.02)
 
 
 def _wait_for_lock(run: Path, proc) -> None:
@@ -178,19 +192,24 @@ def fault_run(args) -> int:
         return 1
     training = _train_lines(ref)[-1]["seconds"]
     startup = total - training
-    # Kill moments: one in four uniform in the start-up (imports, data, lock, resume); the others
-    # uniform in [0, 2 * training time / kills] after the process holds the run folder's lock
-    # (steps, metrics lines, checkpoint writes), so the run still advances from kill to kill.
+    # Kill moments, in three phases: "start-up" uniform in [0, start-up time] from the process's
+    # start (imports, data); "resume" uniform in [0, 0.5 s] once it holds the run folder's lock
+    # (clean-up, checkpoint and metrics read, metrics rewrite); "training" uniform in
+    # [0, 2 * training time / training kills] once it has run a step (steps, metrics lines,
+    # checkpoint writes), so the run advances from kill to kill.
     rng = random.Random(args.seed)
+    phases = [rng.choices(PHASES, weights=(1, 1, 3))[0] for _ in range(args.kills)]
+    training_window = 2 * training / max(1, phases.count("training"))
     kills = []
-    for _ in range(args.kills):
+    for phase in phases:
         resume = (run / "checkpoint.pt").is_file()
         before = load_checkpoint(run)["step"] if resume else 0
         proc = _cli(["--resume", str(run)] if resume else command + ["--log-every", "3", "--out", str(run)])
-        in_startup = rng.random() < 0.25
-        delay = rng.uniform(0, startup if in_startup else 2 * training / args.kills)
-        if not in_startup:
+        delay = rng.uniform(0, {"start-up": startup, "resume": 0.5, "training": training_window}[phase])
+        if phase != "start-up":
             _wait_for_lock(run, proc)
+        if phase == "training":
+            _wait_for_training(run, proc, before)
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -200,7 +219,7 @@ def fault_run(args) -> int:
             print(f"attempt failed (exit {proc.returncode}):\n{err}", file=sys.stderr)
             return 1
         after = load_checkpoint(run)["step"] if (run / "checkpoint.pt").is_file() else 0
-        kills.append({"resumed": resume, "phase": "start-up" if in_startup else "training",
+        kills.append({"resumed": resume, "phase": phase,
                       "delay_s": round(delay, 2), "checkpoint_step_before": before,
                       "checkpoint_step_after": after, "killed": proc.returncode == -signal.SIGKILL})
     proc = _cli(["--resume", str(run)] if (run / "checkpoint.pt").is_file()
@@ -239,7 +258,7 @@ def fault_run(args) -> int:
         problems.append(f"temporary files left: {leftovers}")
     result = {
         "kills": sum(k["killed"] for k in kills), "attempts": len(kills) + 1, "meta_steps": args.meta_steps,
-        "kills_in_training": sum(k["killed"] and k["phase"] == "training" for k in kills),
+        "kills_per_phase": {phase: sum(k["killed"] and k["phase"] == phase for k in kills) for phase in PHASES},
         "metrics_lines": len(lines), "files": sorted(p.name for p in run.iterdir()),
         "uninterrupted_seconds": round(total, 1), "seconds": round(time.perf_counter() - start, 1),
         "attempt_log": kills, "problems": problems, "torch": torch.__version__,

@@ -16,54 +16,29 @@ import pytest
 import torch
 
 from imaml_ext.training.checkpoint import load_checkpoint
-from imaml_ext.training.cli import main
-from imaml_ext.training.experiment import METHODS, RunOptions, build_model, build_outer_optimizer, make_config
+from imaml_ext.training.experiment import METHODS, build_model, build_outer_optimizer, make_sampler
 from imaml_ext.training.gradcheck import NonFiniteStepError
 from imaml_ext.training.metrics import read_metrics
 from imaml_ext.training.runfolder import LOCK_NAME, RunError, RunFolderBusyError, RunLock
 from imaml_ext.training.train import Checkpointer, MetaStep, train
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "sinusoid", "--meta-batch", "4", "--inner-steps", "2", "--shots", "5",
-        "--queries", "5", "--threads", "1", "--no-progress"]
+from test_cli import REPO, TINY, exit_code
+from test_train import DATA_ROOT, one_thread, opts, tiny  # noqa: F401 (one_thread: a fixture)
 
 
-def _shared_data_root():
-    roots = [Path(os.environ["IMAML_EXT_DATA"])] if os.environ.get("IMAML_EXT_DATA") else []
-    roots.append(REPO.parent / "shared" / "data")
-    return next((r for r in roots if (r / "omniglot").is_dir()), None)
+def interrupt_after(monkeypatch, steps):
+    """Make training receive SIGINT during its ``steps``-th meta-step of this process."""
+    calls = {"n": 0}
+    original = MetaStep.__call__
 
+    def step_then_signal(self, batch):
+        result = original(self, batch)
+        calls["n"] += 1
+        if calls["n"] == steps:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
 
-DATA_ROOT = _shared_data_root()
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(method="imaml-gd", **changes):
-    values = dict(method=method, meta_steps=6, meta_batch=4, inner_steps=3, shots=5, queries=5)
-    values.update(changes)
-    return make_config("sinusoid", **values)
-
-
-def opts(path, **changes):
-    values = dict(out_dir=path, progress=False, log_every=2, checkpoint_every=0)
-    values.update(changes)
-    return RunOptions(**values)
-
-
-def exit_code(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    monkeypatch.setattr(MetaStep, "__call__", step_then_signal)
 
 
 def cli_process(*args):
@@ -125,17 +100,7 @@ def test_resume_hint_works_as_printed_without_data_or_threads(tmp_path, capsys, 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the default data root holds nothing
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
-    calls = {"n": 0}
-    original = MetaStep.__call__
-
-    def stop_after_two(self, batch):
-        result = original(self, batch)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(MetaStep, "__call__", stop_after_two)
+    interrupt_after(monkeypatch, 2)
     code, _, err = exit_code(["train", "--dataset", "omniglot", "--ways", "2", "--shots", "1", "--queries", "1",
                               "--hidden", "4", "--meta-batch", "2", "--inner-steps", "1", "--cg-steps", "1",
                               "--rotations", "0", "--meta-steps", "4", "--data", str(DATA_ROOT),
@@ -217,17 +182,7 @@ def test_damaged_last_metrics_line_is_moved_aside_on_resume(tmp_path, capsys, on
 
 
 def test_windows_say_how_many_steps_a_line_covers_across_a_resume(tmp_path, monkeypatch, one_thread):
-    calls = {"n": 0}
-    original = MetaStep.__call__
-
-    def stop_after_three(self, batch):
-        result = original(self, batch)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(MetaStep, "__call__", stop_after_three)
+    interrupt_after(monkeypatch, 3)
     assert train(tiny(meta_steps=8), opts(tmp_path, log_every=2)).step == 3
     monkeypatch.undo()
     train(None, opts(tmp_path, log_every=2), resume=tmp_path)
@@ -253,7 +208,6 @@ def _with_nan_query(batch, task):
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "reptile"])  # Reptile's step ignores queries
 def test_a_nan_task_is_not_stepped_into_the_model(method, one_thread):
-    from imaml_ext.training.experiment import make_sampler
     cfg = tiny(method)
     model = build_model(cfg)
     step = MetaStep(cfg, model, build_outer_optimizer(cfg, model))
