@@ -195,6 +195,9 @@ def test_read_metrics_gives_older_files_their_windows(tmp_path):
     path.write_text("".join(json.dumps({"split": split, "step": step, "loss": 1.0}) + "\n"
                             for split, step in [("train", 10), ("val", 10), ("train", 20), ("train", 25)]))
     assert [r["window"] for r in read_metrics(path)["train"]] == [10, 10, 5]
+    with open(path, "a") as f:
+        f.write('{"split": "train", "step": 3')  # a line being written
+    assert [r["step"] for r in read_metrics(path)["train"]] == [10, 20, 25]
 
 
 # ----------------------------------------------------------------------------- non-finite meta-gradient
@@ -258,6 +261,7 @@ def test_cli_reports_a_non_finite_meta_gradient_without_a_traceback(tmp_path, mo
 
 # ----------------------------------------------------------------------------- SIGKILL at random moments
 
+@pytest.mark.slow
 def test_fault_run_with_kills_at_random_moments(tmp_path):
     """benchmarks/soak.py's fault run, 2 kills: bit-identical final state, complete metrics, no debris."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))

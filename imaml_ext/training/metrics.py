@@ -125,6 +125,14 @@ class MetricsLogger:
                            "method": self.method})
 
 
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
 def _parse(line: str) -> Optional[Dict[str, Any]]:
     """The record of one line, or None if it is not a complete metrics record."""
     try:
@@ -139,12 +147,16 @@ def read_metrics(path: os.PathLike) -> Dict[str, List[dict]]:
 
     Every train record has a ``window`` (steps it averages); files written
     before that field existed get the distance to the previous train line.
+    A last line that is not JSON (being written, or cut by a crash) is left out.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metrics file not found: {path}")
     groups: Dict[str, List[dict]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text().splitlines()
+    if lines and lines[-1].strip() and not _is_json(lines[-1]):
+        lines.pop()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
