@@ -35,7 +35,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -323,7 +323,7 @@ def _train_locked(cfg: TrainConfig, state: Optional[Dict[str, Any]], opts: RunOp
     interrupted = False
     bar = tqdm(total=cfg.meta_steps, initial=run.step, desc=cfg.method, unit="step",
                disable=not opts.progress, dynamic_ncols=True)
-    with InterruptGuard() as guard, logger:
+    with InterruptGuard() as guard, logger, closing(bar):
         started = time.perf_counter() - run.seconds
         while run.step < cfg.meta_steps:
             try:
@@ -348,7 +348,6 @@ def _train_locked(cfg: TrainConfig, state: Optional[Dict[str, Any]], opts: RunOp
                 checkpointer.save(run)
             if interrupted:
                 break
-    bar.close()
     return TrainResult(step=run.step, interrupted=interrupted, checkpoint=checkpointer.path,
                        metrics=logger.path, seconds=run.seconds, last=last)
 
