@@ -151,11 +151,14 @@ def _train_lines(run: Path):
     return read_metrics(run / "metrics.jsonl")["train"]
 
 
-def _wait_for_training(run: Path, proc, step: int) -> None:
-    """Until ``proc`` has logged a metrics line after ``step`` (it runs meta-steps) or has ended."""
+def _wait_for_training(run: Path, proc, step: int, started_ns: int) -> None:
+    """Until ``proc`` (started at ``started_ns``) has logged a metrics line after ``step`` (it runs
+    meta-steps) or has ended.  Lines of a killed attempt do not count: the metrics file must have
+    been written since the start (a resumed run rewrites it first)."""
     metrics = run / "metrics.jsonl"
     while proc.poll() is None:
-        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        fresh = metrics.is_file() and metrics.stat().st_mtime_ns > started_ns
+        lines = metrics.read_text().splitlines() if fresh else []
         try:
             if lines and json.loads(lines[-1])["step"] > step:
                 return
@@ -204,12 +207,13 @@ def fault_run(args) -> int:
     for phase in phases:
         resume = (run / "checkpoint.pt").is_file()
         before = load_checkpoint(run)["step"] if resume else 0
+        started_ns = time.time_ns()
         proc = _cli(["--resume", str(run)] if resume else command + ["--log-every", "3", "--out", str(run)])
         delay = rng.uniform(0, {"start-up": startup, "resume": 0.5, "training": training_window}[phase])
         if phase != "start-up":
             _wait_for_lock(run, proc)
         if phase == "training":
-            _wait_for_training(run, proc, before)
+            _wait_for_training(run, proc, before, started_ns)
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
