@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the result here")
     fault = parser.add_argument_group("fault run")
     fault.add_argument("--kills", type=int, default=0, help="run the fault run with this many SIGKILLs instead")
-    fault.add_argument("--meta-steps", type=int, default=60, help="fault run: training length (default 60)")
+    fault.add_argument("--meta-steps", type=int, default=100, help="fault run: training length (default 100)")
     fault.add_argument("--seed", type=int, default=0, help="fault run: seed of the kill moments (default 0)")
     fault.add_argument("--out", help="fault run: folder for the two runs (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -198,11 +198,12 @@ def fault_run(args) -> int:
     # Kill moments, in three phases: "start-up" uniform in [0, start-up time] from the process's
     # start (imports, data); "resume" uniform in [0, 0.5 s] once it holds the run folder's lock
     # (clean-up, checkpoint and metrics read, metrics rewrite); "training" uniform in
-    # [0, 2 * training time / training kills] once it has run a step (steps, metrics lines,
-    # checkpoint writes), so the run advances from kill to kill.
+    # [0, training time / training kills] once it has run a step (steps, metrics lines,
+    # checkpoint writes), so the run advances from kill to kill and about half of it is left
+    # for the last attempt.
     rng = random.Random(args.seed)
     phases = [rng.choices(PHASES, weights=(1, 1, 3))[0] for _ in range(args.kills)]
-    training_window = 2 * training / max(1, phases.count("training"))
+    training_window = training / max(1, phases.count("training"))
     kills = []
     for phase in phases:
         resume = (run / "checkpoint.pt").is_file()
