@@ -1,4 +1,4 @@
-"""Memory soak: process RSS over many iMAML meta-iterations must stay flat.
+"""Memory soak (process RSS over many iMAML meta-iterations must stay flat), and a fault run.
 
 Runs ``--iterations`` meta-steps of :class:`imaml_ext.training.train.MetaStep` (iMAML-GD,
 Adam outer optimizer, fresh tasks every step) and records the resident set
@@ -12,6 +12,19 @@ steps, 5 CG steps; ``omniglot``: 5-way 1-shot, 32-filter conv net, T = 4,
 
     python benchmarks/soak.py                       # 1,000 sinusoid iterations
     python benchmarks/soak.py --dataset omniglot --data ../shared/data
+
+Fault run (``--kills N``): a small sinusoid training (``imaml-ext train`` in
+a subprocess, one thread) is killed with SIGKILL at a random moment N times
+and continued each time (``--resume`` while a checkpoint exists, else
+started again); the last attempt runs to the end.  Checks: the final
+parameters and optimizer state equal, bit for bit, those of an uninterrupted
+run of the same command; the metrics file's train lines tile steps 1..M
+(no step twice, none missing: each line's step minus the previous one's is
+its window) and each line's loss is the mean of the uninterrupted run's
+per-step losses over its window; no temporary file is left.  Exits 1 on a
+failed check.
+
+    python benchmarks/soak.py --kills 20
 """
 from __future__ import annotations
 
@@ -19,9 +32,14 @@ import argparse
 import json
 import os
 import platform
+import random
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 
 def rss_bytes() -> int:
@@ -52,7 +70,14 @@ def main(argv=None) -> int:
     parser.add_argument("--max-growth-mib", type=float, default=20.0,
                         help="fail if last-window median RSS exceeds the first by more (default 20)")
     parser.add_argument("--json", help="also write the result here")
+    fault = parser.add_argument_group("fault run")
+    fault.add_argument("--kills", type=int, default=0, help="run the fault run with this many SIGKILLs instead")
+    fault.add_argument("--meta-steps", type=int, default=100, help="fault run: training length (default 100)")
+    fault.add_argument("--seed", type=int, default=0, help="fault run: seed of the kill moments (default 0)")
+    fault.add_argument("--out", help="fault run: folder for the two runs (default: a temporary folder)")
     args = parser.parse_args(argv)
+    if args.kills:
+        return fault_run(args)
     if args.iterations < 2 * args.window:
         parser.error(f"--iterations must be at least twice --window ({2 * args.window})")
 
@@ -102,6 +127,155 @@ def main(argv=None) -> int:
           f"{first:.1f} -> {last:.1f} MiB ({last - first:+.2f} MiB); "
           f"{'flat' if ok else 'GROWING'} (limit {args.max_growth_mib} MiB)")
     return 0 if ok else 1
+
+
+# ----------------------------------------------------------------------------- fault run
+
+REPO = Path(__file__).resolve().parents[1]
+PHASES = ("start-up", "resume", "training")
+# Tiny sinusoid training; checkpoints every 5 steps and every 0.6 s, so kills land in all phases.
+FAULT_TRAIN = ["--dataset", "sinusoid", "--method", "imaml-gd", "--meta-batch", "4", "--inner-steps", "2",
+               "--shots", "5", "--queries", "5", "--threads", "1", "--no-progress",
+               "--checkpoint-every", "5", "--checkpoint-minutes", "0.01"]
+
+
+def _cli(args, **popen):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "imaml_ext", "train", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _train_lines(run: Path):
+    from imaml_ext.training.metrics import read_metrics
+    return read_metrics(run / "metrics.jsonl")["train"]
+
+
+def _wait_for_training(run: Path, proc, step: int, started_ns: int) -> None:
+    """Until ``proc`` (started at ``started_ns``) has logged a metrics line after ``step`` (it runs
+    meta-steps) or has ended.  Lines of a killed attempt do not count: the metrics file must have
+    been written since the start (a resumed run rewrites it first)."""
+    metrics = run / "metrics.jsonl"
+    while proc.poll() is None:
+        fresh = metrics.is_file() and metrics.stat().st_mtime_ns > started_ns
+        lines = metrics.read_text().splitlines() if fresh else []
+        try:
+            if lines and json.loads(lines[-1])["step"] > step:
+                return
+        except (ValueError, KeyError):  # a line being written
+            pass
+        time.sleep(0.02)
+
+
+def _wait_for_lock(run: Path, proc) -> None:
+    """Until ``proc`` holds the run folder's lock (its PID in run.lock) or has ended."""
+    lock = run / "run.lock"
+    while proc.poll() is None:
+        if lock.is_file() and lock.read_text().strip() == str(proc.pid):
+            return
+        time.sleep(0.02)
+
+
+def fault_run(args) -> int:
+    import torch
+
+    from imaml_ext.training.checkpoint import load_checkpoint
+    from imaml_ext.data.paths import partial_files
+
+    base = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="imaml_ext_fault_"))
+    ref, run = base / "uninterrupted", base / "killed"
+    command = FAULT_TRAIN + ["--meta-steps", str(args.meta_steps)]
+
+    start = time.perf_counter()
+    proc = _cli(command + ["--log-every", "1", "--out", str(ref)])
+    _, err = proc.communicate()
+    total = time.perf_counter() - start
+    if proc.returncode != 0:
+        print(err, file=sys.stderr)
+        return 1
+    training = _train_lines(ref)[-1]["seconds"]
+    startup = total - training
+    # Kill moments, in three phases: "start-up" uniform in [0, start-up time] from the process's
+    # start (imports, data); "resume" uniform in [0, 0.5 s] once it holds the run folder's lock
+    # (clean-up, checkpoint and metrics read, metrics rewrite); "training" uniform in
+    # [0, training time / training kills] once it has run a step (steps, metrics lines,
+    # checkpoint writes), so the run advances from kill to kill and about half of it is left
+    # for the last attempt.
+    rng = random.Random(args.seed)
+    phases = [rng.choices(PHASES, weights=(1, 1, 3))[0] for _ in range(args.kills)]
+    training_window = training / max(1, phases.count("training"))
+    kills = []
+    for phase in phases:
+        resume = (run / "checkpoint.pt").is_file()
+        before = load_checkpoint(run)["step"] if resume else 0
+        started_ns = time.time_ns()
+        proc = _cli(["--resume", str(run)] if resume else command + ["--log-every", "3", "--out", str(run)])
+        delay = rng.uniform(0, {"start-up": startup, "resume": 0.5, "training": training_window}[phase])
+        if phase != "start-up":
+            _wait_for_lock(run, proc)
+        if phase == "training":
+            _wait_for_training(run, proc, before, started_ns)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+        if proc.returncode not in (0, -signal.SIGKILL):
+            print(f"attempt failed (exit {proc.returncode}):\n{err}", file=sys.stderr)
+            return 1
+        after = load_checkpoint(run)["step"] if (run / "checkpoint.pt").is_file() else 0
+        kills.append({"resumed": resume, "phase": phase,
+                      "delay_s": round(delay, 2), "checkpoint_step_before": before,
+                      "checkpoint_step_after": after, "killed": proc.returncode == -signal.SIGKILL})
+    proc = _cli(["--resume", str(run)] if (run / "checkpoint.pt").is_file()
+                else command + ["--log-every", "3", "--out", str(run)])
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        print(f"final attempt failed (exit {proc.returncode}):\n{err}", file=sys.stderr)
+        return 1
+
+    problems = []
+    whole, split = load_checkpoint(ref), load_checkpoint(run)
+    if split["step"] != args.meta_steps:
+        problems.append(f"final step {split['step']} != {args.meta_steps}")
+    for name, value in whole["model"].items():
+        if not torch.equal(value, split["model"][name]):
+            problems.append(f"parameter {name} differs from the uninterrupted run's")
+    for key, a in whole["optimizer"]["state"].items():
+        b = split["optimizer"]["state"][key]
+        if not all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a):
+            problems.append(f"optimizer state {key} differs")
+    per_step = {r["step"]: r["loss"] for r in _train_lines(ref)}
+    lines = _train_lines(run)
+    previous = 0
+    for line in lines:
+        if line["step"] - previous != line["window"]:
+            problems.append(f"metrics line at step {line['step']} covers {line['window']} steps after step "
+                            f"{previous} (a step twice or missing)")
+        expected = statistics.fmean(per_step[s] for s in range(previous + 1, line["step"] + 1))
+        if abs(line["loss"] - expected) > 1e-5 * max(1.0, abs(expected)):
+            problems.append(f"metrics line at step {line['step']}: loss {line['loss']} != {expected}")
+        previous = line["step"]
+    if previous != args.meta_steps:
+        problems.append(f"last metrics line at step {previous}")
+    leftovers = [p.name for p in partial_files(run)]
+    if leftovers:
+        problems.append(f"temporary files left: {leftovers}")
+    result = {
+        "kills": sum(k["killed"] for k in kills), "attempts": len(kills) + 1, "meta_steps": args.meta_steps,
+        "kills_per_phase": {phase: sum(k["killed"] and k["phase"] == phase for k in kills) for phase in PHASES},
+        "metrics_lines": len(lines), "files": sorted(p.name for p in run.iterdir()),
+        "uninterrupted_seconds": round(total, 1), "seconds": round(time.perf_counter() - start, 1),
+        "attempt_log": kills, "problems": problems, "torch": torch.__version__,
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    print(f"fault run: {result['kills']} SIGKILLs in {len(kills) + 1} attempts of a {args.meta_steps}-step run; "
+          + ("final state bit-identical to the uninterrupted run, metrics complete, no temporary file"
+             if not problems else f"{len(problems)} problem(s): " + "; ".join(problems[:5])))
+    return 0 if not problems else 1
 
 
 if __name__ == "__main__":

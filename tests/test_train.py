@@ -300,7 +300,7 @@ def test_validation_lines_use_fixed_tasks(tmp_path, one_thread):
     assert [r["step"] for r in val] == [2, 4] and all("loss_ci95" in r for r in val)
     train_lines = [r for r in lines if r["split"] == "train"]
     diagnostics = {"residual_median", "residual_max", "nonpositive_tasks", "min_rayleigh"}  # iMAML's
-    assert set(train_lines[0]) == {"split", "step", "loss", "acc", "seconds", "method"} | diagnostics
+    assert set(train_lines[0]) == {"split", "step", "window", "loss", "acc", "seconds", "method"} | diagnostics
 
 
 # ----------------------------------------------------------------------------- end to end

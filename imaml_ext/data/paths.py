@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 __all__ = ["ENV_VAR", "SUBSETS", "DatasetNotFoundError", "check_subset", "data_root", "dataset_dirs",
-           "atomic_file"]
+           "atomic_file", "partial_files"]
 
 ENV_VAR = "IMAML_EXT_DATA"
 SUBSETS = ("train", "val", "test")
 
 PathLike = Union[str, os.PathLike]
+_PARTIAL_SUFFIX = ".part"  # atomic_file's temporary files: .<name>.<random>.part
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -71,7 +72,7 @@ def atomic_file(path: PathLike) -> Iterator[Path]:
     the old one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_PARTIAL_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -87,6 +88,12 @@ def atomic_file(path: PathLike) -> Iterator[Path]:
         if tmp.exists():
             tmp.unlink()
         raise
+
+
+def partial_files(folder: PathLike) -> List[Path]:
+    """The temporary files of :func:`atomic_file` in ``folder``: those of writes in progress,
+    or left by a process killed mid-write (sorted by name)."""
+    return sorted(p for p in Path(folder).glob(f".*{_PARTIAL_SUFFIX}") if p.is_file())
 
 
 def _umask() -> int:

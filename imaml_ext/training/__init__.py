@@ -13,6 +13,8 @@ Built on the library (``imaml_ext``), which does not import it.  Needs the
 * :mod:`.evaluate`: test-time adaptation and few-shot scores.
 * :mod:`.checkpoint`: atomic checkpoints and the random-number state.
 * :mod:`.metrics`: the metrics file (writing, reading).
+* :mod:`.runfolder`: the run folder's lock and the clean-up of interrupted writes.
+* :mod:`.gradcheck`: the outer step refused on a non-finite meta-gradient.
 * :mod:`.plotting`: learning curves and the demo's figures.
 * :mod:`.demo`: the sinusoid example.
 * :mod:`.cli`: the command line.

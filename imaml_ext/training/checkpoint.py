@@ -9,6 +9,8 @@ key            content
 =============  ====================================================================
 ``format``     :data:`FORMAT`
 ``config``     :meth:`TrainConfig.to_dict() <imaml_ext.training.experiment.TrainConfig.to_dict>`
+``run``        :meth:`RunOptions.stored() <imaml_ext.training.experiment.RunOptions.stored>`, reused on
+               resume (absent in older checkpoints)
 ``step``       meta-steps completed
 ``seconds``    training wall time so far (all resumed parts together)
 ``model``      ``model.state_dict()``

@@ -1,8 +1,9 @@
 """Command line: ``imaml-ext {train,eval,plot,demo,info}`` (also ``python -m imaml_ext``).
 
-Exit codes: 0 success; 2 bad arguments, missing data, an unreadable
-checkpoint or a missing optional dependency (one message, no traceback);
-130 training stopped by Ctrl-C / SIGTERM after checkpointing.
+Exit codes: 0 success; 1 training stopped on a non-finite meta-gradient;
+2 bad arguments, missing data, an unreadable checkpoint, a run folder in use
+by another training or a missing optional dependency (one message, no
+traceback); 130 training stopped by Ctrl-C / SIGTERM after checkpointing.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import List, Optional
 
 from .flags import NONNEGATIVE_INT, POSITIVE_INT, add_flags
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 _TRAIN_EXTRA = ("tqdm", "PIL", "matplotlib")  # modules of the 'train' extra (pyproject.toml)
@@ -29,6 +31,12 @@ def _config_flags() -> List[str]:
     ``--resume`` it is a new total, not a change of configuration)."""
     from .experiment import TrainConfig
     return [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("group") and f.name != "meta_steps"]
+
+
+def _run_flags() -> List[str]:
+    """The RunOptions fields set by flags of their own (``--log-every``, ``--checkpoint-every``, ...)."""
+    from .experiment import RunOptions
+    return [f.name for f in dataclasses.fields(RunOptions) if f.metadata.get("group")]
 
 
 def _default_device() -> str:
@@ -57,22 +65,23 @@ def _train(args) -> int:
     from .checkpoint import CHECKPOINT_NAME, find_checkpoint, load_checkpoint
     from .experiment import TrainConfig, make_config, make_sampler
     from .train import RunOptions, train
+    from .runfolder import RunError, check_not_busy
 
     parser: argparse.ArgumentParser = args.parser
     if args.list_presets:
         from .presets import describe_presets
         print(describe_presets())
         return 0
-    _setup_threads(args)
-    device = _check_device(args.device or _default_device())
     given = [f for f in _config_flags() if getattr(args, f) is not None]
+    stored = {}  # the run options of a resumed run
     if args.resume is not None:
         if given or args.preset:
             flags = ", ".join("--" + f.replace("_", "-") for f in given) or "--preset"
             parser.error(f"--resume continues a run with its saved configuration; {flags} cannot be "
                          f"changed (drop it, or start a new run with another --out)")
         checkpoint = find_checkpoint(args.resume)
-        cfg = TrainConfig.from_dict(load_checkpoint(checkpoint)["config"])
+        state = load_checkpoint(checkpoint)
+        cfg, stored = TrainConfig.from_dict(state["config"]), state.get("run", {})
         out_dir = Path(args.out) if args.out else checkpoint.parent
     else:
         try:
@@ -81,9 +90,18 @@ def _train(args) -> int:
         except ValueError as exc:
             parser.error(str(exc))
         out_dir = Path(args.out) if args.out else Path("out") / "train" / cfg.name
+        try:
+            check_not_busy(out_dir)  # a live run says so, rather than "already holds a run"
+        except RunError as exc:
+            raise UsageError(str(exc)) from None
         if (out_dir / CHECKPOINT_NAME).exists():
             parser.error(f"{out_dir} already holds a run ({CHECKPOINT_NAME}); continue it with "
                          f"--resume {out_dir}, or choose another --out")
+    # Run options: given on the command line, else as the resumed run had them, else the defaults.
+    args.threads = args.threads or stored.get("threads")
+    args.data = args.data or stored.get("data_root")
+    _setup_threads(args)
+    device = _check_device(args.device or stored.get("device") or _default_device())
     if args.val_every and cfg.dataset == "omniglot" and cfg.val_classes == 0:
         parser.error("--val-every on Omniglot needs --val-classes > 0 (training characters held out)")
     try:
@@ -91,18 +109,26 @@ def _train(args) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
-    opts = RunOptions(out_dir=out_dir, device=device, data_root=args.data, log_every=args.log_every,
-                      checkpoint_every=args.checkpoint_every, val_every=args.val_every,
-                      val_tasks=args.val_tasks, progress=not args.no_progress)
+    opts = RunOptions.build(out_dir, stored, progress=not args.no_progress, device=device, data_root=args.data,
+                            threads=args.threads, **{f: getattr(args, f) for f in _run_flags()})
     verb = f"resuming {args.resume}" if args.resume is not None else "training"
     print(f"{verb}: {cfg.name} -> {out_dir}", flush=True)
-    result = train(None if args.resume is not None else cfg, opts, resume=args.resume,
-                   meta_steps=args.meta_steps if args.resume is not None else None)
+    try:
+        result = train(None if args.resume is not None else cfg, opts, resume=args.resume,
+                       meta_steps=args.meta_steps if args.resume is not None else None)
+    except RunError as exc:
+        from .gradcheck import NonFiniteStepError
+        print(f"imaml-ext train: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED if isinstance(exc, NonFiniteStepError) else EXIT_USAGE
     if result.interrupted:
         print(f"\nInterrupted after step {result.step}; checkpoint saved to {result.checkpoint}.\n"
               f"Resume with: imaml-ext train --resume {result.checkpoint.parent}", file=sys.stderr)
         return EXIT_INTERRUPTED
     last = result.last
+    if not last:
+        print(f"nothing to do: {out_dir} has done its {result.step} meta-steps; give a larger total "
+              f"with --meta-steps to continue")
+        return 0
     acc = f", query acc {last['acc']:.4f}" if last.get("acc") is not None else ""
     print(f"done: {result.step} steps in {result.seconds:.0f} s; last query loss {last.get('loss', float('nan')):.4f}"
           f"{acc}; checkpoint {result.checkpoint}, metrics {result.metrics}")
@@ -214,9 +240,11 @@ def _train_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Meta-train with iMAML (GD or HF inner solver), MAML (full, first-order, "
                     "checkpointed) or Reptile. Values not given come from --preset, else from the "
-                    "dataset's defaults. Writes OUT/checkpoint.pt (every --checkpoint-every steps, "
-                    "atomically), OUT/metrics.jsonl and OUT/config.json. Ctrl-C saves a checkpoint "
-                    "and exits (code 130); --resume OUT continues exactly.",
+                    "dataset's defaults. Writes OUT/checkpoint.pt (atomically, every --checkpoint-every "
+                    "steps and every --checkpoint-minutes), OUT/metrics.jsonl and OUT/config.json; OUT "
+                    "is locked while the training runs. Ctrl-C saves a checkpoint and exits (code 130); "
+                    "--resume OUT continues exactly, with the run options it was started with unless "
+                    "given again.",
         epilog=f"dataset defaults (our choices unless a preset says otherwise):\n  {defaults}\n\n"
                f"presets:\n" + "\n".join("  " + line for line in describe_presets().splitlines()))
     task = p.add_argument_group("task and method")
@@ -227,7 +255,7 @@ def _train_parser(sub) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--out", metavar="DIR", help="run folder (default out/train/<dataset>-<N>w<K>s-<method>-seed<S>)")
     run.add_argument("--resume", metavar="CKPT", help="continue the run in this folder or checkpoint file")
-    add_flags({"run": run}, RunOptions, with_defaults=True)
+    add_flags({"run": run}, RunOptions)  # not given: as the resumed run had it, else the default
     _add_common(p)
     p.set_defaults(run=_train, parser=p)
 

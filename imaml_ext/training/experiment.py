@@ -135,9 +135,16 @@ class RunOptions:
     """Where and how a run happens (not part of the checkpointed configuration).
 
     ``log_every``: steps per metrics line; ``checkpoint_every``: steps per
-    checkpoint (0: only at the end or on interruption); ``val_every``: steps
-    per validation (0: none) on ``val_tasks`` tasks, the same tasks each
-    time; ``eval_seed``: seed of those tasks.
+    checkpoint (0: only at the end or on interruption);
+    ``checkpoint_minutes``: also a checkpoint whenever this much training
+    time has passed since the last one, so a crash loses at most that;
+    ``val_every``: steps per validation (0: none) on ``val_tasks`` tasks,
+    the same tasks each time; ``eval_seed``: seed of those tasks;
+    ``threads``: torch CPU threads (None: as set).
+
+    A checkpoint stores :meth:`stored` (all but ``out_dir`` and
+    ``progress``); a resumed run reuses them unless told otherwise
+    (:meth:`build`).
     """
 
     out_dir: Path
@@ -146,13 +153,33 @@ class RunOptions:
     log_every: int = option(10, POSITIVE_INT, "steps per metrics line (default 10)", _RUN)
     checkpoint_every: int = option(500, NONNEGATIVE_INT, "steps per checkpoint; 0: only at the end (default 500)",
                                    _RUN)
+    checkpoint_minutes: float = option(5.0, POSITIVE_FLOAT, "also checkpoint after this many minutes of training "
+                                       "since the last checkpoint (default 5)", _RUN)
     val_every: int = option(0, NONNEGATIVE_INT, "steps per validation; 0: none", _RUN)
     val_tasks: int = option(100, POSITIVE_INT, "tasks per validation (default 100)", _RUN)
     eval_seed: int = option(0, NONNEGATIVE_INT)
+    threads: Optional[int] = None
     progress: bool = True
 
     def __post_init__(self):
         check_fields(self)
+
+    def stored(self) -> Dict[str, Any]:
+        """The options a checkpoint keeps for a resumed run (all but ``out_dir`` and ``progress``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_STORED}
+
+    @classmethod
+    def build(cls, out_dir: Path, stored: Dict[str, Any], progress: bool = True,
+              **given: Any) -> "RunOptions":
+        """Options of a run: the defaults, then the ``stored`` ones of a resumed run (known names only),
+        then those ``given`` (None entries ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)} - _NOT_STORED
+        values = {k: v for k, v in stored.items() if k in names}
+        values.update({k: v for k, v in given.items() if v is not None})
+        return cls(out_dir=out_dir, progress=progress, **values)
+
+
+_NOT_STORED = {"out_dir", "progress"}
 
 
 def make_config(dataset: Optional[str] = None, preset: Optional[str] = None,

@@ -4,8 +4,15 @@
 meta-batch of T tasks, put the meta-gradient of the mean query loss on the
 model's parameters, step the outer optimizer.  :func:`train` runs it for
 ``cfg.meta_steps`` steps with a progress bar, JSONL metrics, atomic
-checkpoints (:mod:`imaml_ext.training.checkpoint`), optional validation, and SIGINT /
-SIGTERM handling that checkpoints after the step in progress and returns.
+checkpoints (:mod:`imaml_ext.training.checkpoint`) every so many steps and
+every so many minutes, optional validation, and SIGINT / SIGTERM handling
+that checkpoints after the step in progress and returns.
+
+Safety: the run folder is locked for the whole run
+(:class:`~imaml_ext.training.runfolder.RunLock`); a checkpoint stores the
+run options, which a resumed run reuses; a meta-gradient with NaN or
+infinite entries is never stepped into the model, and the run stops with an
+error naming the step and the tasks (:mod:`imaml_ext.training.gradcheck`).
 
 Exact resumption: the parameters, the optimizer state, the task sampler's
 generator and the global torch / NumPy / Python generators are all restored,
@@ -18,6 +25,7 @@ The metrics file's records are described in :mod:`imaml_ext.training.metrics`.
 configuration a run or a resumed run has), :class:`RunState` (model,
 optimizer, sampler, step and time; built, restored from and saved to a
 checkpoint), :class:`Checkpointer`, :class:`Validator`,
+:class:`~imaml_ext.training.gradcheck.MetaGradientWatch`,
 :class:`~imaml_ext.training.metrics.MetricsLogger` and :class:`InterruptGuard`.
 """
 from __future__ import annotations
@@ -27,6 +35,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -39,10 +48,14 @@ from .. import diagnostics
 from ..unrolled import reptile_grad
 from .checkpoint import CHECKPOINT_NAME, FORMAT, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .evaluate import evaluate
+from ..data.paths import atomic_file, data_root
+from ..finite import NonFiniteLossError
 from .experiment import (RunOptions, TrainConfig, build_model, build_outer_optimizer, check_device,
                          is_classification, loss_function, make_sampler)
+from .gradcheck import MetaGradientWatch, NonFiniteStepError, step_if_finite
 from .methods import get_method
 from .metrics import METRICS_NAME, MetricsLogger
+from .runfolder import RunError, RunLock
 
 __all__ = ["MetaStep", "RunOptions", "TrainResult", "InterruptGuard", "train", "METRICS_NAME", "RunState",
            "Checkpointer", "Validator", "resume_config"]
@@ -61,6 +74,11 @@ class MetaStep:
     the support set without a graph and uses θ − mean_t φ_t as the
     gradient (:func:`imaml_ext.unrolled.reptile_grad`); its reported loss is
     the query loss of the adapted parameters.
+
+    The outer step is taken only if the meta-gradient is finite
+    (:meth:`step_if_finite`); after a call, :attr:`finite` holds that
+    condition and :attr:`task_losses` the per-task query losses ``[T]``,
+    both on the device.
     """
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer):
@@ -69,6 +87,8 @@ class MetaStep:
         self.method = get_method(cfg.method)
         self.loss_fn = loss_function(cfg)
         self.classification = is_classification(cfg)
+        self.finite: Optional[torch.Tensor] = None
+        self.task_losses: Optional[torch.Tensor] = None
 
     def adapt(self, sx: torch.Tensor, sy: torch.Tensor):
         return self.method.adapt(self.cfg, self.model, sx, sy, self.loss_fn)
@@ -76,6 +96,16 @@ class MetaStep:
     def query_loss(self, out: torch.Tensor, qy: torch.Tensor) -> torch.Tensor:
         """Mean loss over all T·m queries: out [T, m, ...], qy [T, m, ...] -> scalar."""
         return self.loss_fn(out.flatten(0, 1), qy.flatten(0, 1))
+
+    def per_task_losses(self, out: torch.Tensor, qy: torch.Tensor) -> torch.Tensor:
+        """Each task's mean query loss, detached: out [T, m, ...], qy [T, m, ...] -> [T]."""
+        with torch.no_grad():
+            losses = self.loss_fn(out.detach().flatten(0, 1), qy.flatten(0, 1), reduction="none")
+            return losses.reshape(out.shape[0], -1).mean(1)
+
+    def step_if_finite(self) -> torch.Tensor:
+        """The outer optimizer's step, taken only if the meta-gradient is finite (0-dim bool on the device)."""
+        return step_if_finite(self.optimizer)
 
     def __call__(self, batch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         sx, sy, qx, qy = batch
@@ -92,7 +122,8 @@ class MetaStep:
             loss = self.query_loss(out, qy)
             loss.backward()
         self.info = adapted.info  # the last step's solver diagnostics, for the log
-        self.optimizer.step()
+        self.task_losses = self.per_task_losses(out, qy)
+        self.finite = self.step_if_finite()
         acc = (out.detach().argmax(-1) == qy).float().mean() if self.classification else None
         return loss.detach(), acc
 
@@ -153,6 +184,10 @@ def resume_config(cfg: Optional[TrainConfig], resume: Optional[Path], meta_steps
             raise ValueError("a resumed run keeps its saved configuration: pass cfg=None with resume")
         state = load_checkpoint(resume)
         cfg = TrainConfig.from_dict(state["config"])
+        done = int(state["step"])
+        if meta_steps is not None and meta_steps < done:
+            raise RunError(f"{resume} has done {done} meta-steps; a total of meta_steps={meta_steps} "
+                           f"(--meta-steps) would go back: give the new total, at least {done}")
     if cfg is None:
         raise ValueError("give a configuration, or a checkpoint to resume")
     if meta_steps is not None:
@@ -164,8 +199,9 @@ class RunState:
     """What a checkpoint holds: the model, outer optimizer and training task sampler of ``cfg``,
     the meta-steps done and the training time so far."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, data_root: Optional[str]):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, device: torch.device, data_root: Optional[str],
+                 options: Optional[Dict[str, Any]] = None):
+        self.cfg, self.options = cfg, options or {}
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg).to(device)
         self.optimizer = build_outer_optimizer(cfg, self.model)
@@ -182,30 +218,27 @@ class RunState:
 
     def payload(self) -> Dict[str, Any]:
         """The checkpoint's contents (format in :mod:`imaml_ext.training.checkpoint`)."""
-        return {"format": FORMAT, "config": self.cfg.to_dict(), "step": self.step, "seconds": self.seconds,
+        return {"format": FORMAT, "config": self.cfg.to_dict(), "run": self.options,
+                "step": self.step, "seconds": self.seconds,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "sampler": self.sampler.state_dict(), "rng": capture_rng()}
 
 
 class Checkpointer:
-    """Saves a :class:`RunState` every ``every`` steps (0: never on the way) and at the end."""
+    """Saves a :class:`RunState`: :meth:`due` every ``every`` steps (0: never on the way) and
+    whenever ``minutes`` of wall time have passed since the last save (or the start)."""
 
-    def __init__(self, path: Path, every: int):
-        self.path, self.every = path, every
+    def __init__(self, path: Path, every: int, minutes: float):
+        self.path, self.every, self.seconds = path, every, 60.0 * minutes
         self.saved: Optional[int] = None
+        self._last = time.monotonic()
+
+    def due(self, run: RunState) -> bool:
+        return bool(self.every and run.step % self.every == 0) or time.monotonic() - self._last >= self.seconds
 
     def save(self, run: RunState) -> None:
         save_checkpoint(self.path, run.payload())
-        self.saved = run.step
-
-    def maybe_save(self, run: RunState) -> None:
-        if self.every and run.step % self.every == 0:
-            self.save(run)
-
-    def finish(self, run: RunState) -> None:
-        """Save unless the last save was at this step."""
-        if self.saved != run.step:
-            self.save(run)
+        self.saved, self._last = run.step, time.monotonic()
 
 
 class Validator:
@@ -224,57 +257,115 @@ class Validator:
         return evaluate(self.cfg, model, self.sampler, self.tasks)
 
 
+@contextmanager
+def _torch_threads(threads: Optional[int]):
+    """torch's CPU thread count set to ``threads`` (None: unchanged) inside the block."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train(cfg: Optional[TrainConfig], opts: RunOptions, resume: Optional[Path] = None,
           meta_steps: Optional[int] = None) -> TrainResult:
     """Meta-train, writing ``checkpoint.pt``, ``metrics.jsonl`` and ``config.json`` in ``opts.out_dir``.
+
+    The folder is locked for the whole run (a second training into it raises
+    :class:`~imaml_ext.training.runfolder.RunFolderBusyError`); temporary
+    files left by a killed run are removed.  The checkpoint also stores
+    ``opts.stored()`` with the data root made absolute and the thread count
+    in effect, for :meth:`RunOptions.build` on resume.
 
     Args:
         cfg: the configuration of a new run; None with ``resume``.
         opts: where and how to run.
         resume: a checkpoint (file or run folder) to continue; its
             configuration is used.
-        meta_steps: with ``resume``, a new total number of meta-steps.
+        meta_steps: with ``resume``, a new total number of meta-steps (not
+            fewer than done: :class:`~imaml_ext.training.runfolder.RunError`).
 
     Returns:
         :class:`TrainResult`; ``interrupted`` if a signal stopped the run
         (after checkpointing the completed steps).
+
+    Raises:
+        NonFiniteStepError: a meta-gradient had NaN or infinite entries
+            (that step was not applied), or a support loss became
+            non-finite in the inner loop; nothing after it is saved.
     """
     device = check_device(opts.device)
-    cfg, state = resume_config(cfg, resume, meta_steps)
     out_dir = Path(opts.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run = RunState(cfg, device, opts.data_root)
+    with RunLock(out_dir) as lock, _torch_threads(opts.threads):
+        lock.remove_partials()
+        cfg, state = resume_config(cfg, resume, meta_steps)
+        stored = dict(opts.stored(), threads=torch.get_num_threads(),
+                      data_root=str(data_root(opts.data_root).resolve()))
+        return _train_locked(cfg, state, opts, device, stored)
+
+
+def _train_locked(cfg: TrainConfig, state: Optional[Dict[str, Any]], opts: RunOptions, device: torch.device,
+                  stored: Dict[str, Any]) -> TrainResult:
+    """:func:`train`'s loop, in the locked run folder."""
+    out_dir = Path(opts.out_dir)
+    run = RunState(cfg, device, opts.data_root, stored)
     validator = Validator(cfg, opts, device) if opts.val_every else None
     logger = MetricsLogger(out_dir / METRICS_NAME, cfg.method, echo=not opts.progress)
     if state is not None:
         run.restore(state)
     logger.resume_at(run.step if state is not None else None)
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    checkpointer = Checkpointer(out_dir / CHECKPOINT_NAME, opts.checkpoint_every)
+    with atomic_file(out_dir / "config.json") as tmp:
+        tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    checkpointer = Checkpointer(out_dir / CHECKPOINT_NAME, opts.checkpoint_every, opts.checkpoint_minutes)
+    watch = MetaGradientWatch()
 
     meta_step = MetaStep(cfg, run.model, run.optimizer)
     last: Dict[str, Any] = {}
     interrupted = False
     bar = tqdm(total=cfg.meta_steps, initial=run.step, desc=cfg.method, unit="step",
                disable=not opts.progress, dynamic_ncols=True)
-    with InterruptGuard() as guard, logger:
+    with InterruptGuard() as guard, logger, closing(bar):
         started = time.perf_counter() - run.seconds
         while run.step < cfg.meta_steps:
-            logger.add(*meta_step(run.sampler.sample(cfg.meta_batch)))
+            try:
+                logger.add(*meta_step(run.sampler.sample(cfg.meta_batch)))
+            except NonFiniteLossError as exc:  # the library's: a support loss went NaN / inf
+                _check_gradients(watch, checkpointer)  # an earlier refused step is reported first
+                raise NonFiniteStepError(f"meta-step {run.step + 1}: {exc}. {_kept(checkpointer)}") from None
             run.step += 1
+            watch.record(run.step, meta_step.finite, meta_step.task_losses)
             run.seconds = time.perf_counter() - started
             bar.update(1)
-            if run.step % opts.log_every == 0 or run.step == cfg.meta_steps:
+            interrupted = guard.requested is not None
+            save = interrupted or run.step == cfg.meta_steps or checkpointer.due(run)
+            if save or run.step % opts.log_every == 0:  # a checkpoint ends a metrics window
+                _check_gradients(watch, checkpointer)
                 last = logger.log_train(run.step, run.seconds, diagnostics.summary(meta_step.info))
                 bar.set_postfix(loss=f"{last['loss']:.4f}",
                                 **({"acc": f"{last['acc']:.3f}"} if last["acc"] is not None else {}))
             if validator is not None and validator.due(run.step):
                 logger.log_val(run.step, run.seconds, validator(run.model))
-            if guard.requested is not None:
-                interrupted = True
+            if save:
+                checkpointer.save(run)
+            if interrupted:
                 break
-            checkpointer.maybe_save(run)
-        checkpointer.finish(run)
-    bar.close()
     return TrainResult(step=run.step, interrupted=interrupted, checkpoint=checkpointer.path,
                        metrics=logger.path, seconds=run.seconds, last=last)
+
+
+def _kept(checkpointer: Checkpointer) -> str:
+    """What a run stopped by a non-finite step leaves, for the error message."""
+    if checkpointer.saved is not None:
+        return f"Training stopped; {checkpointer.path} holds meta-step {checkpointer.saved}."
+    before = f" ({checkpointer.path} is from before)" if checkpointer.path.exists() else ""
+    return f"Training stopped; nothing was saved by this run{before}."
+
+
+def _check_gradients(watch: MetaGradientWatch, checkpointer: Checkpointer) -> None:
+    """:meth:`MetaGradientWatch.check`, its error saying what the checkpoint holds."""
+    try:
+        watch.check()
+    except NonFiniteStepError as exc:
+        raise NonFiniteStepError(f"{exc}. {_kept(checkpointer)}") from None
