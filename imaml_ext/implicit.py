@@ -22,15 +22,15 @@ checks for non-finite losses on the host, which ``vmap`` does not allow.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Union
+from dataclasses import dataclass, fields
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import inner
-from .adapted import Adapted
+from .adapted import Adapted, task_chunks
 from .functional import TaskLoss
 from .hvp import HVP_MODES, make_hvp
 from .solvers import (CG, IMAML_DEV_RESIDUAL_TOL, CGResult, CGState, ImamlDevCG, Matvec,
@@ -59,11 +59,16 @@ class _ImplicitSystem:
     hvp_mode: str
     solver: LinearSolver
     info: Dict[str, object]
+    chunks: List[slice]  # the tasks, solved one slice at a time (task_chunk)
 
     def solve(self, phi: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-        """A_t⁻¹ rhs_t for every task, at φ* ``[T, P]``; records the solver's result."""
-        hvp = make_hvp(self.task_loss.per_task, phi, self.x, self.y, self.hvp_mode)
-        result = self.solver(ShiftedOperator(hvp, self.a, self.b), rhs)
+        """A_t⁻¹ rhs_t for every task, at φ* ``[T, P]``, one chunk of tasks at a time
+        (one HVP graph per chunk); records the solver's result."""
+        results = []
+        for c in self.chunks:
+            hvp = make_hvp(self.task_loss.per_task, phi[c], self.x[c], self.y[c], self.hvp_mode)
+            results.append(self.solver(ShiftedOperator(hvp, self.a, self.b), rhs[c].contiguous()))
+        result = results[0] if len(results) == 1 else _join_results(results)
         self.info["linear_solve"] = result
         x = result if isinstance(result, torch.Tensor) else getattr(result, "x", None)
         if not isinstance(x, torch.Tensor):
@@ -78,6 +83,24 @@ class _ImplicitSystem:
             # contributes NaN, as a differentiated loop would: never a silent 0.
             x = torch.where((result.state == CGState.NONFINITE)[:, None], torch.nan, x)
         return x
+
+
+def _join_results(results: Sequence[object]) -> object:
+    """The chunks' solver results as one: tensors concatenated over tasks (a CGResult's
+    fields), else the list of results."""
+    if all(isinstance(r, torch.Tensor) for r in results):
+        return torch.cat(list(results))
+    if all(isinstance(r, CGResult) for r in results):
+        return CGResult(*(torch.cat([getattr(r, f.name) for r in results]) for f in fields(CGResult)))
+    return _ChunkResults(results)
+
+
+class _ChunkResults(list):
+    """The results of a user's solver, one per chunk of tasks; ``.x`` is their [T, P] solution."""
+
+    @property
+    def x(self) -> torch.Tensor:
+        return torch.cat([r if isinstance(r, torch.Tensor) else r.x for r in self])
 
 
 class _ImplicitMetaGrad(torch.autograd.Function):
@@ -135,7 +158,7 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
           cg_steps: int = _CG_STEPS_DEFAULT, cg_tol: Optional[float] = None,
           inner_cg_steps: int = 5, max_grad_norm: Optional[float] = None, hvp_mode: str = "auto",
           operator: Optional[tuple] = None, compat: Optional[str] = None,
-          cg_damping: Optional[float] = None) -> Adapted:
+          cg_damping: Optional[float] = None, task_chunk: Optional[int] = None) -> Adapted:
     """Adapt ``model`` to T tasks with iMAML; the result's backward yields the
     implicit meta-gradient on ``model``'s parameters.
 
@@ -182,6 +205,13 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
             Never the default; use it only to compare with that code.
         cg_damping: d in the ``"imaml_dev"`` operator (default 1.0, the
             official code's); only with ``compat="imaml_dev"``.
+        task_chunk: process the tasks ``task_chunk`` at a time (None: all at
+            once): the inner solve, the backward solve (one HVP graph per
+            chunk) and ``adapted(x)`` / ``adapted.loss`` (each chunk's forward
+            recomputed in the backward pass instead of kept), so that peak
+            memory follows the chunk, not T.  The tasks are independent, so the
+            meta-gradient is the unchunked one up to rounding; the price is one
+            more forward pass of the query batch.
 
     An explicit ``cg_tol=0`` or ``max_grad_norm=0`` (the old spelling of
     "off") still means off, with a DeprecationWarning.
@@ -227,6 +257,10 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
     if operator is not None and (not isinstance(operator, (tuple, list)) or len(operator) != 2):
         raise ValueError(f"operator must be a pair (a, b) for A = a·I + b·H, got {operator!r}")
 
+    if task_chunk is not None:
+        check_steps("task_chunk", task_chunk, minimum=1)
+    chunks = task_chunks(support_x.shape[0], task_chunk)
+
     x, y = support_x, support_y
     if compat == "imaml_dev":
         if operator is not None:
@@ -235,24 +269,36 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         check_nonnegative("cg_damping", cg_damping)
         a, b = 1.0 + cg_damping, 1.0 / (lam + 10.0)
 
-        def solve(theta):
+        def solve_chunk(theta, x, y):
             return inner.solve_imaml_dev(task_loss, theta, x, y, lam=lam, steps=inner_steps,
                                          lr=inner_lr, max_grad_norm=max_grad_norm)
     else:
         a, b = (1.0, 1.0 / lam) if operator is None else map(float, operator)
         if inner_solver == "gd":
-            def solve(theta):
+            def solve_chunk(theta, x, y):
                 return inner.solve_gd(task_loss, theta, x, y, lam=lam, steps=inner_steps,
                                       lr=inner_lr, max_grad_norm=max_grad_norm)
         else:
-            def solve(theta):
+            def solve_chunk(theta, x, y):
                 return inner.solve_hf(task_loss, theta, x, y, lam=lam, steps=inner_steps,
                                       cg_steps=inner_cg_steps, hvp_mode=hvp_mode)
     if not a > 0:
         raise ValueError(f"the operator's identity coefficient a must be > 0, got {a}")
 
+    def solve(theta):
+        if len(chunks) == 1:
+            return solve_chunk(theta, x, y)
+        out = []
+        for c in chunks:
+            try:
+                out.append(solve_chunk(theta, x[c], y[c]))
+            except inner.NonFiniteLossError as e:
+                raise inner.NonFiniteLossError(f"in the chunk of tasks {c.start}..{c.stop - 1} (task_chunk="
+                                               f"{task_chunk}; the task numbers count from {c.start}): {e}") from e
+        return torch.cat(out)
+
     info: Dict[str, object] = {}
     system = _ImplicitSystem(task_loss=task_loss, x=x, y=y, a=a, b=b, hvp_mode=hvp_mode,
-                             solver=solver, info=info)
+                             solver=solver, info=info, chunks=chunks)
     phi = _ImplicitMetaGrad.apply(task_loss.theta(), solve, system)
-    return Adapted(task_loss, phi, info)
+    return Adapted(task_loss, phi, info, task_chunk=task_chunk)
