@@ -61,8 +61,11 @@ class Adapted:
         chunks = task_chunks(self.num_tasks, self.task_chunk)
         if len(chunks) == 1:
             return fn(self.flat, *data)
-        return torch.cat([checkpoint(fn, self.flat[c], *(d[c] for d in data), use_reentrant=False)
-                          for c in chunks])
+        # split, not indexing: one backward node writes the chunks' gradients into one [T, P]
+        # buffer, where a slice's backward would fill a zero [T, P] buffer per chunk.
+        flats = self.flat.split([c.stop - c.start for c in chunks])
+        return torch.cat([checkpoint(fn, flat, *(d[c] for d in data), use_reentrant=False)
+                          for flat, c in zip(flats, chunks)])
 
     def __repr__(self) -> str:
         return f"Adapted(tasks={self.num_tasks}, params={self.flat.shape[1]}, dtype={self.flat.dtype})"

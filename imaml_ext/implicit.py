@@ -22,8 +22,9 @@ checks for non-finite losses on the host, which ``vmap`` does not allow.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Callable, Dict, List, Optional, Sequence, Union
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -64,11 +65,11 @@ class _ImplicitSystem:
     def solve(self, phi: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         """A_t⁻¹ rhs_t for every task, at φ* ``[T, P]``, one chunk of tasks at a time
         (one HVP graph per chunk); records the solver's result."""
-        results = []
-        for c in self.chunks:
-            hvp = make_hvp(self.task_loss.per_task, phi[c], self.x[c], self.y[c], self.hvp_mode)
-            results.append(self.solver(ShiftedOperator(hvp, self.a, self.b), rhs[c].contiguous()))
-        result = results[0] if len(results) == 1 else _join_results(results)
+        if len(self.chunks) == 1:
+            hvp = make_hvp(self.task_loss.per_task, phi, self.x, self.y, self.hvp_mode)
+            result = self.solver(ShiftedOperator(hvp, self.a, self.b), rhs)
+        else:
+            result = self._solve_chunks(phi, rhs)
         self.info["linear_solve"] = result
         x = result if isinstance(result, torch.Tensor) else getattr(result, "x", None)
         if not isinstance(x, torch.Tensor):
@@ -84,15 +85,24 @@ class _ImplicitSystem:
             x = torch.where((result.state == CGState.NONFINITE)[:, None], torch.nan, x)
         return x
 
-
-def _join_results(results: Sequence[object]) -> object:
-    """The chunks' solver results as one: tensors concatenated over tasks (a CGResult's
-    fields), else the list of results."""
-    if all(isinstance(r, torch.Tensor) for r in results):
-        return torch.cat(list(results))
-    if all(isinstance(r, CGResult) for r in results):
-        return CGResult(*(torch.cat([getattr(r, f.name) for r in results]) for f in fields(CGResult)))
-    return _ChunkResults(results)
+    def _solve_chunks(self, phi: torch.Tensor, rhs: torch.Tensor) -> object:
+        """The solve one chunk at a time, the solutions written into one ``[T, P]`` buffer;
+        the result is a tensor, a CGResult with the chunks' diagnostics joined, or (for
+        other solvers) the list of the chunks' results."""
+        out = torch.empty_like(rhs)
+        results = []
+        for c in self.chunks:
+            hvp = make_hvp(self.task_loss.per_task, phi[c], self.x[c], self.y[c], self.hvp_mode)
+            r = self.solver(ShiftedOperator(hvp, self.a, self.b), rhs[c].contiguous())
+            out[c] = r if isinstance(r, torch.Tensor) else r.x
+            results.append(r if not isinstance(r, CGResult) else
+                           dataclasses.replace(r, x=out[c]))  # the chunk's own copy is freed
+        if all(isinstance(r, torch.Tensor) for r in results):
+            return out
+        if all(isinstance(r, CGResult) for r in results):
+            return CGResult(out, *(torch.cat([getattr(r, f.name) for r in results])
+                                   for f in dataclasses.fields(CGResult)[1:]))
+        return _ChunkResults(results)
 
 
 class _ChunkResults(list):
@@ -288,14 +298,14 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
     def solve(theta):
         if len(chunks) == 1:
             return solve_chunk(theta, x, y)
-        out = []
+        phi = theta.new_empty(x.shape[0], theta.numel())
         for c in chunks:
             try:
-                out.append(solve_chunk(theta, x[c], y[c]))
+                phi[c] = solve_chunk(theta, x[c], y[c])
             except inner.NonFiniteLossError as e:
                 raise inner.NonFiniteLossError(f"in the chunk of tasks {c.start}..{c.stop - 1} (task_chunk="
                                                f"{task_chunk}; the task numbers count from {c.start}): {e}") from e
-        return torch.cat(out)
+        return phi
 
     info: Dict[str, object] = {}
     system = _ImplicitSystem(task_loss=task_loss, x=x, y=y, a=a, b=b, hvp_mode=hvp_mode,

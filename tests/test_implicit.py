@@ -493,18 +493,30 @@ def test_torch_func_grad_refuses_reverse_hvp():
 
 # --- task_chunk ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("linear_solver", ["cg", im.Neumann(steps=80, alpha=0.5)])
+class _SolutionHolder:
+    """A user's solver result that is neither a tensor nor a CGResult: the solution as .x."""
+
+    def __init__(self, x):
+        self.x = x
+
+
+@pytest.mark.parametrize("linear_solver", ["cg", "neumann", "holder"])
 def test_task_chunk_matches_closed_form(linear_solver):
     """T = 4 tasks in chunks of 3 and 1: the meta-gradient is the closed form's and the
     solver's per-task results cover all four tasks."""
+    neumann = im.Neumann(steps=80, alpha=0.5)
+    solver = {"cg": "cg", "neumann": neumann,
+              "holder": lambda matvec, rhs: _SolutionHolder(neumann(matvec, rhs))}[linear_solver]
     kw = dict(cg_steps=30, cg_tol=1e-14) if linear_solver == "cg" else {}
-    got, ref, info = ridge_meta_gradient(linear_solver, task_chunk=3, **kw)
+    got, ref, info = ridge_meta_gradient(solver, task_chunk=3, **kw)
     assert (got - ref).norm() / ref.norm() < 1e-8
     if linear_solver == "cg":
         assert info["cg"].x.shape[0] == 4 and info["cg"].state.shape == (4,)
         assert (info["cg"].state == im.solvers.CGState.CONVERGED).all()
-    else:
+    elif linear_solver == "neumann":
         assert info["linear_solve"].shape[0] == 4
+    else:
+        assert [len(r.x) for r in info["linear_solve"]] == [3, 1] and info["linear_solve"].x.shape[0] == 4
 
 
 @pytest.mark.parametrize("task_chunk", [1, 2, 5])
