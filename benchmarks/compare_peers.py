@@ -79,8 +79,9 @@ class Variant(NamedTuple):
     options: Dict[str, object]
 
 
-def variants(work: str, steps: int, task_chunk: int) -> List[Variant]:
-    """imaml_ext first, then the peers that implement ``work``."""
+def variants(work: str, steps: int, task_chunk: int, budget_mb: float = 0.0) -> List[Variant]:
+    """imaml_ext first, then the peers that implement ``work`` (and, for checkpointed MAML
+    with ``budget_mb``, imaml_ext with that memory_budget)."""
     every = max(1, round(steps ** 0.5))
     chunk = {"task_chunk": task_chunk} if task_chunk else {}
     if work == "imaml":
@@ -94,7 +95,10 @@ def variants(work: str, steps: int, task_chunk: int) -> List[Variant]:
     if work == "first_order":
         return [Variant("imaml_ext", "", pl.imaml_ext_maml, dict(mode="first_order")),
                 Variant("higher", "higher", pl.higher_maml, dict(first_order=True))]
+    budget = [Variant(f"imaml_ext budget {budget_mb:g} MB", "", pl.imaml_ext_maml,
+                      dict(mode="checkpointed", memory_budget=int(budget_mb * MB)))] if budget_mb else []
     return [Variant("imaml_ext", "", pl.imaml_ext_maml, dict(mode="checkpointed", checkpoint_every=every)),
+            *budget,
             Variant("torch_maml", "torch_maml", pl.torch_maml_checkpointed, dict(checkpoint_steps=every))]
 
 
@@ -214,7 +218,7 @@ def run_point(args) -> dict:
     work, model_name, name = args.point.split(":")
     settings = dict(SETTINGS[work], steps=args.steps.get(work, SETTINGS[work]["steps"]))
     model, batch = build_problem(model_name, args.tasks_of[work], args)
-    v = next(v for v in variants(work, settings["steps"], args.task_chunk) if v.name == name)
+    v = next(v for v in variants(work, settings["steps"], args.task_chunk, args.budget_mb) if v.name == name)
     cuda = args.device == "cuda"
     gc.collect()
     if cuda:
@@ -289,7 +293,9 @@ def compare(args) -> List[dict]:
                 print(f"[compare_peers] {model_name}: imaml_ext.models has no Conv4 here; skipped", flush=True)
                 continue
             vs = []
-            for v in variants(work, settings["steps"], args.task_chunk):
+            for v in variants(work, settings["steps"], args.task_chunk, args.budget_mb):
+                if args.variants and v.name not in args.variants:
+                    continue
                 why = v.peer and pl.peer_status(v.peer)
                 if why:
                     rows.append(dict(work=work, model=model_name, tasks=tasks, variant=v.name, error="skipped"))
@@ -334,6 +340,10 @@ def parse(argv):
     ap.add_argument("--checkpointed-tasks", type=int, default=None,
                     help="T for the checkpointed work (default --tasks)")
     ap.add_argument("--checkpointed-steps", type=int, default=SETTINGS["checkpointed"]["steps"])
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="only these variants (names as in the table, e.g. imaml_ext higher)")
+    ap.add_argument("--budget-mb", type=float, default=0.0,
+                    help="also time checkpointed MAML with memory_budget of this many MB (0: not)")
     ap.add_argument("--task-chunk", type=int, default=0, help="imaml_ext iMAML's task_chunk (0: none)")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds after one warm-up (0: no timing)")
     ap.add_argument("--memory", action="store_true", help="peak memory, a fresh process per variant")
