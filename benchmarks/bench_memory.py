@@ -108,33 +108,20 @@ def meta_gradient(method: str, problem, steps: int, args) -> None:
 
 
 def torch_maml_meta_gradient(problem, steps: int, args) -> None:
-    """torch_maml's GradientCheckpointMAML, task by task (it has no task dimension)."""
-    import warnings
-    import torch.nn.functional as F
-    import torch_maml
+    """torch_maml's GradientCheckpointMAML, task by task (it has no task dimension):
+    benchmarks/peer_loops.py's loop, tested equal to imaml_ext's checkpointed MAML."""
+    sys.path.insert(0, HERE)
+    import peer_loops
     model, xs, ys, xq, yq = problem
-
-    def compute_loss(m, data):
-        x, y = data
-        return F.cross_entropy(m(x), y)
-
     every = args.point_every or max(1, round(steps ** 0.5))
-    maml = torch_maml.GradientCheckpointMAML(model, compute_loss, checkpoint_steps=every,
-                                             optimizer=torch_maml.IngraphGradientDescent(args.lr))
-    for t in range(xs.shape[0]):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # its torch.utils.checkpoint call predates use_reentrant
-            updated, _, _ = maml([(xs[t], ys[t])] * steps)
-            (compute_loss(updated, (xq[t], yq[t])) / xs.shape[0]).backward()
+    peer_loops.torch_maml_checkpointed(model, xs, ys, xq, yq, steps=steps, lr=args.lr, checkpoint_steps=every)
 
 
 def torch_maml_status() -> str:
     """'' when torch_maml is usable, else why not."""
-    try:
-        import torch_maml  # noqa: F401
-    except Exception as e:  # any import failure means: skip it
-        return f"torch_maml not importable ({type(e).__name__}: {e}); pip install torch-maml to include it"
-    return ""
+    sys.path.insert(0, HERE)
+    import peer_loops
+    return peer_loops.peer_status("torch_maml")
 
 
 # --- one point, in a child process ------------------------------------------------------

@@ -1,13 +1,20 @@
 """The result of adaptation: T task-specific parameter sets and the model to run them."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .functional import TaskLoss
 
-__all__ = ["Adapted"]
+__all__ = ["Adapted", "task_chunks"]
+
+
+def task_chunks(num_tasks: int, task_chunk: Optional[int]) -> List[slice]:
+    """The tasks 0..T-1 in slices of ``task_chunk`` (one slice for None)."""
+    size = num_tasks if task_chunk is None else task_chunk
+    return [slice(i, min(i + size, num_tasks)) for i in range(0, num_tasks, size)]
 
 
 class Adapted:
@@ -16,7 +23,9 @@ class Adapted:
     ``adapted(x)`` runs the model with task t's parameters on ``x[t]``
     (x ``[T, m, ...]`` -> ``[T, m, ...]``); ``flat`` is the ``[T, P]`` buffer
     (carrying the meta-gradient's autograd graph) and ``params`` its named
-    ``[T, ...]`` views.  ``info`` holds solver diagnostics, per task.  From
+    ``[T, ...]`` views.  With ``task_chunk``, ``adapted(x)`` and ``loss`` run the
+    tasks that many at a time and recompute each chunk's forward pass in the
+    backward pass (peak memory of one chunk).  ``info`` holds solver diagnostics, per task.  From
     :func:`~imaml_ext.imaml` (keys and shapes also in
     :data:`imaml_ext.diagnostics.INFO_FIELDS`):
 
@@ -37,10 +46,12 @@ class Adapted:
     inner solver's name.
     """
 
-    def __init__(self, task_loss: TaskLoss, flat: torch.Tensor, info: Dict[str, object]):
+    def __init__(self, task_loss: TaskLoss, flat: torch.Tensor, info: Dict[str, object],
+                 task_chunk: Optional[int] = None):
         self.task_loss = task_loss
         self.flat = flat
         self.info = info
+        self.task_chunk = task_chunk
 
     @property
     def params(self) -> Dict[str, torch.Tensor]:
@@ -55,11 +66,23 @@ class Adapted:
             raise ValueError(
                 f"expected inputs [T={self.num_tasks}, m, ...] with the task dimension first, "
                 f"got shape {tuple(x.shape)}")
-        return self.task_loss.outputs(self.flat, x)
+        return self._chunked(self.task_loss.outputs, x)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-task losses ``[T]`` of the adapted parameters on (x, y)."""
-        return self.task_loss.losses(self.flat, x, y)
+        return self._chunked(self.task_loss.losses, x, y)
+
+    def _chunked(self, fn, *data: torch.Tensor) -> torch.Tensor:
+        """``fn(flat, *data)``; with ``task_chunk``, ``task_chunk`` tasks at a time, each
+        chunk's activations recomputed in the backward pass instead of kept."""
+        chunks = task_chunks(self.num_tasks, self.task_chunk)
+        if len(chunks) == 1:
+            return fn(self.flat, *data)
+        # split, not indexing: one backward node writes the chunks' gradients into one [T, P]
+        # buffer, where a slice's backward would fill a zero [T, P] buffer per chunk.
+        flats = self.flat.split([c.stop - c.start for c in chunks])
+        return torch.cat([checkpoint(fn, flat, *(d[c] for d in data), use_reentrant=False)
+                          for flat, c in zip(flats, chunks)])
 
     def __repr__(self) -> str:
         return f"Adapted(tasks={self.num_tasks}, params={self.flat.shape[1]}, dtype={self.flat.dtype})"

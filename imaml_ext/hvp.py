@@ -23,12 +23,12 @@ G_t = J_tᵀ ∇²_z ℓ_t J_t (:func:`make_gnvp`; the names are :data:`CURVATUR
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Union
+from typing import Callable, Dict, Tuple, Union
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
-__all__ = ["make_hvp", "hvp", "HVP_MODES", "DEFAULT_MODES", "default_mode", "make_gnvp", "make_curvature",
+__all__ = ["make_hvp", "hvp", "grad_and_hvp", "HVP_MODES", "DEFAULT_MODES", "default_mode", "make_gnvp", "make_curvature",
            "CURVATURES"]
 
 HVP_MODES = ("reverse", "forward")
@@ -56,21 +56,32 @@ def under_transform(t: torch.Tensor) -> bool:
     return bool(check is not None and check(t))
 
 
+def grad_and_hvp(f: PerTaskLoss, phi, x, y) -> Tuple[torch.Tensor, Matvec]:
+    """The per-task gradients ``[T, P]`` at ``phi`` (detached) and the reverse-mode
+    ``matvec`` that reuses their graph: one forward and backward pass for both."""
+    g, matvec = _reverse_graph(f, phi, x, y)
+    return (torch.zeros_like(phi) if g is None else g.detach()), matvec
+
+
 def _reverse(f: PerTaskLoss, phi, x, y) -> Matvec:
+    return _reverse_graph(f, phi, x, y)[1]
+
+
+def _reverse_graph(f: PerTaskLoss, phi, x, y):
     with torch.enable_grad():
         p = phi.detach().requires_grad_(True)
         total = vmap(f)(p, x, y).sum()
         (g,) = torch.autograd.grad(total, p, create_graph=True, allow_unused=True)
     if g is None or not g.requires_grad:
         # The loss is affine in φ: its Hessian is zero.
-        return torch.zeros_like
+        return g, torch.zeros_like
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             (hv,) = torch.autograd.grad(g, p, grad_outputs=v, retain_graph=True, allow_unused=True)
         return torch.zeros_like(v) if hv is None else hv
 
-    return matvec
+    return g, matvec
 
 
 def _forward(f: PerTaskLoss, phi, x, y) -> Matvec:

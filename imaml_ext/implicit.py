@@ -22,15 +22,16 @@ checks for non-finite losses on the host, which ``vmap`` does not allow.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import diagnostics, inner
-from .adapted import Adapted
+from .adapted import Adapted, task_chunks
 from .functional import TaskLoss
 from .hvp import CURVATURES, HVP_MODES, make_curvature
 from .solvers import (CG, IMAML_DEV_RESIDUAL_TOL, CGResult, CGState, ImamlDevCG, Matvec,
@@ -59,13 +60,17 @@ class _ImplicitSystem:
     hvp_mode: str
     solver: LinearSolver
     info: Dict[str, object]
-    curvature: str = "hessian"
+    curvature: str
+    chunks: List[slice]  # the tasks, solved one slice at a time (task_chunk)
 
     def solve(self, phi: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-        """A_t⁻¹ rhs_t for every task, at φ* ``[T, P]``; records the solver's result
-        and the diagnostics (:mod:`imaml_ext.diagnostics`), warning if they are bad."""
-        hvp = make_curvature(self.task_loss, phi, self.x, self.y, self.curvature, self.hvp_mode)
-        result = self.solver(ShiftedOperator(hvp, self.a, self.b), rhs)
+        """A_t⁻¹ rhs_t for every task, at φ* ``[T, P]``, one chunk of tasks at a time
+        (one HVP graph per chunk); records the solver's result and the
+        diagnostics (:mod:`imaml_ext.diagnostics`), warning if they are bad."""
+        if len(self.chunks) == 1:
+            result = self._solve_one(phi, self.x, self.y, rhs)
+        else:
+            result = self._solve_chunks(phi, rhs)
         self.info["linear_solve"] = result
         x = result if isinstance(result, torch.Tensor) else getattr(result, "x", None)
         if not isinstance(x, torch.Tensor):
@@ -82,6 +87,38 @@ class _ImplicitSystem:
             diagnostics.record_cg(self.info, result)
         diagnostics.check(self.info)
         return x
+
+    def _solve_one(self, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor, rhs: torch.Tensor) -> object:
+        """The linear solver's result for the tasks of ``phi`` ``[t, P]``."""
+        matvec = make_curvature(self.task_loss, phi, x, y, self.curvature, self.hvp_mode)
+        return self.solver(ShiftedOperator(matvec, self.a, self.b), rhs)
+
+    def _solve_chunks(self, phi: torch.Tensor, rhs: torch.Tensor) -> object:
+        """The solve one chunk at a time, the solutions written into one ``[T, P]`` buffer;
+        the result is a tensor, a CGResult with the chunks' diagnostics joined, or (for
+        other solvers) the list of the chunks' results."""
+        out = torch.empty_like(rhs)
+        results = []
+        for c in self.chunks:
+            r = self._solve_one(phi[c], self.x[c], self.y[c], rhs[c].contiguous())
+            out[c] = r if isinstance(r, torch.Tensor) else r.x
+            results.append(r if not isinstance(r, CGResult) else
+                           dataclasses.replace(r, x=out[c]))  # the chunk's own copy is freed
+        if all(isinstance(r, torch.Tensor) for r in results):
+            return out
+        if all(isinstance(r, CGResult) for r in results):
+            fields = [[getattr(r, f.name) for r in results] for f in dataclasses.fields(CGResult)[1:]]
+            return CGResult(out, *(None if any(v is None for v in values) else torch.cat(values)
+                                   for values in fields))
+        return _ChunkResults(results)
+
+
+class _ChunkResults(list):
+    """The results of a user's solver, one per chunk of tasks; ``.x`` is their [T, P] solution."""
+
+    @property
+    def x(self) -> torch.Tensor:
+        return torch.cat([r if isinstance(r, torch.Tensor) else r.x for r in self])
 
 
 class _ImplicitMetaGrad(torch.autograd.Function):
@@ -140,7 +177,8 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
           inner_cg_steps: int = 5, max_grad_norm: Optional[float] = None, hvp_mode: str = "auto",
           operator: Optional[tuple] = None, compat: Optional[str] = None,
           cg_damping: Optional[float] = None, curvature: str = "hessian",
-          inner_tol: Optional[float] = None, inner_momentum: Optional[float] = None) -> Adapted:
+          inner_tol: Optional[float] = None, inner_momentum: Optional[float] = None,
+          task_chunk: Optional[int] = None) -> Adapted:
     """Adapt ``model`` to T tasks with iMAML; the result's backward yields the
     implicit meta-gradient on ``model``'s parameters.
 
@@ -203,6 +241,13 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
             None: all ``inner_steps``.  Not with ``compat``.
         inner_momentum: β of ``"nesterov"``; None: (1 − √(λ·lr))/(1 + √(λ·lr))
             (:func:`~imaml_ext.inner.nesterov_momentum`).
+        task_chunk: process the tasks ``task_chunk`` at a time (None: all at
+            once): the inner solve, the backward solve (one HVP graph per
+            chunk) and ``adapted(x)`` / ``adapted.loss`` (each chunk's forward
+            recomputed in the backward pass instead of kept), so that peak
+            memory follows the chunk, not T.  The tasks are independent, so the
+            meta-gradient is the unchunked one up to rounding; the price is one
+            more forward pass of the query batch.
 
     An explicit ``cg_tol=0`` or ``max_grad_norm=0`` (the old spelling of
     "off") still means off, with a DeprecationWarning.
@@ -271,6 +316,10 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
     if operator is not None and (not isinstance(operator, (tuple, list)) or len(operator) != 2):
         raise ValueError(f"operator must be a pair (a, b) for A = a·I + b·H, got {operator!r}")
 
+    if task_chunk is not None:
+        check_steps("task_chunk", task_chunk, minimum=1)
+    chunks = task_chunks(support_x.shape[0], task_chunk)
+
     x, y = support_x, support_y
     info: Dict[str, object] = {}
     if compat == "imaml_dev":
@@ -280,38 +329,49 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         check_nonnegative("cg_damping", cg_damping)
         a, b = 1.0 + cg_damping, 1.0 / (lam + 10.0)
 
-        def solve(theta):
+        def solve_chunk(theta, x, y, found):
             return inner.solve_imaml_dev(task_loss, theta, x, y, lam=lam, steps=inner_steps,
                                          lr=inner_lr, max_grad_norm=max_grad_norm)
     else:
         a, b = (1.0, 1.0 / lam) if operator is None else map(float, operator)
         if inner_solver == "gd":
-            def solve(theta):
-                found: dict = {}
-                phi = inner.solve_gd(task_loss, theta, x, y, lam=lam, steps=inner_steps, lr=inner_lr,
-                                     max_grad_norm=max_grad_norm, tol=inner_tol, diagnostics=found)
-                diagnostics.record_inner(info, found)
-                return phi
+            def solve_chunk(theta, x, y, found):
+                return inner.solve_gd(task_loss, theta, x, y, lam=lam, steps=inner_steps, lr=inner_lr,
+                                      max_grad_norm=max_grad_norm, tol=inner_tol, diagnostics=found)
         elif inner_solver == "nesterov":
-            def solve(theta):
-                found: dict = {}
-                phi = inner.solve_nesterov(task_loss, theta, x, y, lam=lam, steps=inner_steps,
-                                           lr=inner_lr, momentum=inner_momentum,
-                                           max_grad_norm=max_grad_norm, tol=inner_tol, diagnostics=found)
-                diagnostics.record_inner(info, found)
-                return phi
+            def solve_chunk(theta, x, y, found):
+                return inner.solve_nesterov(task_loss, theta, x, y, lam=lam, steps=inner_steps,
+                                            lr=inner_lr, momentum=inner_momentum,
+                                            max_grad_norm=max_grad_norm, tol=inner_tol, diagnostics=found)
         else:
-            def solve(theta):
-                found: dict = {}
-                phi = inner.solve_hf(task_loss, theta, x, y, lam=lam, steps=inner_steps,
-                                     cg_steps=inner_cg_steps, hvp_mode=hvp_mode, curvature=curvature,
-                                     tol=inner_tol, diagnostics=found)
-                diagnostics.record_inner(info, found)
-                return phi
+            def solve_chunk(theta, x, y, found):
+                return inner.solve_hf(task_loss, theta, x, y, lam=lam, steps=inner_steps,
+                                      cg_steps=inner_cg_steps, hvp_mode=hvp_mode, curvature=curvature,
+                                      tol=inner_tol, diagnostics=found)
     if not a > 0:
         raise ValueError(f"the operator's identity coefficient a must be > 0, got {a}")
 
+    def solve(theta):
+        if len(chunks) == 1:
+            found: dict = {}
+            phi = solve_chunk(theta, x, y, found)
+        else:
+            phi = theta.new_empty(x.shape[0], theta.numel())
+            parts = []
+            for c in chunks:
+                parts.append({})
+                try:
+                    phi[c] = solve_chunk(theta, x[c], y[c], parts[-1])
+                except inner.NonFiniteLossError as e:
+                    raise inner.NonFiniteLossError(
+                        f"in the chunk of tasks {c.start}..{c.stop - 1} (task_chunk={task_chunk}; the "
+                        f"task numbers count from {c.start}): {e}") from e
+            found = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        if found:  # compat="imaml_dev" records none
+            diagnostics.record_inner(info, found)
+        return phi
+
     system = _ImplicitSystem(task_loss=task_loss, x=x, y=y, a=a, b=b, hvp_mode=hvp_mode,
-                             solver=solver, info=info, curvature=curvature)
+                             solver=solver, info=info, curvature=curvature, chunks=chunks)
     phi = _ImplicitMetaGrad.apply(task_loss.theta(), solve, system)
-    return Adapted(task_loss, phi, info)
+    return Adapted(task_loss, phi, info, task_chunk=task_chunk)

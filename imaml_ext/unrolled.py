@@ -32,6 +32,9 @@ the recomputation included, ever updates.
 """
 from __future__ import annotations
 
+import math
+import warnings
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -43,11 +46,11 @@ from .adapted import Adapted
 from .finite import FiniteWatch
 from .flat import ParamLayout
 from .functional import TaskLoss
-from .hvp import HVP_MODES, make_hvp
+from .hvp import HVP_MODES, Matvec, default_mode, grad_and_hvp, make_hvp
 from .inner_optim import OPTIMIZERS, SGD, InnerOptimizer, LearningRate, make_optimizer
 from .validation import check_positive, check_steps, check_task_batch, deprecated_alias
 
-__all__ = ["maml", "reptile_grad", "MODES", "INNER_SOLVERS"]
+__all__ = ["maml", "reptile_grad", "plan_checkpoints", "CheckpointSchedule", "MODES", "INNER_SOLVERS"]
 
 MODES = ("full", "first_order", "checkpointed")
 INNER_SOLVERS = OPTIMIZERS
@@ -99,6 +102,7 @@ class _InnerLoop:
                  steps: int, hvp_mode: str, info: Dict[str, object]):
         self.task_loss, self.opt, self.support, self.lr = task_loss, opt, support, lr
         self.steps, self.hvp_mode, self.info = steps, hvp_mode, info
+        self.keep_graphs = False  # checkpointed: the replay keeps each step's graph (CheckpointSchedule)
 
     def start(self, theta: torch.Tensor) -> Snapshot:
         """φ_0 = θ for every task ``[T, P]`` (a copy, no graph) and s_0 = 0."""
@@ -124,19 +128,43 @@ class _InnerLoop:
         watch.raise_if_bad(f"MAML inner loop ({self.opt.name})", _HINT)
         return phi, snapshots
 
-    def replay(self, snapshot: Snapshot, start: int, stop: int, lr_eff: torch.Tensor,
-               keep_grads: bool) -> List[Tuple[torch.Tensor, State, Optional[torch.Tensor]]]:
+    def replay(self, snapshot: Snapshot, start: int, stop: int, lr_eff: torch.Tensor, keep_grads: bool,
+               keep_graphs: bool = False) -> List[Tuple[torch.Tensor, State, Optional[torch.Tensor], Optional[Matvec]]]:
         """Recompute (φ_k, s_k) for k in [start, stop) from the snapshot at ``start``,
-        with ∇L̂_k(φ_k) when ``keep_grads`` (else None)."""
+        with ∇L̂_k(φ_k) when ``keep_grads`` (else None) and, with ``keep_graphs``, the
+        reverse-mode HVP at φ_k built on the graph of that same gradient (else None)."""
         phi, state = snapshot
         points = []
         for k in range(start, stop):
             last = k == stop - 1
-            g = self.task_loss.grad(phi, *self.support.at(k))[0] if keep_grads or not last else None
-            points.append((phi, state, g if keep_grads else None))
+            matvec = None
+            if keep_graphs:
+                g, matvec = grad_and_hvp(self.task_loss.per_task, phi, *self.support.at(k))
+            else:
+                g = self.task_loss.grad(phi, *self.support.at(k))[0] if keep_grads or not last else None
+            points.append((phi, state, g if keep_grads else None, matvec))
             if not last:
                 phi, state = self.opt.step(phi, g, state, lr_eff, k == 0)
         return points
+
+    def step_graph_bytes(self, phi: torch.Tensor) -> int:
+        """Bytes that one step's gradient graph (kept for a reverse-mode HVP) holds at
+        ``phi`` ``[T, P]``: the storages its saved tensors use, each counted once, φ's own
+        excepted; measured by building it at step 0."""
+        seen = {phi.untyped_storage().data_ptr()}
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            grad_and_hvp(self.task_loss.per_task, phi, *self.support.at(0))
+        return total
 
 
 def _stack_losses(losses: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -210,13 +238,14 @@ class _CheckpointedMAML(torch.autograd.Function):
         for j in reversed(range(len(snapshots))):
             start = j * ctx.every
             stop = min(start + ctx.every, loop.steps)
-            points = loop.replay(snapshots[j], start, stop, lr_eff, keep_grads=lr_grad_t is not None)
+            points = loop.replay(snapshots[j], start, stop, lr_eff, keep_grads=lr_grad_t is not None,
+                                 keep_graphs=fused and loop.keep_graphs)
             for k in reversed(range(start, stop)):
-                phi, state, g = points.pop()
+                phi, state, g, matvec = points.pop()
                 if ctx.max_norm is not None:
                     a = clip_rows(a, ctx.max_norm)
                 if fused:
-                    a = _adjoint_sgd(loop, k, phi, g, a, lr_grad_t, lr_float)
+                    a = _adjoint_sgd(loop, k, phi, g, a, lr_grad_t, lr_float, matvec)
                 else:
                     a, b, step_lr = _adjoint_vjp(loop, k, phi, state, a, b, lr_values, need_lr)
                     lr_grads = [acc if d is None else acc + d for acc, d in zip(lr_grads, step_lr)]
@@ -226,10 +255,13 @@ class _CheckpointedMAML(torch.autograd.Function):
 
 
 def _adjoint_sgd(loop: _InnerLoop, k: int, phi: torch.Tensor, g: Optional[torch.Tensor], a: torch.Tensor,
-                 lr_grad_t: Optional[torch.Tensor], lr: float) -> torch.Tensor:
+                 lr_grad_t: Optional[torch.Tensor], lr: float, matvec: Optional[Matvec] = None) -> torch.Tensor:
     """a_k = a_{k+1} − α H(φ_k) a_{k+1} (H symmetric), in place on ``a``; with ``g`` = ∇L̂_k(φ_k),
-    also lr_grad_t −= ⟨g_t, a_{k+1,t}⟩ (the fused op)."""
-    Ha = make_hvp(loop.task_loss.per_task, phi, *loop.support.at(k), loop.hvp_mode)(a).contiguous()
+    also lr_grad_t −= ⟨g_t, a_{k+1,t}⟩ (the fused op).  ``matvec``: H(φ_k)'s product kept
+    from the replay (else built here)."""
+    if matvec is None:
+        matvec = make_hvp(loop.task_loss.per_task, phi, *loop.support.at(k), loop.hvp_mode)
+    Ha = matvec(a).contiguous()
     if lr_grad_t is None:
         return a.sub_(Ha, alpha=lr)
     ops.adjoint_sgd_step_(a, Ha, g, lr_grad_t, lr)
@@ -255,6 +287,56 @@ def _adjoint_vjp(loop: _InnerLoop, k: int, phi: torch.Tensor, state: State, a: t
     n = 1 + len(s)
     rate_grads = iter(grads[n:])
     return grads[0], tuple(grads[1:n]), [next(rate_grads) if need else None for need in need_lr]
+
+
+@dataclass(frozen=True)
+class CheckpointSchedule:
+    """How checkpointed MAML trades memory for recomputation.
+
+    every: c, steps between snapshots.  keep_graphs: the backward pass replays
+    a segment keeping each step's gradient graph and takes the adjoint's HVPs
+    on those graphs (one forward and backward pass per step fewer than
+    rebuilding them, the memory of c graphs).  estimated_bytes: the estimate
+    of what the schedule holds beyond the model; step_graph_bytes: one step's
+    graph, measured; budget: the memory_budget asked for.
+    """
+
+    every: int
+    keep_graphs: bool
+    estimated_bytes: int
+    step_graph_bytes: int
+    budget: Optional[int]
+
+
+def plan_checkpoints(steps: int, snapshot_bytes: int, graph_bytes: int, budget: int,
+                     graphs_allowed: bool = True) -> CheckpointSchedule:
+    """The fastest schedule that fits ``budget`` bytes, for K = ``steps``, snapshots
+    (φ_k, s_k) of ``snapshot_bytes`` and one step's gradient graph of ``graph_bytes``.
+
+    Memory: with kept graphs, interval c holds ⌈K/c⌉ snapshots and c points with their
+    graphs; without, ⌈K/c⌉ snapshots, c points and one graph at a time.  Time, in
+    forward-and-backward passes per step beyond the forward loop, the HVP's graph and
+    its product: none with kept graphs (the replay's gradient graph is the HVP's);
+    without, the replay's gradients, (c − 1)/c.  Among the schedules that fit, the
+    fastest, then the smallest; when none fits, the smallest without kept graphs (its
+    estimate above the budget: :func:`maml` warns).
+    """
+    s, G = snapshot_bytes, graph_bytes
+
+    def cost(c: int, graphs: bool) -> int:
+        return math.ceil(steps / c) * s + (c * (s + G) if graphs else c * s + G)
+
+    def extra_passes(c: int, graphs: bool) -> float:
+        return 0.0 if graphs else (c - 1) / c
+
+    options = [(c, graphs) for graphs in ((True, False) if graphs_allowed else (False,))
+               for c in range(1, steps + 1)]
+    fitting = [o for o in options if cost(*o) <= budget]
+    if fitting:
+        c, graphs = min(fitting, key=lambda o: (extra_passes(*o), cost(*o)))
+    else:
+        c, graphs = min(((c, False) for c in range(1, steps + 1)), key=lambda o: cost(*o))
+    return CheckpointSchedule(c, graphs, cost(c, graphs), G, budget)
 
 
 def _full_maml(loop: _InnerLoop, theta: torch.Tensor, max_norm: Optional[float]) -> torch.Tensor:
@@ -298,7 +380,7 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
          momentum: Optional[float] = None, beta: Optional[float] = None, eps: Optional[float] = None,
          checkpoint_every: Optional[int] = None, max_grad_grad_norm: Optional[float] = None,
          per_step_support: bool = False, hvp_mode: str = "auto",
-         optimizer: Optional[str] = None) -> Adapted:
+         optimizer: Optional[str] = None, memory_budget: Optional[int] = None) -> Adapted:
     """Adapt ``model`` to T tasks with K inner steps; the result's backward yields
     the MAML meta-gradient on ``model``'s parameters (and on ``inner_lr`` if it
     requires grad).
@@ -339,6 +421,15 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         hvp_mode: HVP used by ``"checkpointed"`` SGD (:mod:`imaml_ext.hvp`).
         optimizer: the old name of ``inner_solver`` (DeprecationWarning;
             passing both is an error).
+        memory_budget: bytes that ``"checkpointed"`` may hold for its
+            snapshots, replayed points and graphs (beyond the model, the data
+            and the query loss); it then picks c and whether the replay keeps
+            each step's gradient graph for the HVPs of the adjoint (faster:
+            one forward and backward pass per step fewer), from one step's
+            graph measured at step 0 (:func:`plan_checkpoints`).  The schedule
+            is in ``info["checkpoint_schedule"]``.  Exclusive with
+            ``checkpoint_every``.  None: c = ``checkpoint_every`` or round(√K),
+            no kept graphs.
 
     Returns:
         :class:`~imaml_ext.adapted.Adapted` holding φ_K ``[T, P]``;
@@ -368,6 +459,13 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
             raise ValueError("max_grad_grad_norm clips the gradient flowing back through the inner steps; "
                              "mode='first_order' has no such flow (dφ_K/dθ is taken as I)")
         check_positive("max_grad_grad_norm", max_grad_grad_norm)
+    if memory_budget is not None:
+        if mode != "checkpointed":
+            raise ValueError(f"memory_budget applies to mode='checkpointed' only, not {mode!r}")
+        if checkpoint_every is not None:
+            raise ValueError("give memory_budget (the schedule is chosen to fit it) or checkpoint_every "
+                             "(a fixed snapshot interval), not both")
+        check_steps("memory_budget", memory_budget, minimum=1)
     every = 1
     if mode == "checkpointed" and inner_steps > 0:
         every = max(1, round(inner_steps ** 0.5)) if checkpoint_every is None else checkpoint_every
@@ -382,10 +480,30 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
     if mode == "full" and torch.is_grad_enabled():
         phi = _full_maml(loop, theta, max_grad_grad_norm)
     elif mode == "checkpointed":
+        if memory_budget is not None and inner_steps > 0:
+            schedule = _schedule(loop, theta, memory_budget)
+            every, loop.keep_graphs = schedule.every, schedule.keep_graphs
+            info["checkpoint_schedule"] = schedule
         phi = _CheckpointedMAML.apply(theta, loop, every, max_grad_grad_norm, *lr.values)[0]
     else:
         phi = _FirstOrderMAML.apply(theta, loop, *lr.values)
     return Adapted(task_loss, phi, info)
+
+
+def _schedule(loop: _InnerLoop, theta: torch.Tensor, budget: int) -> CheckpointSchedule:
+    """:func:`plan_checkpoints` for this loop: kept graphs only where the adjoint is the fused
+    SGD step with reverse-mode HVPs."""
+    phi, state = loop.start(theta)
+    snapshot_bytes = sum(t.numel() * t.element_size() for t in (phi, *state))
+    hvp_mode = default_mode(phi.device) if loop.hvp_mode == "auto" else loop.hvp_mode
+    graphs_allowed = isinstance(loop.opt, SGD) and not loop.lr.per_tensor and hvp_mode == "reverse"
+    graph_bytes = loop.step_graph_bytes(phi)
+    schedule = plan_checkpoints(loop.steps, snapshot_bytes, graph_bytes, budget, graphs_allowed)
+    if schedule.estimated_bytes > budget:
+        warnings.warn(f"checkpointed MAML: no schedule fits memory_budget={budget} bytes; the least "
+                      f"(a snapshot every {schedule.every} steps) needs about {schedule.estimated_bytes} "
+                      f"bytes", RuntimeWarning, stacklevel=3)
+    return schedule
 
 
 def reptile_grad(model: nn.Module, adapted: Union[Adapted, torch.Tensor], *, write: bool = False) -> torch.Tensor:

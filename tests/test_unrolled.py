@@ -1,5 +1,7 @@
 """MAML (full / first-order / checkpointed) and Reptile against independent computations."""
 import math
+import warnings
+from dataclasses import astuple
 
 import pytest
 import torch
@@ -292,6 +294,62 @@ def test_reptile_grad_rejects_wrong_layout():
         un.reptile_grad(mlp(), torch.zeros(2, 5, dtype=torch.float64))
 
 
+# --- memory_budget: the recomputation schedule ---------------------------------------------
+
+@pytest.mark.parametrize("budget", ["none fits", "least without graphs", "least with graphs", "ample"])
+@pytest.mark.parametrize("lr_kind", ["float", "scalar"])
+def test_memory_budget_checkpointed_equals_full(budget, lr_kind):
+    """Each schedule a budget selects (none fits: a warning and the least memory; without
+    kept graphs; kept graphs) is plan_checkpoints' for the measured graph, and gives full
+    MAML's meta-gradient, the learning rate's included."""
+    steps = 12
+    full = run(convnet, "full", "sgd", steps, lr_kind=lr_kind, batches=CONV_DATA)
+    graph = run(convnet, "checkpointed", "sgd", steps, batches=CONV_DATA,
+                memory_budget=10**12)[2].info["checkpoint_schedule"].step_graph_bytes
+    snapshot = T * sum(p.numel() for p in convnet().parameters()) * 8
+    least = {True: min(math.ceil(steps / c) * snapshot + c * (snapshot + graph) for c in range(1, steps + 1)),
+             False: min(math.ceil(steps / c) * snapshot + c * snapshot + graph for c in range(1, steps + 1))}
+    assert least[False] < least[True]  # this problem has a budget for each
+    value = {"none fits": least[False] - 1, "least without graphs": least[False],
+             "least with graphs": least[True], "ample": 10**12}[budget]
+    expected = un.plan_checkpoints(steps, snapshot, graph, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error" if budget != "none fits" else "ignore", RuntimeWarning)
+        ckpt = run(convnet, "checkpointed", "sgd", steps, lr_kind=lr_kind, batches=CONV_DATA, memory_budget=value)
+    assert ckpt[2].info["checkpoint_schedule"] == expected
+    assert expected.keep_graphs == (budget in ("least with graphs", "ample"))
+    assert_same(ckpt, full, tol=1e-12)
+    if budget == "none fits":
+        with pytest.warns(RuntimeWarning, match=f"no schedule fits memory_budget={value} bytes"):
+            run(convnet, "checkpointed", "sgd", steps, batches=CONV_DATA, memory_budget=value)
+
+
+def test_memory_budget_schedules_a_momentum_loop_without_kept_graphs():
+    full = run(convnet, "full", "momentum", 9, batches=CONV_DATA)
+    ckpt = run(convnet, "checkpointed", "momentum", 9, batches=CONV_DATA, memory_budget=10**9)
+    assert not ckpt[2].info["checkpoint_schedule"].keep_graphs
+    assert ckpt[2].info["checkpoint_schedule"].every == 1  # the fastest without graphs
+    assert_same(ckpt, full, tol=1e-12)
+
+
+def test_plan_checkpoints_by_hand():
+    """K = 16, snapshots of 10 bytes, a step's graph of 100 bytes."""
+    plan = un.plan_checkpoints
+    # Everything fits: kept graphs (no extra passes), the smallest such: c = 1 costs
+    # 16·10 + 1·110 = 270 (c = 2: 80 + 220 = 300).
+    assert astuple(plan(16, 10, 100, 10**6))[:3] == (1, True, 270)
+    # Snapshots large against the graph (10 bytes of graph, 100 of snapshot): c = 1
+    # costs 1600 + 110; c = 4 with graphs 400 + 440 = 840 is the least with graphs.
+    assert astuple(plan(16, 100, 10, 10**6))[:3] == (4, True, 840)
+    # Budget 700 below every kept-graph schedule (least 840): without graphs
+    # ⌈16/c⌉·100 + c·100 + 10 fits for c = 4 only (810 > 700: none), so nothing fits
+    # and the least without graphs is returned: c = 4, 810.
+    assert astuple(plan(16, 100, 10, 700))[:3] == (4, False, 810)
+    # Budget 1000 without kept graphs allowed: c ∈ {3,...,6} fit (c=3: 600+300+10=910;
+    # c=2: 800+200+10=1010 does not); the fastest is the smallest c, 3.
+    assert astuple(plan(16, 100, 10, 1000, graphs_allowed=False))[:3] == (3, False, 910)
+
+
 # --- errors -----------------------------------------------------------------------------
 
 def call(**kw):
@@ -311,6 +369,9 @@ def test_checkpoint_every_out_of_range(every):
     (dict(mode="implicit"), "mode must be one of"),
     (dict(optimizer="adam"), "optimizer must be one of"),
     (dict(mode="full", checkpoint_every=2), "checkpoint_every applies to mode='checkpointed' only"),
+    (dict(mode="full", memory_budget=10**6), "memory_budget applies to mode='checkpointed' only"),
+    (dict(mode="checkpointed", memory_budget=10**6, checkpoint_every=2), "not both"),
+    (dict(mode="checkpointed", memory_budget=0), "memory_budget must be a positive integer"),
     (dict(optimizer="sgd", momentum=0.9), "optimizer 'sgd' takes no momentum"),
     (dict(optimizer="momentum", momentum=1.5), r"momentum must be a number in \[0, 1\]"),
     (dict(optimizer="rmsprop", eps=0.0), "eps must be a positive finite number"),

@@ -1,0 +1,391 @@
+"""imaml_ext against the libraries people use today, on the same meta-gradients.
+
+Works (meta-gradient of the summed query cross-entropy of T tasks, real
+Omniglot 5-way 1-shot, 15 queries per class, from ``imaml_ext.data``):
+
+* ``imaml``: 16 inner GD steps (lr 0.1), λ = 2, 5 CG steps — vs TorchOpt's
+  implicit differentiation (``custom_root`` + ``solve_cg``) as its iMAML
+  example writes it (``torchopt-example``) and in its fastest per-task form
+  found (``torchopt-flat``);
+* ``full``: second-order MAML, K = 5 SGD steps (lr 0.4) — vs higher's
+  ``innerloop_ctx`` and TorchOpt's ``MetaSGD``;
+* ``first_order``: first-order MAML, K = 5 — vs higher with
+  ``track_higher_grads=False``;
+* ``checkpointed``: K = 100 (lr 0.1), a snapshot every round(√K) steps — vs
+  torch_maml's ``GradientCheckpointMAML`` with the same interval.
+
+The peers' code is ``benchmarks/peer_loops.py`` (one task at a time, as their
+documentation and examples use them); tests/test_peers.py checks it against
+imaml_ext to 1e-12.  Models: ``omniglot``, the stride-2 conv net
+(``imaml_ext.models.OmniglotConvNet``), and ``conv4``, the max-pool Conv-4
+(``imaml_ext.models.Conv4``; skipped with a message where that model is absent).
+
+Before timing, every variant's meta-gradient is computed in float64 on the
+first ``--check-tasks`` tasks and compared with imaml_ext's (relative
+difference printed; the run stops above ``--check-tol`` unless
+``--no-check``).  imaml_ext's CG stops a task at non-positive curvature and
+TorchOpt's does not, so where a task stops the iMAML gradients differ by
+definition; the check says so instead of failing.
+
+Timing: ``--rounds`` rounds after one warm-up round; in each round every
+variant of a work runs once, the order rotating between rounds, all in this
+process.  Reported: the median seconds per meta-batch and the median (and
+range) of the per-round ratio peer / imaml_ext.
+
+Memory (``--memory``): each variant runs one meta-batch in a fresh process
+that first builds the model and data; reported is the peak above what the
+process held then: on the CPU the peak RSS (Linux VmHWM, reset through
+/proc/self/clear_refs just before), on CUDA ``torch.cuda.max_memory_allocated``
+minus what was allocated before.
+
+Profile (``--profile``): ``torch.profiler`` over one meta-batch of each
+variant, the ops with the most self time.
+
+    python benchmarks/compare_peers.py --threads 2 --rounds 5
+    python benchmarks/compare_peers.py --works imaml --models omniglot conv4 --memory
+    python benchmarks/compare_peers.py --device cuda --rounds 7 --memory
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, NamedTuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import peer_loops as pl  # noqa: E402
+
+MB = 2.0 ** 20
+WORKS = ("imaml", "full", "first_order", "checkpointed")
+MODELS = ("omniglot", "conv4")
+# The issue's settings: inner steps, inner learning rate and the method's own options.
+SETTINGS = {
+    "imaml": dict(steps=16, lr=0.1, lam=2.0, cg_steps=5),
+    "full": dict(steps=5, lr=0.4),
+    "first_order": dict(steps=5, lr=0.4),
+    "checkpointed": dict(steps=100, lr=0.1),
+}
+
+
+class Variant(NamedTuple):
+    name: str        # "imaml_ext" is the baseline of its work
+    peer: str        # the package it needs ("" for imaml_ext)
+    fn: Callable[..., None]
+    options: Dict[str, object]
+
+
+def variants(work: str, steps: int, task_chunk: int, budget_mb: float = 0.0) -> List[Variant]:
+    """imaml_ext first, then the peers that implement ``work`` (and, for checkpointed MAML
+    with ``budget_mb``, imaml_ext with that memory_budget)."""
+    every = max(1, round(steps ** 0.5))
+    chunk = {"task_chunk": task_chunk} if task_chunk else {}
+    if work == "imaml":
+        return [Variant("imaml_ext", "", pl.imaml_ext_imaml, chunk),
+                Variant("torchopt-flat", "torchopt", pl.torchopt_imaml_flat, {}),
+                Variant("torchopt-example", "torchopt", pl.torchopt_imaml_example, {})]
+    if work == "full":
+        return [Variant("imaml_ext", "", pl.imaml_ext_maml, dict(mode="full")),
+                Variant("higher", "higher", pl.higher_maml, {}),
+                Variant("torchopt-MetaSGD", "torchopt", pl.torchopt_metasgd_maml, {})]
+    if work == "first_order":
+        return [Variant("imaml_ext", "", pl.imaml_ext_maml, dict(mode="first_order")),
+                Variant("higher", "higher", pl.higher_maml, dict(first_order=True))]
+    budget = [Variant(f"imaml_ext budget {budget_mb:g} MB", "", pl.imaml_ext_maml,
+                      dict(mode="checkpointed", memory_budget=int(budget_mb * MB)))] if budget_mb else []
+    return [Variant("imaml_ext", "", pl.imaml_ext_maml, dict(mode="checkpointed", checkpoint_every=every)),
+            *budget,
+            Variant("torch_maml", "torch_maml", pl.torch_maml_checkpointed, dict(checkpoint_steps=every))]
+
+
+def build_problem(model_name: str, tasks: int, args, dtype=None):
+    """(model, (support_x, support_y, query_x, query_y)) on ``args.device``; None if the model is absent."""
+    import torch
+    import imaml_ext.models as models
+    from imaml_ext.data import Omniglot, TaskSampler
+    torch.manual_seed(args.seed)
+    if model_name == "omniglot":
+        model = models.OmniglotConvNet(ways=5)
+    else:
+        if not hasattr(models, "Conv4"):
+            return None
+        model = models.Conv4(ways=5, in_channels=1, image_size=28)
+    dtype = dtype or torch.float32
+    data = Omniglot(args.data, subset="train")
+    batch = TaskSampler(data.images, ways=5, shots=1, queries=15, seed=args.seed, device=args.device,
+                        dtype=dtype).sample(tasks)
+    return model.to(args.device, dtype), tuple(batch)
+
+
+def run_variant(v: Variant, model, batch, settings) -> None:
+    v.fn(model, *batch, **settings, **v.options)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+        torch.cuda.synchronize()
+
+
+# --- the float64 check -------------------------------------------------------------------------
+
+def check(work: str, model_name: str, vs: List[Variant], settings, args) -> Dict[str, str]:
+    """Relative difference of each peer's float64 meta-gradient to imaml_ext's, as text."""
+    import torch
+    import imaml_ext as im
+    import torch.nn.functional as F
+    model, batch = build_problem(model_name, args.check_tasks, args, torch.float64)
+    note = ""
+    if work == "imaml":
+        # imaml_ext's CG stops a task at non-positive curvature (pᵀAp ≤ 0) and
+        # TorchOpt's does not: the gradients are compared on the tasks whose CG
+        # runs all its steps in imaml_ext.
+        adapted = im.imaml(model, batch[0], batch[1], F.cross_entropy, lam=settings["lam"],
+                           inner_steps=settings["steps"], inner_lr=settings["lr"], cg_steps=settings["cg_steps"])
+        adapted.loss(batch[2], batch[3]).sum().backward()
+        full_run = (adapted.info["cg"].state == im.ops.CGState.RUNNING).nonzero().flatten()
+        if len(full_run) < args.check_tasks:
+            note = (f" (on the {len(full_run)} of {args.check_tasks} tasks whose CG runs all steps; the "
+                    f"others stop at non-positive curvature, which TorchOpt's CG does not)")
+            if not len(full_run):
+                return {v.name: "not compared" + note for v in vs[1:]}
+            batch = tuple(t[full_run] for t in batch)
+    base = pl.meta_gradient(vs[0].fn, model, batch, **settings, **vs[0].options)
+    out = {}
+    for v in vs[1:]:
+        diff = pl.relative_difference(pl.meta_gradient(v.fn, model, batch, **settings, **v.options), base)
+        out[v.name] = f"{diff:.1e}" + note
+        if diff > args.check_tol:
+            raise SystemExit(f"{work}/{model_name}: {v.name}'s float64 meta-gradient differs from imaml_ext's "
+                             f"by {diff:.2e} > --check-tol {args.check_tol:g}; not timing unequal work")
+    return out
+
+
+# --- timing, interleaved -------------------------------------------------------------------------
+
+def time_work(vs: List[Variant], model, batch, settings, args) -> Dict[str, List[float]]:
+    times: Dict[str, List[float]] = {v.name: [] for v in vs}
+    for r in range(args.rounds + 1):  # round 0 warms up
+        shift = r % len(vs)
+        for v in vs[shift:] + vs[:shift]:
+            sync(args.device)
+            t0 = time.perf_counter()
+            run_variant(v, model, batch, settings)
+            sync(args.device)
+            if r:
+                times[v.name].append(time.perf_counter() - t0)
+            model.zero_grad(set_to_none=True)
+    return times
+
+
+def profile(vs: List[Variant], model, batch, settings, args) -> str:
+    import torch
+    from torch.profiler import ProfilerActivity, profile as prof
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    out = []
+    for v in vs:
+        run_variant(v, model, batch, settings)  # warm
+        model.zero_grad(set_to_none=True)
+        with prof(activities=activities) as p:
+            run_variant(v, model, batch, settings)
+            sync(args.device)
+        model.zero_grad(set_to_none=True)
+        key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+        out.append(f"#### {v.name}\n\n```\n{p.key_averages().table(sort_by=key, row_limit=args.profile_rows)}\n```")
+    return "\n\n".join(out)
+
+
+# --- memory, one fresh process per variant -------------------------------------------------------
+
+def _vm(field: str) -> float:
+    """VmRSS / VmHWM of this process in MB (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def run_point(args) -> dict:
+    """One meta-batch of one variant in this (fresh) process; its peak memory above what
+    the process held before it: on the CPU the peak RSS (VmHWM, reset just before), on
+    CUDA the peak allocation."""
+    import gc
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work, model_name, name = args.point.split(":")
+    settings = dict(SETTINGS[work], steps=args.steps.get(work, SETTINGS[work]["steps"]))
+    model, batch = build_problem(model_name, args.tasks_of[work], args)
+    v = next(v for v in variants(work, settings["steps"], args.task_chunk, args.budget_mb) if v.name == name)
+    cuda = args.device == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        start = _vm("VmRSS")
+    t0 = time.perf_counter()
+    run_variant(v, model, batch, settings)
+    sync(args.device)
+    seconds = time.perf_counter() - t0
+    if cuda:
+        return dict(seconds=seconds, memory_mb=(torch.cuda.max_memory_allocated() - start) / MB)
+    return dict(seconds=seconds, memory_mb=_vm("VmHWM") - start)
+
+
+def child(args, point: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--point", point]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    for line in res.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
+    return dict(error=f"exit {res.returncode}: {' | '.join(tail)}")
+
+
+def memory(work: str, model_name: str, vs: List[Variant], args) -> Dict[str, object]:
+    out = {}
+    for v in vs:
+        r = child(args, f"{work}:{model_name}:{v.name}")
+        out[v.name] = r.get("memory_mb", r.get("error"))
+    return out
+
+
+# --- report ----------------------------------------------------------------------------------
+
+def machine(args) -> str:
+    import torch
+    if args.device == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    from imaml_ext._build import _cpu_name
+    return f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def table(rows: List[dict], args) -> str:
+    head = ("| work | model | T | variant | median s / meta-batch | peer / imaml_ext: median (min–max) "
+            "| peak memory MB | float64 rel. diff |")
+    lines = [head, "|---|---|---:|---|---:|---|---:|---|"]
+    for r in rows:
+        ratio = ("1" if r["variant"] == "imaml_ext" else
+                 f"{r['ratio']:.2f}× ({r['ratio_min']:.2f}–{r['ratio_max']:.2f})" if "ratio" in r else "-")
+        mem = r.get("memory_mb", "-")
+        mem = f"{mem:.0f}" if isinstance(mem, float) else mem
+        secs = f"{r['seconds']:.3f}" if "seconds" in r else r.get("error", "-")
+        lines.append(f"| {r['work']} | {r['model']} | {r['tasks']} | {r['variant']} | {secs} | {ratio} | {mem} "
+                     f"| {r.get('check', '-')} |")
+    return "\n".join(lines)
+
+
+def compare(args) -> List[dict]:
+    import torch
+    rows: List[dict] = []
+    for model_name in args.models:
+        for work in args.works:
+            settings = dict(SETTINGS[work], steps=args.steps.get(work, SETTINGS[work]["steps"]))
+            tasks = args.tasks_of[work]
+            problem = build_problem(model_name, tasks, args)
+            if problem is None:
+                print(f"[compare_peers] {model_name}: imaml_ext.models has no Conv4 here; skipped", flush=True)
+                continue
+            vs = []
+            for v in variants(work, settings["steps"], args.task_chunk, args.budget_mb):
+                if args.variants and v.name not in args.variants:
+                    continue
+                why = v.peer and pl.peer_status(v.peer)
+                if why:
+                    rows.append(dict(work=work, model=model_name, tasks=tasks, variant=v.name, error="skipped"))
+                    print(f"[compare_peers] {v.name}: {why}", flush=True)
+                else:
+                    vs.append(v)
+            print(f"[compare_peers] {work} / {model_name}, T={tasks}, {settings}", flush=True)
+            checks = {} if args.no_check else check(work, model_name, vs, settings, args)
+            print(f"[compare_peers]   float64 check on {args.check_tasks} tasks: {checks}", flush=True)
+            model, batch = problem
+            times = time_work(vs, model, batch, settings, args) if args.rounds else {}
+            mem = memory(work, model_name, vs, args) if args.memory else {}
+            if args.profile:
+                print(profile(vs, model, batch, settings, args), flush=True)
+            base = times.get("imaml_ext")
+            for v in vs:
+                row = dict(work=work, model=model_name, tasks=tasks, variant=v.name, check=checks.get(v.name, "-"))
+                if v.name in times:
+                    row["seconds"] = statistics.median(times[v.name])
+                    row["times_s"] = times[v.name]
+                    if base and v.name != "imaml_ext":
+                        ratios = [p / b for p, b in zip(times[v.name], base)]
+                        row.update(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+                if v.name in mem:
+                    row["memory_mb"] = mem[v.name]
+                rows.append(row)
+                print(f"[compare_peers]   {v.name:>18}: {row.get('seconds', float('nan')):.3f} s"
+                      + (f"  ratio {row['ratio']:.2f}" if "ratio" in row else "")
+                      + (f"  {row['memory_mb']} MB" if "memory_mb" in row else ""), flush=True)
+            del problem, model, batch
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--works", nargs="+", default=list(WORKS), choices=WORKS)
+    ap.add_argument("--models", nargs="+", default=["omniglot"], choices=MODELS)
+    ap.add_argument("--tasks", type=int, default=32, help="T, tasks per meta-batch")
+    ap.add_argument("--checkpointed-tasks", type=int, default=None,
+                    help="T for the checkpointed work (default --tasks)")
+    ap.add_argument("--checkpointed-steps", type=int, default=SETTINGS["checkpointed"]["steps"])
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="only these variants (names as in the table, e.g. imaml_ext higher)")
+    ap.add_argument("--budget-mb", type=float, default=0.0,
+                    help="also time checkpointed MAML with memory_budget of this many MB (0: not)")
+    ap.add_argument("--task-chunk", type=int, default=0, help="imaml_ext iMAML's task_chunk (0: none)")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds after one warm-up (0: no timing)")
+    ap.add_argument("--memory", action="store_true", help="peak memory, a fresh process per variant")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table per variant")
+    ap.add_argument("--profile-rows", type=int, default=15)
+    ap.add_argument("--check-tasks", type=int, default=4, help="tasks of the float64 gradient check")
+    ap.add_argument("--check-tol", type=float, default=1e-10)
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--data", default=os.environ.get("IMAML_EXT_DATA", "/work/shared/data"),
+                    help="data root holding omniglot/")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--point", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.argv = argv
+    args.steps = {"checkpointed": args.checkpointed_steps}
+    args.tasks_of = {w: args.tasks for w in WORKS}
+    args.tasks_of["checkpointed"] = args.checkpointed_tasks or args.tasks
+    return args
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    if args.point:
+        print("RESULT " + json.dumps(run_point(args)), flush=True)
+        return 0
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    versions = ", ".join(f"{p} {pl.peer_version(p)}" for p in pl.PEERS)
+    print(f"[compare_peers] {machine(args)}; {versions}; load {os.getloadavg()[0]:.1f}", flush=True)
+    rows = compare(args)
+    print(f"\n`python benchmarks/compare_peers.py {' '.join(argv)}`\n\n{machine(args)}; {versions}; "
+          f"load average {os.getloadavg()[0]:.1f}; {args.rounds} rounds after a warm-up\n")
+    print(table(rows, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=machine(args), versions=versions, argv=argv, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
