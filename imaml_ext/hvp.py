@@ -23,7 +23,9 @@ from __future__ import annotations
 from typing import Callable, Dict, Union
 
 import torch
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jvp
+
+from .batching import over_tasks
 
 __all__ = ["make_hvp", "hvp", "HVP_MODES", "DEFAULT_MODES", "default_mode"]
 
@@ -52,10 +54,10 @@ def under_transform(t: torch.Tensor) -> bool:
     return bool(check is not None and check(t))
 
 
-def _reverse(f: PerTaskLoss, phi, x, y) -> Matvec:
+def _reverse(f: PerTaskLoss, phi, x, y, batching: str) -> Matvec:
     with torch.enable_grad():
         p = phi.detach().requires_grad_(True)
-        total = vmap(f)(p, x, y).sum()
+        total = over_tasks(f, batching)(p, x, y).sum()
         (g,) = torch.autograd.grad(total, p, create_graph=True, allow_unused=True)
     if g is None or not g.requires_grad:
         # The loss is affine in φ: its Hessian is zero.
@@ -69,14 +71,14 @@ def _reverse(f: PerTaskLoss, phi, x, y) -> Matvec:
     return matvec
 
 
-def _forward(f: PerTaskLoss, phi, x, y) -> Matvec:
+def _forward(f: PerTaskLoss, phi, x, y, batching: str) -> Matvec:
     phi = phi.detach()
     grad_f = grad(f)
 
     def one_task(p, v, x_t, y_t):
         return jvp(lambda q: grad_f(q, x_t, y_t), (p,), (v,))[1]
 
-    batched = vmap(one_task)
+    batched = over_tasks(one_task, batching)
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         try:
@@ -95,7 +97,7 @@ def _forward(f: PerTaskLoss, phi, x, y) -> Matvec:
 
 
 def make_hvp(f: PerTaskLoss, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-             mode: str = "auto") -> Matvec:
+             mode: str = "auto", batching: str = "vmap") -> Matvec:
     """Batched Hessian-vector product at ``phi``.
 
     Args:
@@ -103,6 +105,8 @@ def make_hvp(f: PerTaskLoss, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor
         phi: ``[T, P]`` point at which the Hessians are taken.
         x, y: per-task data, leading dimension T.
         mode: ``"reverse"``, ``"forward"`` or ``"auto"`` (module docstring).
+        batching: how ``f`` runs over the tasks, ``"vmap"`` or ``"loop"``
+            (:mod:`imaml_ext.batching`).
 
     Returns:
         ``matvec(v [T, P]) -> [T, P]`` with row t equal to H_t v_t.
@@ -116,13 +120,13 @@ def make_hvp(f: PerTaskLoss, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor
         if transformed:
             raise ValueError("hvp_mode='reverse' cannot run inside a torch.func transform (it needs "
                              "requires_grad_); use hvp_mode='forward' or 'auto'")
-        return _reverse(f, phi, x, y)
+        return _reverse(f, phi, x, y, batching)
     if mode == "forward":
-        return _forward(f, phi, x, y)
+        return _forward(f, phi, x, y, batching)
     raise ValueError(f"unknown HVP mode {mode!r}; choose one of {HVP_MODES + ('auto',)}")
 
 
 def hvp(f: PerTaskLoss, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-        v: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+        v: torch.Tensor, mode: str = "auto", batching: str = "vmap") -> torch.Tensor:
     """One batched Hessian-vector product ``[T, P]`` (see :func:`make_hvp`)."""
-    return make_hvp(f, phi, x, y, mode)(v)
+    return make_hvp(f, phi, x, y, mode, batching)(v)

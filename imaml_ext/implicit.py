@@ -35,8 +35,8 @@ from .functional import TaskLoss
 from .hvp import HVP_MODES, make_hvp
 from .solvers import (CG, IMAML_DEV_RESIDUAL_TOL, CGResult, CGState, ImamlDevCG, Matvec,
                       ShiftedOperator)
-from .validation import (check_nonnegative, check_positive, check_steps, check_task_batch,
-                         optional_positive)
+from .validation import (check_batching, check_nonnegative, check_positive, check_steps,
+                         check_task_batch, optional_positive)
 
 __all__ = ["imaml", "INNER_SOLVERS", "LinearSolver"]
 
@@ -62,7 +62,7 @@ class _ImplicitSystem:
 
     def solve(self, phi: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         """A_t⁻¹ rhs_t for every task, at φ* ``[T, P]``; records the solver's result."""
-        hvp = make_hvp(self.task_loss.per_task, phi, self.x, self.y, self.hvp_mode)
+        hvp = make_hvp(self.task_loss.per_task, phi, self.x, self.y, self.hvp_mode, self.task_loss.batching)
         result = self.solver(ShiftedOperator(hvp, self.a, self.b), rhs)
         self.info["linear_solve"] = result
         x = result if isinstance(result, torch.Tensor) else getattr(result, "x", None)
@@ -135,7 +135,7 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
           cg_steps: int = _CG_STEPS_DEFAULT, cg_tol: Optional[float] = None,
           inner_cg_steps: int = 5, max_grad_norm: Optional[float] = None, hvp_mode: str = "auto",
           operator: Optional[tuple] = None, compat: Optional[str] = None,
-          cg_damping: Optional[float] = None) -> Adapted:
+          cg_damping: Optional[float] = None, batching: str = "vmap") -> Adapted:
     """Adapt ``model`` to T tasks with iMAML; the result's backward yields the
     implicit meta-gradient on ``model``'s parameters.
 
@@ -182,6 +182,10 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
             Never the default; use it only to compare with that code.
         cg_damping: d in the ``"imaml_dev"`` operator (default 1.0, the
             official code's); only with ``compat="imaml_dev"``.
+        batching: how the model runs over the tasks (:mod:`imaml_ext.batching`):
+            ``"vmap"`` (one batched call; dropout draws per-task masks),
+            ``"loop"`` (one call per task: any module, e.g. an LSTM, slower)
+            or ``"auto"`` (measured once per architecture and shape).
 
     An explicit ``cg_tol=0`` or ``max_grad_norm=0`` (the old spelling of
     "off") still means off, with a DeprecationWarning.
@@ -190,8 +194,10 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         :class:`~imaml_ext.adapted.Adapted`; after ``backward()``,
         ``adapted.info["linear_solve"]`` holds what the linear solver
         returned (for CG a :class:`~imaml_ext.solvers.CGResult` with the
-        per-task outcome, also under ``info["cg"]``).
+        per-task outcome, also under ``info["cg"]``); ``info["batching"]``
+        says how the tasks were batched and, for ``"auto"``, why.
     """
+    check_batching(batching)
     task_loss = TaskLoss(model, loss_fn)
     check_task_batch(task_loss, support_x, support_y)
     check_positive("lam", lam)
@@ -251,7 +257,7 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
     if not a > 0:
         raise ValueError(f"the operator's identity coefficient a must be > 0, got {a}")
 
-    info: Dict[str, object] = {}
+    info: Dict[str, object] = {"batching": task_loss.select_batching(batching, x, y)}
     system = _ImplicitSystem(task_loss=task_loss, x=x, y=y, a=a, b=b, hvp_mode=hvp_mode,
                              solver=solver, info=info)
     phi = _ImplicitMetaGrad.apply(task_loss.theta(), solve, system)

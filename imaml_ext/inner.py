@@ -88,7 +88,7 @@ def solve_hf(task_loss: TaskLoss, theta: torch.Tensor, x: torch.Tensor, y: torch
         diff = (phi - theta).contiguous()
         grad_f = (g + lam * diff).contiguous()
         f0 = losses + 0.5 * lam * ops.batched_sq_norm(diff)
-        direction = cg(make_hvp(task_loss.per_task, phi, x, y, hvp_mode), -grad_f,
+        direction = cg(make_hvp(task_loss.per_task, phi, x, y, hvp_mode, task_loss.batching), -grad_f,
                        shift=lam, scale=1.0, max_iter=cg_steps).x
         slope = ops.batched_dot(grad_f, direction)
         descent = slope < 0

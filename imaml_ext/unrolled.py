@@ -45,7 +45,7 @@ from .flat import ParamLayout
 from .functional import TaskLoss
 from .hvp import HVP_MODES, make_hvp
 from .inner_optim import OPTIMIZERS, SGD, InnerOptimizer, LearningRate, make_optimizer
-from .validation import check_positive, check_steps, check_task_batch, deprecated_alias
+from .validation import check_batching, check_positive, check_steps, check_task_batch, deprecated_alias
 
 __all__ = ["maml", "reptile_grad", "MODES", "INNER_SOLVERS"]
 
@@ -229,7 +229,8 @@ def _adjoint_sgd(loop: _InnerLoop, k: int, phi: torch.Tensor, g: Optional[torch.
                  lr_grad_t: Optional[torch.Tensor], lr: float) -> torch.Tensor:
     """a_k = a_{k+1} − α H(φ_k) a_{k+1} (H symmetric), in place on ``a``; with ``g`` = ∇L̂_k(φ_k),
     also lr_grad_t −= ⟨g_t, a_{k+1,t}⟩ (the fused op)."""
-    Ha = make_hvp(loop.task_loss.per_task, phi, *loop.support.at(k), loop.hvp_mode)(a).contiguous()
+    Ha = make_hvp(loop.task_loss.per_task, phi, *loop.support.at(k), loop.hvp_mode,
+                  loop.task_loss.batching)(a).contiguous()
     if lr_grad_t is None:
         return a.sub_(Ha, alpha=lr)
     ops.adjoint_sgd_step_(a, Ha, g, lr_grad_t, lr)
@@ -298,7 +299,7 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
          momentum: Optional[float] = None, beta: Optional[float] = None, eps: Optional[float] = None,
          checkpoint_every: Optional[int] = None, max_grad_grad_norm: Optional[float] = None,
          per_step_support: bool = False, hvp_mode: str = "auto",
-         optimizer: Optional[str] = None) -> Adapted:
+         optimizer: Optional[str] = None, batching: str = "vmap") -> Adapted:
     """Adapt ``model`` to T tasks with K inner steps; the result's backward yields
     the MAML meta-gradient on ``model``'s parameters (and on ``inner_lr`` if it
     requires grad).
@@ -339,12 +340,17 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         hvp_mode: HVP used by ``"checkpointed"`` SGD (:mod:`imaml_ext.hvp`).
         optimizer: the old name of ``inner_solver`` (DeprecationWarning;
             passing both is an error).
+        batching: how the model runs over the tasks (:mod:`imaml_ext.batching`):
+            ``"vmap"`` (one batched call; dropout draws per-task masks),
+            ``"loop"`` (one call per task: any module, e.g. an LSTM, slower)
+            or ``"auto"`` (measured once per architecture and shape).
 
     Returns:
         :class:`~imaml_ext.adapted.Adapted` holding φ_K ``[T, P]``;
         ``info["inner_losses"]`` is the ``[K, T]`` support loss before each step,
         ``info["inner_solver"]`` (also under its old key ``"optimizer"``) the
-        inner optimizer's name.
+        inner optimizer's name, ``info["batching"]`` how the tasks were
+        batched and, for ``"auto"``, why.
 
     Raises:
         NonFiniteLossError: a support loss was NaN or infinite, naming the
@@ -352,6 +358,7 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_batching(batching)
     task_loss = TaskLoss(model, loss_fn)
     check_steps("inner_steps", inner_steps)
     _check_support(task_loss, support_x, support_y, inner_steps, per_step_support)
@@ -375,8 +382,10 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
             raise ValueError(f"checkpoint_every must be an integer in [1, inner_steps={inner_steps}], "
                              f"got {checkpoint_every!r}")
 
-    info: Dict[str, object] = {"mode": mode, "inner_solver": opt.name, "optimizer": opt.name}
-    loop = _InnerLoop(task_loss, opt, _Support(support_x, support_y, per_step_support), lr,
+    support = _Support(support_x, support_y, per_step_support)
+    info: Dict[str, object] = {"mode": mode, "inner_solver": opt.name, "optimizer": opt.name,
+                               "batching": task_loss.select_batching(batching, *support.at(0))}
+    loop = _InnerLoop(task_loss, opt, support, lr,
                       inner_steps, hvp_mode, info)
     theta = task_loss.theta()
     if mode == "full" and torch.is_grad_enabled():
