@@ -16,10 +16,12 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch.func import vmap
+from torch.overrides import TorchFunctionMode
 
 __all__ = ["BATCHING_MODES", "BatchingError", "over_tasks", "choose"]
 
@@ -37,12 +39,141 @@ def is_vmap_failure(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(mark in message for mark in _VMAP_FAILURE_MARKS)
 
 
+def _task_dim(t: Optional[torch.Tensor], dim: Optional[int], size: int, at: int) -> Optional[torch.Tensor]:
+    """``t`` with its task dimension (``dim``; None: shared by all tasks) moved to ``at``."""
+    if t is None:
+        return None
+    if dim is None:
+        return t.unsqueeze(at).expand(*t.shape[:at], size, *t.shape[at:])
+    return t.movedim(dim, at)
+
+
+def _fold(x: torch.Tensor, dim: Optional[int], tasks: int) -> torch.Tensor:
+    """Per-task ``[n, C, ...]`` batched at ``dim`` -> ``[n, T·C, ...]``: task t's channels
+    at t·C ... t·C + C − 1.  A view when the tasks already sit beside the channels,
+    as in the output of vmap's grouped convolution and of the folded layers here."""
+    x = _task_dim(x, dim, tasks, 1)
+    return x.reshape(x.shape[0], tasks * x.shape[2], *x.shape[3:])
+
+
+def _unfold(out: torch.Tensor, tasks: int):
+    """``[n, T·C, ...]`` -> ``[n, T, C, ...]`` batched at dim 1 (vmap's rule result)."""
+    return out.view(out.shape[0], tasks, out.shape[1] // tasks, *out.shape[2:]), 1
+
+
+class _UnderVmapOnly(torch.autograd.Function):
+    """A channel-wise layer that vmap runs as one ordinary call on the folded
+    ``[n, T·C, ...]`` layout (:func:`_fold`).  Autograd records the ordinary
+    call made in ``vmap``, so first and second derivatives are PyTorch's own;
+    the Function is only applied directly under vmap (:class:`_BatchedLayers`)
+    and has no backward of its own."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"internal error: imaml_ext's folded layers run only under torch.func.vmap")
+
+
+class _TaskBatchNorm(_UnderVmapOnly):
+    """Batch-norm with batch statistics: per task x_t ``[n, C, ...]``, weight/bias ``[C]``.
+
+    One ``F.batch_norm`` on ``[n, T·C, ...]`` with weight/bias ``[T·C]``
+    normalises every (task, channel) pair over its own examples with its own
+    affine parameters — the same numbers as T separate calls.  vmap's generic
+    rule normalises without the affine part and applies weight and bias as
+    broadcast multiplications whose derivatives cost more than the fused kernel's.
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, eps):
+        T = info.batch_size
+        w = _task_dim(weight, in_dims[1], T, 0)
+        b = _task_dim(bias, in_dims[2], T, 0)
+        out = F.batch_norm(_fold(x, in_dims[0], T), None, None, None if w is None else w.reshape(-1),
+                           None if b is None else b.reshape(-1), True, 0.0, eps)
+        return _unfold(out, T)
+
+
+class _TaskMaxPool2d(_UnderVmapOnly):
+    """2-d max-pooling of per-task x_t ``[n, C, H, W]``: pooling is per channel,
+    so one call on ``[n, T·C, H, W]`` gives T separate calls' numbers, without
+    the copy that vmap's rule makes to put the tasks beside the examples."""
+
+    @staticmethod
+    def forward(x, kernel_size, stride, padding, dilation, ceil_mode):
+        return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
+
+    @staticmethod
+    def vmap(info, in_dims, x, kernel_size, stride, padding, dilation, ceil_mode):
+        T = info.batch_size
+        out = F.max_pool2d(_fold(x, in_dims[0], T), kernel_size, stride, padding, dilation,
+                           ceil_mode=ceil_mode)
+        return _unfold(out, T)
+
+
+def _directly_under_vmap(t: torch.Tensor) -> bool:
+    """True if the innermost torch.func transform running is vmap and ``t`` is batched by it."""
+    functorch = torch._C._functorch
+    if functorch.peek_interpreter_stack() is None or not functorch.is_batchedtensor(t):
+        return False
+    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+    top = retrieve_current_functorch_interpreter()
+    return top.key() == functorch.TransformType.Vmap and functorch.maybe_get_level(t) == top.level()
+
+
+def _batch_norm_call(input, running_mean, running_var, weight=None, bias=None, training=False,
+                     momentum=0.1, eps=1e-5):
+    """:class:`_TaskBatchNorm`'s arguments for an ``F.batch_norm`` call with
+    batch statistics, else None."""
+    if running_mean is not None or running_var is not None or not training or input.dim() < 2:
+        return None
+    return input, weight, bias, float(eps)
+
+
+def _max_pool2d_call(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                     return_indices=False):
+    """:class:`_TaskMaxPool2d`'s arguments for an ``F.max_pool2d`` call on
+    ``[n, C, H, W]`` without indices, else None."""
+    if return_indices or input.dim() != 4:
+        return None
+    return input, kernel_size, stride, padding, dilation, ceil_mode
+
+
+# F.<layer> -> (its Function, the arguments of that Function or None where it does not apply)
+_FOLDED = {F.batch_norm: (_TaskBatchNorm, _batch_norm_call),
+           F.max_pool2d: (_TaskMaxPool2d, _max_pool2d_call)}
+
+
+class _BatchedLayers(TorchFunctionMode):
+    """Inside :func:`_vmapped`: the layers in :data:`_FOLDED` called on a tensor
+    batched by the innermost vmap run as their folded Function; every other
+    call runs as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        folded = _FOLDED.get(func)
+        if folded is not None and args and isinstance(args[0], torch.Tensor) \
+                and _directly_under_vmap(args[0]):
+            call = folded[1](*args, **kwargs)
+            if call is not None:
+                return folded[0].apply(*call)
+        return func(*args, **kwargs)
+
+
 def _vmapped(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     batched = vmap(fn, randomness="different")
 
     def run(*args: torch.Tensor) -> torch.Tensor:
         try:
-            return batched(*args)
+            with _BatchedLayers():
+                return batched(*args)
         except BatchingError:
             raise
         except RuntimeError as e:

@@ -234,3 +234,31 @@ def test_auto_times_both_and_picks_the_faster(monkeypatch):
     seconds.update(vmap=0.5)
     batching._DECISIONS.clear()
     assert im.maml(model, x, y, inner_steps=1, batching="auto").info["batching"]["batching"] == "vmap"
+
+
+# --- the folded layers: batch-norm and max-pooling as one call on [n, T·C, ...] under vmap --
+
+def test_folded_layers_run_under_vmap_and_equal_the_generic_rules(monkeypatch):
+    """Under vmap, batch-norm and max-pool run folded (counted); outputs, gradients and
+    second derivatives equal those of vmap's own batching rules (folding switched off)."""
+    model, (xs, ys, _, _) = make("conv4-maxpool")
+    used = []
+    for cls in (batching._TaskBatchNorm, batching._TaskMaxPool2d):
+        monkeypatch.setattr(cls, "vmap", staticmethod(
+            lambda info, dims, *a, _orig=cls.vmap, _name=cls.__name__: used.append(_name) or _orig(info, dims, *a)))
+
+    def derivatives():
+        tl = im.maml(model, xs, ys, inner_steps=0).task_loss
+        phi = tl.theta().detach().unsqueeze(0).repeat(xs.shape[0], 1).requires_grad_(True)
+        losses = tl.losses(phi, xs, ys)
+        (g,) = torch.autograd.grad(losses.sum(), phi, create_graph=True)
+        (hg,) = torch.autograd.grad((g * g).sum(), phi)
+        return losses.detach(), g.detach(), hg
+
+    folded = derivatives()
+    assert used.count("_TaskBatchNorm") == 4 and used.count("_TaskMaxPool2d") == 4
+    monkeypatch.setattr(batching, "_FOLDED", {})
+    generic = derivatives()
+    assert used.count("_TaskBatchNorm") == 4  # not used with the table empty
+    for a, b in zip(folded, generic):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
