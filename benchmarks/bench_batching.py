@@ -143,12 +143,17 @@ def main(argv=None):
     ap.add_argument("--cg-steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: this process's CPU time (time.process_time), steadier than wall time "
+                         "on a machine loaded by other processes; meaningful with --threads 1")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = args.variants.split(",")
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}; "
-          f"T={args.tasks}, {args.ways}-way 1-shot, {args.queries} queries/class; median of {args.repeats}")
+          f"T={args.tasks}, {args.ways}-way 1-shot, {args.queries} queries/class; {args.clock} seconds, "
+          f"median of {args.repeats}")
     print("| network | method | " + " | ".join(f"{v} s" for v in variants) +
           " | loop-baseline / imaml_ext-vmap | rel. diff vmap vs baseline |")
     print("|---|---|" + "---:|" * (len(variants) + 2))
@@ -168,9 +173,9 @@ def main(argv=None):
             times = {v: [] for v in variants}
             for _ in range(args.repeats):
                 for v, run in runs.items():
-                    start = time.perf_counter()
+                    start = clock()
                     run()
-                    times[v].append(time.perf_counter() - start)
+                    times[v].append(clock() - start)
             med = {v: statistics.median(t) for v, t in times.items()}
             ratio = (f"{med['loop-baseline'] / med['imaml_ext-vmap']:.2f}x"
                      if {"loop-baseline", "imaml_ext-vmap"} <= set(med) else "-")
