@@ -10,8 +10,12 @@ Two modes:
   g(φ) = ∇ Σ_t f_t is built once; each product is one backward pass
   through it, ∇_φ ⟨g(φ), v⟩.  Because the tasks do not share parameters,
   ∇_φ ⟨g, v⟩ holds H_t v_t in row t.  Cheap per product, keeps the graph.
-* ``"forward"`` (forward-over-reverse): ``jvp`` of ``grad`` under ``vmap``,
-  with no retained graph; each product re-runs forward and backward.
+* ``"forward"`` (forward-over-reverse): ``jvp`` of ``grad`` per task, run
+  over the tasks with ``vmap`` (or a loop), with no retained graph; each
+  product re-runs forward and backward.
+
+Either way ``f`` runs over the tasks as ``batching`` says (``"vmap"`` or
+``"loop"``, :mod:`imaml_ext.batching`).
 
 ``"auto"`` picks :func:`default_mode` for the device type of φ, or
 ``"forward"`` inside a ``torch.func`` transform (``grad``, ``vjp``, ...
