@@ -262,3 +262,28 @@ def test_folded_layers_run_under_vmap_and_equal_the_generic_rules(monkeypatch):
     assert used.count("_TaskBatchNorm") == 4  # not used with the table empty
     for a, b in zip(folded, generic):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
+def test_auto_inside_a_torch_func_transform_is_vmap():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    xs, ys, xq, yq = tasks(2, 4, 4, (3,), 2)
+    seen = {}
+
+    class Meta(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self):
+            adapted = im.imaml(self.net, xs, ys, inner_steps=2, cg_steps=2, batching="auto")
+            seen.update(adapted.info["batching"])
+            return F.cross_entropy(adapted(xq).flatten(0, 1), yq.flatten())
+
+    meta = Meta()
+    params = {n: p.detach().clone() for n, p in meta.named_parameters()}
+    grads = torch.func.grad(lambda p: functional_call(meta, p, ()))(params)
+    assert seen["batching"] == "vmap" and "torch.func transform" in seen["reason"]
+    meta().backward()
+    for n, p in meta.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-12, atol=1e-14)
