@@ -7,6 +7,9 @@
   values for every task.  Fast where PyTorch has batching rules for the
   model's operators; a model it cannot batch (an LSTM, data-dependent
   Python control flow, ``.item()``) raises :class:`BatchingError`.
+  Batch-norm with batch statistics and 2-d max-pooling are run folded: one
+  ordinary call on ``[n, T·C, ...]`` (:class:`_TaskBatchNorm`,
+  :class:`_TaskMaxPool2d`), cheaper than vmap's generic rules.
 * ``"loop"``: a Python loop over the tasks, one ordinary call each, results
   stacked.  Runs any module that runs on one task; slower for small models.
 * ``"auto"``: :func:`choose` measures one gradient of the support loss both
@@ -74,7 +77,7 @@ class _UnderVmapOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(f"internal error: imaml_ext's folded layers run only under torch.func.vmap")
+        raise RuntimeError("internal error: imaml_ext's folded layers run only under torch.func.vmap")
 
 
 class _TaskBatchNorm(_UnderVmapOnly):
