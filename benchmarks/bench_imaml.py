@@ -1,5 +1,7 @@
-"""Seconds per iMAML meta-gradient on the Omniglot conv net: imaml_ext vs a per-task loop.
+"""Seconds per iMAML meta-gradient on a conv net: imaml_ext vs a per-task loop.
 
+Networks (``--model``): ``stride2-28``, the stride-2 Omniglot net (default),
+``conv4-28`` and ``conv4-84``, the max-pool Conv-4 at 1×28×28 and 3×84×84.
 Setting (the project's core benchmark): 5-way 1-shot, 15 queries per class,
 T = 32 tasks, 16 inner GD steps, λ = 2, 5 CG steps, float32 (``--dtype``).  Each variant
 runs in its own subprocess (so the PyTorch-fallback variant really loads no
@@ -8,6 +10,7 @@ warm-up.  The baseline is ``reference_imaml.reference_meta_grad``, checked to
 give the same meta-gradient first.
 
     python benchmarks/bench_imaml.py                   # CPU, all variants
+    python benchmarks/bench_imaml.py --model conv4-28  # the max-pool Conv-4
     python benchmarks/bench_imaml.py --device cuda --tasks 32
 """
 from __future__ import annotations
@@ -24,6 +27,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ("reference-loop", "imaml_ext-pytorch-ops", "imaml_ext")
 
 
+def standard_models():
+    """The standard networks: name -> (build(ways), per-example input shape)."""
+    from imaml_ext.models import Conv4, OmniglotConvNet
+    return {
+        "stride2-28": (lambda ways: OmniglotConvNet(ways=ways), (1, 28, 28)),
+        "conv4-28": (lambda ways: Conv4(ways=ways, in_channels=1, image_size=28), (1, 28, 28)),
+        "conv4-84": (lambda ways: Conv4(ways=ways, in_channels=3, image_size=84), (3, 84, 84)),
+    }
+
+
+
+
 def machine(device: str) -> str:
     import torch
     if device == "cuda":
@@ -35,15 +50,15 @@ def machine(device: str) -> str:
 
 def make_problem(args):
     import torch
-    from imaml_ext.models import OmniglotConvNet
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    model = OmniglotConvNet(ways=args.ways).to(dev, dtype)
+    build, shape = standard_models()[args.model]
+    model = build(args.ways).to(dev, dtype)
     n, m = args.ways * args.shots, args.ways * args.queries
-    xs = torch.rand(args.tasks, n, 1, 28, 28, device=dev, dtype=dtype)
+    xs = torch.rand(args.tasks, n, *shape, device=dev, dtype=dtype)
     ys = torch.arange(args.ways, device=dev).repeat_interleave(args.shots).repeat(args.tasks, 1)
-    xq = torch.rand(args.tasks, m, 1, 28, 28, device=dev, dtype=dtype)
+    xq = torch.rand(args.tasks, m, *shape, device=dev, dtype=dtype)
     yq = torch.arange(args.ways, device=dev).repeat_interleave(args.queries).repeat(args.tasks, 1)
     return model, xs, ys, xq, yq
 
@@ -90,6 +105,7 @@ def one_variant(args) -> dict:
 def add_problem_args(ap: argparse.ArgumentParser) -> None:
     """The benchmark problem's options (device, task shape, iMAML settings, dtype, seed)."""
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="stride2-28", choices=list(standard_models()))
     ap.add_argument("--tasks", type=int, default=32)
     ap.add_argument("--ways", type=int, default=5)
     ap.add_argument("--shots", type=int, default=1)
@@ -135,7 +151,7 @@ def main(argv=None):
         rows.append(json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))[7:]))
 
     base = next((r["median_s"] for r in rows if r["variant"] == "reference-loop"), None)
-    print(f"\nmachine: {machine(args.device)}; device {args.device}; T={args.tasks}, "
+    print(f"\nmachine: {machine(args.device)}; device {args.device}; {args.model}; T={args.tasks}, "
           f"{args.ways}-way {args.shots}-shot, {args.inner_steps} inner steps, {args.cg_steps} CG steps, "
           f"{args.dtype}; "
           f"median of {args.repeats}")

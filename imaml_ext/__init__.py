@@ -4,13 +4,15 @@ Public API: :func:`imaml`, :func:`maml` and :func:`reptile_grad`, their
 result :class:`Adapted` (with per-task diagnostics and
 :class:`ImplicitGradientWarning`, :mod:`imaml_ext.diagnostics`), the batched solvers :func:`cg` and :func:`hvp`, the
 linear solvers :class:`CG` and :class:`Neumann` of iMAML's backward pass, the
-fused vector ops in :mod:`imaml_ext.ops`, and :func:`backend`, which says
+fused vector ops in :mod:`imaml_ext.ops`, the ``batching=`` modes
+(:data:`BATCHING_MODES`, :class:`BatchingError`), and :func:`backend`, which says
 which implementation of those ops runs.  ARCHITECTURE.md follows one
 meta-gradient through the modules.
 """
 from . import ops
 from ._build import backend
 from .adapted import Adapted
+from .batching import BATCHING_MODES, BatchingError
 from .diagnostics import ImplicitGradientWarning
 from .finite import NonFiniteLossError
 from .hvp import hvp, make_hvp
@@ -20,5 +22,5 @@ from .unrolled import maml, reptile_grad
 
 __version__ = "0.1.0"
 
-__all__ = ["imaml", "maml", "reptile_grad", "NonFiniteLossError", "ImplicitGradientWarning", "Adapted", "cg", "CGResult", "CG",
+__all__ = ["imaml", "maml", "reptile_grad", "NonFiniteLossError", "ImplicitGradientWarning", "BatchingError", "BATCHING_MODES", "Adapted", "cg", "CGResult", "CG",
            "Neumann", "hvp", "make_hvp", "ops", "backend", "__version__"]

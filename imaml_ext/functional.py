@@ -5,7 +5,9 @@
 * ``per_task(phi_t [P], x_t [n, ...], y_t [n, ...]) -> scalar``, a pure function
   in the sense of ``torch.func`` (what :mod:`imaml_ext.hvp` differentiates);
 * ``outputs(phi [T, P], x [T, m, ...]) -> [T, m, ...]`` and
-  ``losses(phi, x, y) -> [T]``, the same vectorised over tasks with ``vmap``;
+  ``losses(phi, x, y) -> [T]``, the same over all tasks, batched as
+  ``batching`` says (:mod:`imaml_ext.batching`: ``vmap`` with per-task
+  randomness, or a loop over tasks);
 * ``grad(phi, x, y) -> ([T, P], [T])``, per-task gradients and losses.
 
 Parameters that do not require grad and buffers are passed to the model as
@@ -17,9 +19,11 @@ from typing import Callable, Dict, Tuple
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
+from . import batching as _batching
 from .flat import ParamLayout
+from .hvp import under_transform
 
 __all__ = ["TaskLoss", "check_module"]
 
@@ -47,10 +51,11 @@ def check_module(model: nn.Module) -> None:
 class TaskLoss:
     """``model`` + ``loss_fn`` as functions of a flat parameter vector per task."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn):
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batching: str = "vmap"):
         check_module(model)
         self.model = model
         self.loss_fn = loss_fn
+        self.batching = batching  # "vmap" or "loop"; select_batching resolves "auto"
         self.layout = ParamLayout.from_module(model)
         if self.layout.numel == 0:
             raise ValueError("the model has no parameters that require grad: nothing to meta-learn")
@@ -93,13 +98,38 @@ class TaskLoss:
                              "use reduction='mean' (or 'sum')")
         return loss
 
+    def select_batching(self, batching: str, x: torch.Tensor, y: torch.Tensor) -> Dict[str, object]:
+        """Set how tasks are batched: ``"vmap"``, ``"loop"``, or ``"auto"``, which
+        calibrates on the support batch ``x``/``y`` ``[T, n, ...]`` at θ
+        (:func:`imaml_ext.batching.choose`; inside a ``torch.func`` transform,
+        where timing the transformed call says little, ``"auto"`` is ``"vmap"``).
+        Returns the decision, ``{"batching": mode, "requested": batching, ...}``.
+        """
+        theta = self.theta()
+        if batching != "auto":
+            decision: Dict[str, object] = {"batching": batching}
+        elif under_transform(theta):
+            decision = {"batching": "vmap", "reason": "inside a torch.func transform"}
+        else:
+            key = (repr(self.model), self.model.training, self.layout.shapes, tuple(x.shape),
+                   tuple(y.shape), x.dtype, y.dtype, str(x.device), getattr(self.loss_fn, "__qualname__", None))
+            with torch.no_grad():
+                phi = theta.detach().unsqueeze(0).expand(x.shape[0], -1)
+            decision = _batching.choose(self.per_task, key, phi, x, y)
+        self.batching = str(decision["batching"])
+        return dict(decision, requested=batching)
+
+    def over_tasks(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``fn`` of one task's arguments, run over all tasks as ``self.batching`` says."""
+        return _batching.over_tasks(fn, self.batching)
+
     def outputs(self, phi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Model outputs for every task: phi [T, P], x [T, m, ...] -> [T, m, ...]."""
-        return vmap(self._call)(phi, x)
+        return self.over_tasks(self._call)(phi, x)
 
     def losses(self, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-task losses [T]."""
-        return vmap(self.per_task)(phi, x, y)
+        return self.over_tasks(self.per_task)(phi, x, y)
 
     def grad(self, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-task gradients ``[T, P]`` and losses ``[T]`` at ``phi`` (no graph kept).

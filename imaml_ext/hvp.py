@@ -10,8 +10,12 @@ Two modes:
   g(φ) = ∇ Σ_t f_t is built once; each product is one backward pass
   through it, ∇_φ ⟨g(φ), v⟩.  Because the tasks do not share parameters,
   ∇_φ ⟨g, v⟩ holds H_t v_t in row t.  Cheap per product, keeps the graph.
-* ``"forward"`` (forward-over-reverse): ``jvp`` of ``grad`` under ``vmap``,
-  with no retained graph; each product re-runs forward and backward.
+* ``"forward"`` (forward-over-reverse): ``jvp`` of ``grad`` per task, run
+  over the tasks with ``vmap`` (or a loop), with no retained graph; each
+  product re-runs forward and backward.
+
+Either way ``f`` runs over the tasks as ``batching`` says (``"vmap"`` or
+``"loop"``, :mod:`imaml_ext.batching`).
 
 ``"auto"`` picks :func:`default_mode` for the device type of φ, or
 ``"forward"`` inside a ``torch.func`` transform (``grad``, ``vjp``, ...
@@ -27,6 +31,8 @@ from typing import Callable, Dict, Tuple, Union
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
+
+from .batching import over_tasks
 
 __all__ = ["make_hvp", "hvp", "grad_and_hvp", "HVP_MODES", "DEFAULT_MODES", "default_mode", "make_gnvp", "make_curvature",
            "CURVATURES"]
@@ -56,21 +62,21 @@ def under_transform(t: torch.Tensor) -> bool:
     return bool(check is not None and check(t))
 
 
-def grad_and_hvp(f: PerTaskLoss, phi, x, y) -> Tuple[torch.Tensor, Matvec]:
+def grad_and_hvp(f: PerTaskLoss, phi, x, y, batching: str = "vmap") -> Tuple[torch.Tensor, Matvec]:
     """The per-task gradients ``[T, P]`` at ``phi`` (detached) and the reverse-mode
     ``matvec`` that reuses their graph: one forward and backward pass for both."""
-    g, matvec = _reverse_graph(f, phi, x, y)
+    g, matvec = _reverse_graph(f, phi, x, y, batching)
     return (torch.zeros_like(phi) if g is None else g.detach()), matvec
 
 
-def _reverse(f: PerTaskLoss, phi, x, y) -> Matvec:
-    return _reverse_graph(f, phi, x, y)[1]
+def _reverse(f: PerTaskLoss, phi, x, y, batching: str) -> Matvec:
+    return _reverse_graph(f, phi, x, y, batching)[1]
 
 
-def _reverse_graph(f: PerTaskLoss, phi, x, y):
+def _reverse_graph(f: PerTaskLoss, phi, x, y, batching: str):
     with torch.enable_grad():
         p = phi.detach().requires_grad_(True)
-        total = vmap(f)(p, x, y).sum()
+        total = over_tasks(f, batching)(p, x, y).sum()
         (g,) = torch.autograd.grad(total, p, create_graph=True, allow_unused=True)
     if g is None or not g.requires_grad:
         # The loss is affine in φ: its Hessian is zero.
@@ -84,14 +90,14 @@ def _reverse_graph(f: PerTaskLoss, phi, x, y):
     return g, matvec
 
 
-def _forward(f: PerTaskLoss, phi, x, y) -> Matvec:
+def _forward(f: PerTaskLoss, phi, x, y, batching: str) -> Matvec:
     phi = phi.detach()
     grad_f = grad(f)
 
     def one_task(p, v, x_t, y_t):
         return jvp(lambda q: grad_f(q, x_t, y_t), (p,), (v,))[1]
 
-    batched = vmap(one_task)
+    batched = over_tasks(one_task, batching)
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         try:
@@ -110,7 +116,7 @@ def _forward(f: PerTaskLoss, phi, x, y) -> Matvec:
 
 
 def make_hvp(f: PerTaskLoss, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-             mode: str = "auto") -> Matvec:
+             mode: str = "auto", batching: str = "vmap") -> Matvec:
     """Batched Hessian-vector product at ``phi``.
 
     Args:
@@ -118,6 +124,8 @@ def make_hvp(f: PerTaskLoss, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor
         phi: ``[T, P]`` point at which the Hessians are taken.
         x, y: per-task data, leading dimension T.
         mode: ``"reverse"``, ``"forward"`` or ``"auto"`` (module docstring).
+        batching: how ``f`` runs over the tasks, ``"vmap"`` or ``"loop"``
+            (:mod:`imaml_ext.batching`).
 
     Returns:
         ``matvec(v [T, P]) -> [T, P]`` with row t equal to H_t v_t.
@@ -131,16 +139,16 @@ def make_hvp(f: PerTaskLoss, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor
         if transformed:
             raise ValueError("hvp_mode='reverse' cannot run inside a torch.func transform (it needs "
                              "requires_grad_); use hvp_mode='forward' or 'auto'")
-        return _reverse(f, phi, x, y)
+        return _reverse(f, phi, x, y, batching)
     if mode == "forward":
-        return _forward(f, phi, x, y)
+        return _forward(f, phi, x, y, batching)
     raise ValueError(f"unknown HVP mode {mode!r}; choose one of {HVP_MODES + ('auto',)}")
 
 
 def hvp(f: PerTaskLoss, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-        v: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+        v: torch.Tensor, mode: str = "auto", batching: str = "vmap") -> torch.Tensor:
     """One batched Hessian-vector product ``[T, P]`` (see :func:`make_hvp`)."""
-    return make_hvp(f, phi, x, y, mode)(v)
+    return make_hvp(f, phi, x, y, mode, batching)(v)
 
 
 #: Curvature matrices the implicit backward and the Hessian-free inner solver
@@ -201,7 +209,7 @@ def make_curvature(task_loss, phi: torch.Tensor, x: torch.Tensor, y: torch.Tenso
     matrix G_t (:func:`make_gnvp`), by name (:data:`CURVATURES`).
     ``task_loss`` is an :class:`~imaml_ext.functional.TaskLoss`."""
     if curvature == "hessian":
-        return make_hvp(task_loss.per_task, phi, x, y, mode)
+        return make_hvp(task_loss.per_task, phi, x, y, mode, task_loss.batching)
     if curvature == "gauss_newton":
         return make_gnvp(task_loss.per_task_outputs, task_loss.loss_fn, phi, x, y)
     raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")

@@ -36,8 +36,8 @@ from .functional import TaskLoss
 from .hvp import CURVATURES, HVP_MODES, make_curvature
 from .solvers import (CG, IMAML_DEV_RESIDUAL_TOL, CGResult, CGState, ImamlDevCG, Matvec,
                       ShiftedOperator)
-from .validation import (check_nonnegative, check_positive, check_steps, check_task_batch,
-                         optional_positive)
+from .validation import (check_batching, check_nonnegative, check_positive, check_steps,
+                         check_task_batch, optional_positive)
 
 __all__ = ["imaml", "INNER_SOLVERS", "LinearSolver"]
 
@@ -178,7 +178,7 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
           operator: Optional[tuple] = None, compat: Optional[str] = None,
           cg_damping: Optional[float] = None, curvature: str = "hessian",
           inner_tol: Optional[float] = None, inner_momentum: Optional[float] = None,
-          task_chunk: Optional[int] = None) -> Adapted:
+          task_chunk: Optional[int] = None, batching: str = "vmap") -> Adapted:
     """Adapt ``model`` to T tasks with iMAML; the result's backward yields the
     implicit meta-gradient on ``model``'s parameters.
 
@@ -248,6 +248,10 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
             memory follows the chunk, not T.  The tasks are independent, so the
             meta-gradient is the unchunked one up to rounding; the price is one
             more forward pass of the query batch.
+        batching: how the model runs over the tasks (:mod:`imaml_ext.batching`):
+            ``"vmap"`` (one batched call; dropout draws per-task masks),
+            ``"loop"`` (one call per task: any module, e.g. an LSTM, slower)
+            or ``"auto"`` (measured once per architecture and shape).
 
     An explicit ``cg_tol=0`` or ``max_grad_norm=0`` (the old spelling of
     "off") still means off, with a DeprecationWarning.
@@ -266,8 +270,10 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         :class:`~imaml_ext.diagnostics.ImplicitGradientWarning` (once per
         process) when the median relative residual exceeds
         :data:`~imaml_ext.diagnostics.RESIDUAL_WARN_THRESHOLD` or a task's
-        CG met pᵀAp ≤ 0.
+        CG met pᵀAp ≤ 0; ``info["batching"]``
+        says how the tasks were batched and, for ``"auto"``, why.
     """
+    check_batching(batching)
     task_loss = TaskLoss(model, loss_fn)
     check_task_batch(task_loss, support_x, support_y)
     check_positive("lam", lam)
@@ -321,7 +327,7 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
     chunks = task_chunks(support_x.shape[0], task_chunk)
 
     x, y = support_x, support_y
-    info: Dict[str, object] = {}
+    info: Dict[str, object] = {"batching": task_loss.select_batching(batching, x, y)}
     if compat == "imaml_dev":
         if operator is not None:
             raise ValueError("compat='imaml_dev' fixes the operator; do not pass operator as well")

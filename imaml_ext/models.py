@@ -14,7 +14,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-__all__ = ["OmniglotConvNet", "MiniImagenetConvNet", "SinusoidMLP"]
+__all__ = ["OmniglotConvNet", "Conv4", "MiniImagenetConvNet", "SinusoidMLP"]
 
 
 def _check_images(x: torch.Tensor, expected: Tuple[int, int, int], model: str) -> None:
@@ -56,22 +56,40 @@ class OmniglotConvNet(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-class MiniImagenetConvNet(nn.Module):
-    """The 4-block MiniImageNet network: [B, 3, 84, 84] → logits [B, ways].
+class Conv4(nn.Module):
+    """The max-pool Conv-4 of MAML, iMAML and learn2learn:
+    [B, C_in, S, S] → logits [B, ways].
 
     4 × [conv 3×3, ``hidden`` filters, padding 1 → batch norm → ReLU → max-pool 2]
-    (84 → 42 → 21 → 10 → 5), flatten (hidden·5·5), linear to ``ways``.
+    (each pooling floors: 28 → 14 → 7 → 3 → 1, 84 → 42 → 21 → 10 → 5),
+    flatten (hidden·s·s, s the last side), linear to ``ways``.
+    ``Conv4(ways, 1, 28)``: Omniglot size, 112,261 parameters for 5-way;
+    ``Conv4(ways, 3, 84)``: MiniImageNet size, 121,093 for 5-way.
     """
 
-    def __init__(self, ways: int = 5, hidden: int = 32):
+    def __init__(self, ways: int = 5, in_channels: int = 1, image_size: int = 28, hidden: int = 64):
         super().__init__()
+        side = image_size
+        for _ in range(4):
+            side //= 2
+        if side < 1:
+            raise ValueError(f"Conv4 halves the image 4 times; image_size must be at least 16, got {image_size}")
+        self.input_shape = (in_channels, image_size, image_size)
         self.features = nn.Sequential(*(
-            _conv_block(3 if i == 0 else hidden, hidden, stride=1, pool=True) for i in range(4)))
-        self.classifier = nn.Linear(hidden * 5 * 5, ways)
+            _conv_block(in_channels if i == 0 else hidden, hidden, stride=1, pool=True) for i in range(4)))
+        self.classifier = nn.Linear(hidden * side * side, ways)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_images(x, (3, 84, 84), type(self).__name__)
+        _check_images(x, self.input_shape, type(self).__name__)
         return self.classifier(self.features(x).flatten(1))
+
+
+class MiniImagenetConvNet(Conv4):
+    """The 4-block MiniImageNet network of the iMAML paper: [B, 3, 84, 84] → logits [B, ways];
+    :class:`Conv4` with 32 filters (hidden·5·5 features)."""
+
+    def __init__(self, ways: int = 5, hidden: int = 32):
+        super().__init__(ways=ways, in_channels=3, image_size=84, hidden=hidden)
 
 
 class SinusoidMLP(nn.Module):

@@ -48,7 +48,7 @@ from .flat import ParamLayout
 from .functional import TaskLoss
 from .hvp import HVP_MODES, Matvec, default_mode, grad_and_hvp, make_hvp
 from .inner_optim import OPTIMIZERS, SGD, InnerOptimizer, LearningRate, make_optimizer
-from .validation import check_positive, check_steps, check_task_batch, deprecated_alias
+from .validation import check_batching, check_positive, check_steps, check_task_batch, deprecated_alias
 
 __all__ = ["maml", "reptile_grad", "plan_checkpoints", "CheckpointSchedule", "MODES", "INNER_SOLVERS"]
 
@@ -139,7 +139,8 @@ class _InnerLoop:
             last = k == stop - 1
             matvec = None
             if keep_graphs:
-                g, matvec = grad_and_hvp(self.task_loss.per_task, phi, *self.support.at(k))
+                g, matvec = grad_and_hvp(self.task_loss.per_task, phi, *self.support.at(k),
+                                          self.task_loss.batching)
             else:
                 g = self.task_loss.grad(phi, *self.support.at(k))[0] if keep_grads or not last else None
             points.append((phi, state, g if keep_grads else None, matvec))
@@ -163,7 +164,7 @@ class _InnerLoop:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            grad_and_hvp(self.task_loss.per_task, phi, *self.support.at(0))
+            grad_and_hvp(self.task_loss.per_task, phi, *self.support.at(0), self.task_loss.batching)
         return total
 
 
@@ -260,7 +261,8 @@ def _adjoint_sgd(loop: _InnerLoop, k: int, phi: torch.Tensor, g: Optional[torch.
     also lr_grad_t −= ⟨g_t, a_{k+1,t}⟩ (the fused op).  ``matvec``: H(φ_k)'s product kept
     from the replay (else built here)."""
     if matvec is None:
-        matvec = make_hvp(loop.task_loss.per_task, phi, *loop.support.at(k), loop.hvp_mode)
+        matvec = make_hvp(loop.task_loss.per_task, phi, *loop.support.at(k), loop.hvp_mode,
+                          loop.task_loss.batching)
     Ha = matvec(a).contiguous()
     if lr_grad_t is None:
         return a.sub_(Ha, alpha=lr)
@@ -380,7 +382,8 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
          momentum: Optional[float] = None, beta: Optional[float] = None, eps: Optional[float] = None,
          checkpoint_every: Optional[int] = None, max_grad_grad_norm: Optional[float] = None,
          per_step_support: bool = False, hvp_mode: str = "auto",
-         optimizer: Optional[str] = None, memory_budget: Optional[int] = None) -> Adapted:
+         optimizer: Optional[str] = None, memory_budget: Optional[int] = None,
+         batching: str = "vmap") -> Adapted:
     """Adapt ``model`` to T tasks with K inner steps; the result's backward yields
     the MAML meta-gradient on ``model``'s parameters (and on ``inner_lr`` if it
     requires grad).
@@ -430,12 +433,17 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
             is in ``info["checkpoint_schedule"]``.  Exclusive with
             ``checkpoint_every``.  None: c = ``checkpoint_every`` or round(√K),
             no kept graphs.
+        batching: how the model runs over the tasks (:mod:`imaml_ext.batching`):
+            ``"vmap"`` (one batched call; dropout draws per-task masks),
+            ``"loop"`` (one call per task: any module, e.g. an LSTM, slower)
+            or ``"auto"`` (measured once per architecture and shape).
 
     Returns:
         :class:`~imaml_ext.adapted.Adapted` holding φ_K ``[T, P]``;
         ``info["inner_losses"]`` is the ``[K, T]`` support loss before each step,
         ``info["inner_solver"]`` (also under its old key ``"optimizer"``) the
-        inner optimizer's name.
+        inner optimizer's name, ``info["batching"]`` how the tasks were
+        batched and, for ``"auto"``, why.
 
     Raises:
         NonFiniteLossError: a support loss was NaN or infinite, naming the
@@ -443,6 +451,7 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_batching(batching)
     task_loss = TaskLoss(model, loss_fn)
     check_steps("inner_steps", inner_steps)
     _check_support(task_loss, support_x, support_y, inner_steps, per_step_support)
@@ -473,8 +482,10 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
             raise ValueError(f"checkpoint_every must be an integer in [1, inner_steps={inner_steps}], "
                              f"got {checkpoint_every!r}")
 
-    info: Dict[str, object] = {"mode": mode, "inner_solver": opt.name, "optimizer": opt.name}
-    loop = _InnerLoop(task_loss, opt, _Support(support_x, support_y, per_step_support), lr,
+    support = _Support(support_x, support_y, per_step_support)
+    info: Dict[str, object] = {"mode": mode, "inner_solver": opt.name, "optimizer": opt.name,
+                               "batching": task_loss.select_batching(batching, *support.at(0))}
+    loop = _InnerLoop(task_loss, opt, support, lr,
                       inner_steps, hvp_mode, info)
     theta = task_loss.theta()
     if mode == "full" and torch.is_grad_enabled():

@@ -7,10 +7,11 @@ from typing import Optional
 
 import torch
 
+from .batching import BATCHING_MODES
 from .functional import TaskLoss
 
 __all__ = ["check_task_batch", "check_positive", "check_nonnegative", "check_steps", "optional_positive",
-           "deprecated_alias"]
+           "deprecated_alias", "check_batching"]
 
 
 def check_task_batch(task_loss: TaskLoss, x: torch.Tensor, y: torch.Tensor, what: str = "support") -> None:
@@ -80,3 +81,11 @@ def deprecated_alias(new: str, new_value, old: str, old_value, default):
         raise ValueError(f"{old}= is the old name of {new}=; pass only {new}=")
     warnings.warn(f"{old}= is deprecated; use {new}= (same values)", DeprecationWarning, stacklevel=3)
     return old_value
+
+
+def check_batching(value: str) -> None:
+    """``batching`` is one of :data:`imaml_ext.batching.BATCHING_MODES`."""
+    if not isinstance(value, str) or value not in BATCHING_MODES:
+        raise ValueError(f"batching must be one of {BATCHING_MODES}, got {value!r}: 'vmap' batches the "
+                         "tasks with torch.func.vmap, 'loop' runs them one at a time (any module), "
+                         "'auto' measures both")

@@ -6,11 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, stack_module_state, vmap
 
-from imaml_ext.models import MiniImagenetConvNet, OmniglotConvNet, SinusoidMLP
+from imaml_ext.models import Conv4, MiniImagenetConvNet, OmniglotConvNet, SinusoidMLP
 
 CASES = [
     (lambda: OmniglotConvNet(ways=5), (6, 1, 28, 28), 5),
     (lambda: MiniImagenetConvNet(ways=5), (4, 3, 84, 84), 5),
+    (lambda: Conv4(ways=5), (6, 1, 28, 28), 5),
+    (lambda: Conv4(ways=3, in_channels=3, image_size=84, hidden=8), (4, 3, 84, 84), 3),
     (lambda: SinusoidMLP(), (10, 1), 1),
 ]
 
@@ -23,6 +25,9 @@ def test_parameter_counts():
     assert _count(OmniglotConvNet(ways=5)) == 113_221
     assert _count(OmniglotConvNet(ways=20)) == 113_221 - (256 * 5 + 5) + (256 * 20 + 20)
     assert _count(MiniImagenetConvNet(ways=5)) == 32_901
+    conv = 3 * (64 * 64 * 9 + 64 + 2 * 64)  # blocks 2-4: conv weight, bias, batch-norm affine
+    assert _count(Conv4(ways=5)) == (1 * 64 * 9 + 64 + 2 * 64) + conv + 64 * 1 * 1 * 5 + 5
+    assert _count(Conv4(ways=5, in_channels=3, image_size=84)) == (3 * 64 * 9 + 64 + 2 * 64) + conv + 64 * 5 * 5 * 5 + 5
     assert _count(SinusoidMLP()) == 1 * 40 + 40 + 40 * 40 + 40 + 40 + 1
 
 
@@ -43,6 +48,10 @@ def test_wrong_input_shapes_are_explained():
         OmniglotConvNet()(torch.zeros(2, 5, 1, 28, 28))
     with pytest.raises(ValueError, match="MiniImagenetConvNet"):
         MiniImagenetConvNet()(torch.zeros(2, 3, 28, 28))
+    with pytest.raises(ValueError, match=r"Conv4 takes images \[B, 3, 84, 84\]"):
+        Conv4(in_channels=3, image_size=84)(torch.zeros(2, 1, 28, 28))
+    with pytest.raises(ValueError, match="image_size must be at least 16"):
+        Conv4(image_size=8)
     with pytest.raises(ValueError, match="SinusoidMLP"):
         SinusoidMLP()(torch.zeros(4))
 

@@ -1,0 +1,257 @@
+"""How a per-task function is run over the T tasks of a meta-batch.
+
+``batching`` (an argument of :func:`imaml_ext.imaml` and :func:`imaml_ext.maml`):
+
+* ``"vmap"``: ``torch.func.vmap`` with ``randomness="different"`` — one
+  batched call for all tasks; random layers (dropout) draw independent
+  values for every task.  Fast where PyTorch has batching rules for the
+  model's operators; a model it cannot batch (an LSTM, data-dependent
+  Python control flow, ``.item()``) raises :class:`BatchingError`.
+  Batch-norm with batch statistics and 2-d max-pooling are run folded: one
+  ordinary call on ``[n, T·C, ...]`` (:class:`_TaskBatchNorm`,
+  :class:`_TaskMaxPool2d`), cheaper than vmap's generic rules.
+* ``"loop"``: a Python loop over the tasks, one ordinary call each, results
+  stacked.  Runs any module that runs on one task; slower for small models.
+* ``"auto"``: :func:`choose` measures one gradient of the support loss both
+  ways (and takes ``"loop"`` if vmap cannot batch the model), remembers the
+  faster per architecture and input shape, and reports the decision.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.func import vmap
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["BATCHING_MODES", "BatchingError", "over_tasks", "choose"]
+
+BATCHING_MODES = ("vmap", "loop", "auto")
+_VMAP_FAILURE_MARKS = ("vmap", "batching rule", "batched tensor", "functorch")
+
+
+class BatchingError(RuntimeError):
+    """The model cannot be run under ``torch.func.vmap``; ``batching="loop"`` runs it."""
+
+
+def is_vmap_failure(error: BaseException) -> bool:
+    """True if ``error`` is PyTorch refusing to batch an operation under vmap."""
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and any(mark in message for mark in _VMAP_FAILURE_MARKS)
+
+
+def _task_dim(t: Optional[torch.Tensor], dim: Optional[int], size: int, at: int) -> Optional[torch.Tensor]:
+    """``t`` with its task dimension (``dim``; None: shared by all tasks) moved to ``at``."""
+    if t is None:
+        return None
+    if dim is None:
+        return t.unsqueeze(at).expand(*t.shape[:at], size, *t.shape[at:])
+    return t.movedim(dim, at)
+
+
+def _fold(x: torch.Tensor, dim: Optional[int], tasks: int) -> torch.Tensor:
+    """Per-task ``[n, C, ...]`` batched at ``dim`` -> ``[n, T·C, ...]``: task t's channels
+    at t·C ... t·C + C − 1.  A view when the tasks already sit beside the channels,
+    as in the output of vmap's grouped convolution and of the folded layers here."""
+    x = _task_dim(x, dim, tasks, 1)
+    return x.reshape(x.shape[0], tasks * x.shape[2], *x.shape[3:])
+
+
+def _unfold(out: torch.Tensor, tasks: int):
+    """``[n, T·C, ...]`` -> ``[n, T, C, ...]`` batched at dim 1 (vmap's rule result)."""
+    return out.view(out.shape[0], tasks, out.shape[1] // tasks, *out.shape[2:]), 1
+
+
+class _UnderVmapOnly(torch.autograd.Function):
+    """A channel-wise layer that vmap runs as one ordinary call on the folded
+    ``[n, T·C, ...]`` layout (:func:`_fold`).  Autograd records the ordinary
+    call made in ``vmap``, so first and second derivatives are PyTorch's own;
+    the Function is only applied directly under vmap (:class:`_BatchedLayers`)
+    and has no backward of its own."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("internal error: imaml_ext's folded layers run only under torch.func.vmap")
+
+
+class _TaskBatchNorm(_UnderVmapOnly):
+    """Batch-norm with batch statistics: per task x_t ``[n, C, ...]``, weight/bias ``[C]``.
+
+    One ``F.batch_norm`` on ``[n, T·C, ...]`` with weight/bias ``[T·C]``
+    normalises every (task, channel) pair over its own examples with its own
+    affine parameters — the same numbers as T separate calls.  vmap's generic
+    rule normalises without the affine part and applies weight and bias as
+    broadcast multiplications whose derivatives cost more than the fused kernel's.
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, eps):
+        T = info.batch_size
+        w = _task_dim(weight, in_dims[1], T, 0)
+        b = _task_dim(bias, in_dims[2], T, 0)
+        out = F.batch_norm(_fold(x, in_dims[0], T), None, None, None if w is None else w.reshape(-1),
+                           None if b is None else b.reshape(-1), True, 0.0, eps)
+        return _unfold(out, T)
+
+
+class _TaskMaxPool2d(_UnderVmapOnly):
+    """2-d max-pooling of per-task x_t ``[n, C, H, W]``: pooling is per channel,
+    so one call on ``[n, T·C, H, W]`` gives T separate calls' numbers, without
+    the copy that vmap's rule makes to put the tasks beside the examples."""
+
+    @staticmethod
+    def forward(x, kernel_size, stride, padding, dilation, ceil_mode):
+        return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
+
+    @staticmethod
+    def vmap(info, in_dims, x, kernel_size, stride, padding, dilation, ceil_mode):
+        T = info.batch_size
+        out = F.max_pool2d(_fold(x, in_dims[0], T), kernel_size, stride, padding, dilation,
+                           ceil_mode=ceil_mode)
+        return _unfold(out, T)
+
+
+def _directly_under_vmap(t: torch.Tensor) -> bool:
+    """True if the innermost torch.func transform running is vmap and ``t`` is batched by it."""
+    functorch = torch._C._functorch
+    if functorch.peek_interpreter_stack() is None or not functorch.is_batchedtensor(t):
+        return False
+    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+    top = retrieve_current_functorch_interpreter()
+    return top.key() == functorch.TransformType.Vmap and functorch.maybe_get_level(t) == top.level()
+
+
+def _batch_norm_call(input, running_mean, running_var, weight=None, bias=None, training=False,
+                     momentum=0.1, eps=1e-5):
+    """:class:`_TaskBatchNorm`'s arguments for an ``F.batch_norm`` call with
+    batch statistics, else None."""
+    if running_mean is not None or running_var is not None or not training or input.dim() < 2:
+        return None
+    return input, weight, bias, float(eps)
+
+
+def _max_pool2d_call(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                     return_indices=False):
+    """:class:`_TaskMaxPool2d`'s arguments for an ``F.max_pool2d`` call on
+    ``[n, C, H, W]`` without indices, else None."""
+    if return_indices or input.dim() != 4:
+        return None
+    return input, kernel_size, stride, padding, dilation, ceil_mode
+
+
+# F.<layer> -> (its Function, the arguments of that Function or None where it does not apply)
+_FOLDED = {F.batch_norm: (_TaskBatchNorm, _batch_norm_call),
+           F.max_pool2d: (_TaskMaxPool2d, _max_pool2d_call)}
+
+
+class _BatchedLayers(TorchFunctionMode):
+    """Inside :func:`_vmapped`: the layers in :data:`_FOLDED` called on a tensor
+    batched by the innermost vmap run as their folded Function; every other
+    call runs as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        folded = _FOLDED.get(func)
+        if folded is not None and args and isinstance(args[0], torch.Tensor) \
+                and _directly_under_vmap(args[0]):
+            call = folded[1](*args, **kwargs)
+            if call is not None:
+                return folded[0].apply(*call)
+        return func(*args, **kwargs)
+
+
+def _vmapped(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    batched = vmap(fn, randomness="different")
+
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        try:
+            with _BatchedLayers():
+                return batched(*args)
+        except BatchingError:
+            raise
+        except RuntimeError as e:
+            if not is_vmap_failure(e):
+                raise
+            raise BatchingError(
+                "the model cannot be batched over tasks with torch.func.vmap (batching='vmap'): "
+                f"{str(e).splitlines()[0].rstrip('. ')}. Modules that vmap cannot batch include recurrent "
+                "layers (nn.LSTM, nn.GRU, nn.RNN), Python control flow that depends on tensor "
+                "values, and .item(); pass batching='loop' to run the tasks one at a time "
+                "(same results, slower)") from e
+
+    return run
+
+
+def _looped(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        # unbind: one autograd node per argument, not T indexing nodes that
+        # would each scatter a gradient into a full [T, ...] tensor.
+        return torch.stack([fn(*task) for task in zip(*(a.unbind(0) for a in args))])
+
+    return run
+
+
+def over_tasks(fn: Callable[..., torch.Tensor], batching: str) -> Callable[..., torch.Tensor]:
+    """``fn(a_t, b_t, ...) -> tensor`` of one task, as a function of ``[T, ...]``
+    arguments returning the stacked ``[T, ...]`` results (``batching`` is
+    ``"vmap"`` or ``"loop"``)."""
+    if batching == "vmap":
+        return _vmapped(fn)
+    if batching == "loop":
+        return _looped(fn)
+    raise ValueError(f"batching must be 'vmap' or 'loop' here, got {batching!r}")
+
+
+# "auto"'s decisions: key (architecture, shapes, dtype, device, threads) -> info dict.
+_DECISIONS: Dict[Tuple, Dict[str, object]] = {}
+_CALIBRATION_REPEATS = 2
+
+
+def _seconds_per_gradient(per_task, batching: str, phi, x, y) -> float:
+    losses = over_tasks(per_task, batching)
+    best = float("inf")
+    for _ in range(1 + _CALIBRATION_REPEATS):  # the first call warms up
+        if phi.is_cuda:
+            torch.cuda.synchronize(phi.device)
+        start = time.perf_counter()
+        with torch.enable_grad():
+            p = phi.detach().requires_grad_(True)
+            torch.autograd.grad(losses(p, x, y).sum(), p, allow_unused=True)
+        if phi.is_cuda:
+            torch.cuda.synchronize(phi.device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def choose(per_task, key: Tuple, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Dict[str, object]:
+    """``"auto"``: the faster of ``"vmap"`` and ``"loop"`` for one gradient of
+    the summed per-task loss at ``phi`` ``[T, P]`` on ``x``/``y`` ``[T, n, ...]``
+    (best of 2 after a warm-up), ``"loop"`` if vmap cannot batch the model.
+    Decided once per ``key`` (the caller's architecture, shapes, dtype, device)
+    and thread count.  Returns ``{"batching", "reason", "seconds"}``.
+    """
+    key = key + (torch.get_num_threads(),)
+    if key in _DECISIONS:
+        return dict(_DECISIONS[key], cached=True)
+    try:
+        vmap_s = _seconds_per_gradient(per_task, "vmap", phi, x, y)
+    except BatchingError as e:
+        decision = {"batching": "loop", "reason": f"vmap cannot batch the model: {e.__cause__}",
+                    "seconds": {}}
+    else:
+        loop_s = _seconds_per_gradient(per_task, "loop", phi, x, y)
+        mode = "vmap" if vmap_s <= loop_s else "loop"
+        decision = {"batching": mode, "reason": "faster support-loss gradient in calibration",
+                    "seconds": {"vmap": vmap_s, "loop": loop_s}}
+    _DECISIONS[key] = decision
+    return dict(decision, cached=False)
