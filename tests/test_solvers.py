@@ -85,6 +85,48 @@ def test_max_iter_reached_is_reported():
     assert (res.state == CGState.RUNNING).all() and (res.iterations == 2).all()
 
 
+class CountingMatvec:
+    """batched_matvec(M) that counts its calls."""
+
+    def __init__(self, M):
+        self.apply, self.calls = batched_matvec(M), 0
+
+    def __call__(self, v):
+        self.calls += 1
+        return self.apply(v)
+
+
+def test_cg_with_tol_stops_once_every_task_has_stopped():
+    """max_iter far beyond convergence: with tol > 0 the loop ends within
+    CG_HOST_CHECK_EVERY iterations of the last task stopping, with the same
+    result as a loop that ran on."""
+    from imaml_ext.solvers import CG_HOST_CHECK_EVERY
+    T, P = 4, 12
+    M = random_spd(T, P)
+    rhs = torch.randn(T, P, dtype=torch.float64)
+    matvec = CountingMatvec(M)
+    res = im.cg(matvec, rhs, max_iter=10**5, tol=1e-10)
+    assert (res.state == CGState.CONVERGED).all()
+    last = int(res.iterations.max())
+    assert last <= P + 2
+    assert matvec.calls <= last + CG_HOST_CHECK_EVERY
+    full = im.cg(batched_matvec(M), rhs, max_iter=last + 3 * CG_HOST_CHECK_EVERY, tol=1e-10)
+    assert torch.equal(res.x, full.x) and torch.equal(res.iterations, full.iterations)
+    assert torch.equal(res.residual_sq, full.residual_sq)
+    # Stopped on curvature counts as stopped too.
+    matvec = CountingMatvec(-M)
+    res = im.cg(matvec, rhs, max_iter=10**5, tol=1e-10)
+    assert (res.state == CGState.NONPOSITIVE_CURVATURE).all()
+    assert matvec.calls <= CG_HOST_CHECK_EVERY
+
+
+def test_cg_without_tol_runs_every_iteration_without_asking_the_host():
+    """tol = 0 keeps the fixed-length loop (no sync), even when all tasks are done."""
+    matvec = CountingMatvec(random_spd(2, 5))
+    res = im.cg(matvec, torch.zeros(2, 5, dtype=torch.float64), max_iter=40)
+    assert (res.state == CGState.CONVERGED).all() and matvec.calls == 40
+
+
 def test_zero_rhs_converges_at_start():
     M = random_spd(2, 5)
     res = im.cg(batched_matvec(M), torch.zeros(2, 5, dtype=torch.float64), max_iter=5)
