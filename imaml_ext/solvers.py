@@ -110,12 +110,12 @@ def cg(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, *,
     check_on_host = tol > 0 and not torch.compiler.is_compiling()
     for k in range(max_iter):
         # A stopped task never runs again: once none runs, the rest would be no-ops.
-        if check_on_host and k % CG_HOST_CHECK_EVERY == 0 and not (state == CGState.RUNNING).any():
+        if check_on_host and k % CG_HOST_CHECK_EVERY == 0 and not (state == int(CGState.RUNNING)).any():
             break
-        iterations += state == CGState.RUNNING
+        iterations += state == int(CGState.RUNNING)
         ops.cg_step_(x, r, p, matvec(p), rs, state, threshold_sq, shift, scale)
     # A task stopped on curvature did not take the step it was counted for.
-    iterations -= (state >= CGState.NONPOSITIVE_CURVATURE).long()
+    iterations -= (state >= int(CGState.NONPOSITIVE_CURVATURE)).long()
     return CGResult(x=x, iterations=iterations, state=state, residual_sq=rs)
 
 

@@ -1,4 +1,10 @@
 """Batched conjugate gradient against dense solves."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -216,3 +222,36 @@ def test_solver_objects_reject_bad_settings(make, match):
 def test_solver_objects_are_frozen():
     with pytest.raises(Exception):
         Neumann().steps = 3
+
+
+# Runs in a fresh process, so that no imaml_ext op has run (and no kernel is
+# loaded) before torch.compile traces the first call.
+_COMPILE_PROBE = textwrap.dedent("""
+    import json, sys, torch
+    import imaml_ext as im
+    device = sys.argv[1]
+    M = torch.diag_embed(torch.tensor([[1.0, 2.0, 4.0, 8.0]] * 3, device=device))
+    def solve(rhs, tol):
+        return im.cg(lambda v: torch.einsum("tij,tj->ti", M, v), rhs, max_iter=6, tol=tol).x
+    compiled = torch.compile(solve, fullgraph=True, backend="aot_eager")
+    rhs = torch.arange(12.0, device=device).reshape(3, 4) + 1
+    exact = rhs / torch.tensor([1.0, 2.0, 4.0, 8.0], device=device)
+    errors = [(compiled(rhs, tol) - exact).abs().max().item() for tol in (None, 1e-6)]
+    print(json.dumps(errors))
+""")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_torch_compile_fullgraph_over_cg_from_a_cold_start(device):
+    """torch.compile(fullgraph=True) over cg with a fixed matvec, as the first
+    use of the ops in the process: no graph break, and the solve is exact (a
+    diagonal 4x4 system: CG converges in 4 steps)."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_PROBE, device], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert max(errors) < 1e-5, errors
