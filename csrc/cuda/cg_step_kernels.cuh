@@ -1,16 +1,34 @@
 // Kernels and launch sequence of imaml_ext::cg_step_ on CUDA (see
 // imaml_ext/ops.py for the contract; cg_step.cu launches them).
 //
-// One block per task (one launch) when a row fits one slice; otherwise three
-// launches over T * nb blocks:
-//   1. cg_pap_kernel:       per-slice partials of p'Ap, Ap = a*p + b*Hp
-//   2. cg_update_xr_kernel: every block sums its row's partials (the same
-//      fixed tree everywhere, so all blocks agree on p'Ap), applies the
-//      curvature test, x += alpha*p, r -= alpha*Ap, per-slice partials of r'r
-//   3. cg_update_p_kernel:  p = r + (rs_new / rs_old)*p, then rs and state
-// Blocks never write what another block of the same launch reads: kernel 2
-// leaves the per-task outcome and rs_old in scratch for kernel 3, which alone
-// writes rs and state.
+// A step must read x, r, p and Hp and write x, r and p: 7 passes over [T, P]
+// at the least, and that only if each row stays on chip between the two row
+// reductions the step depends on (p'Ap before the x and r updates, r'r before
+// the p update). Three paths, by the number of slices per row (nb) and P:
+//
+// * nb == 1 and P <= kResidentP: cg_step_resident_kernel, one block per task
+//   with the row in registers: reads x, r, p, Hp once, writes x, r, p once
+//   (the 7 passes), one launch.
+// * nb == 1, longer rows: cg_step_row_kernel, one block per task, one launch,
+//   11 passes (as below) over a row that one block walks three times.
+// * nb > 1: three launches over T * nb blocks, 11 passes:
+//   1. cg_pap_kernel:       read p, Hp (2): per-slice partials of p'Ap,
+//                           Ap = a*p + b*Hp
+//   2. cg_update_xr_kernel: read x, r, p, Hp, write x, r (6): every block sums
+//                           its row's partials (the same fixed tree
+//                           everywhere, so all blocks agree on p'Ap), applies
+//                           the curvature test, x += alpha*p, r -= alpha*Ap,
+//                           per-slice partials of r'r
+//   3. cg_update_p_kernel:  read r, p, write p (3): p = r + (rs_new/rs_old)*p,
+//                           then rs and state
+//   Blocks never write what another block of the same launch reads: kernel 2
+//   leaves the per-task outcome and rs_old in scratch for kernel 3, which
+//   alone writes rs and state. Fewer passes here would need the row on chip
+//   across a grid-wide sync (a cooperative launch), which the [T, P] data of
+//   the models this targets does not fit.
+//
+// The reductions accumulate in double (acc_t); alpha and beta are worked out
+// in double and rounded to scalar_t once, as on the CPU.
 #pragma once
 
 #include <cstdint>
@@ -30,17 +48,17 @@ constexpr int32_t kStopNonFinite = kNonFinite;               // p'Ap not finite
 
 // This thread's share of p'(a*p + b*Hp) over [begin, end) of one row.
 template <typename scalar_t>
-__device__ scalar_t pap_share(const scalar_t* __restrict__ p,
-                              const scalar_t* __restrict__ Hp, int64_t begin,
-                              int64_t end, scalar_t a, scalar_t b) {
-  scalar_t acc = 0;
+__device__ acc_t pap_share(const scalar_t* __restrict__ p,
+                           const scalar_t* __restrict__ Hp, int64_t begin,
+                           int64_t end, scalar_t a, scalar_t b) {
+  acc_t acc = 0;
   for_each_pack(
       packed_slice(begin, end, p, Hp), threadIdx.x, kThreads, [&](int64_t i, auto w) {
         constexpr int N = decltype(w)::value;
         const auto pv = load<N>(p + i);
         const auto hv = load<N>(Hp + i);
 #pragma unroll
-        for (int k = 0; k < N; ++k) acc += pv.v[k] * (a * pv.v[k] + b * hv.v[k]);
+        for (int k = 0; k < N; ++k) acc += acc_t(pv.v[k]) * acc_t(a * pv.v[k] + b * hv.v[k]);
       });
   return acc;
 }
@@ -48,13 +66,13 @@ __device__ scalar_t pap_share(const scalar_t* __restrict__ p,
 // x += alpha*p and r -= alpha*(a*p + b*Hp) over [begin, end) of one row;
 // returns this thread's share of r'r (new r).
 template <typename scalar_t>
-__device__ scalar_t update_xr_share(scalar_t* __restrict__ x,
+__device__ acc_t update_xr_share(scalar_t* __restrict__ x,
                                     scalar_t* __restrict__ r,
                                     const scalar_t* __restrict__ p,
                                     const scalar_t* __restrict__ Hp,
                                     int64_t begin, int64_t end, scalar_t a,
                                     scalar_t b, scalar_t alpha) {
-  scalar_t acc = 0;
+  acc_t acc = 0;
   for_each_pack(
       packed_slice(begin, end, x, r, p, Hp), threadIdx.x, kThreads, [&](int64_t i, auto w) {
         constexpr int N = decltype(w)::value;
@@ -66,7 +84,7 @@ __device__ scalar_t update_xr_share(scalar_t* __restrict__ x,
         for (int k = 0; k < N; ++k) {
           xv.v[k] = xv.v[k] + alpha * pv.v[k];
           rv.v[k] = rv.v[k] - alpha * (a * pv.v[k] + b * hv.v[k]);
-          acc += rv.v[k] * rv.v[k];
+          acc += acc_t(rv.v[k]) * acc_t(rv.v[k]);
         }
         store<N>(x + i, xv);
         store<N>(r + i, rv);
@@ -89,8 +107,7 @@ __device__ void update_p(scalar_t* __restrict__ p, const scalar_t* __restrict__ 
       });
 }
 
-template <typename scalar_t>
-__device__ __forceinline__ int32_t curvature_outcome(scalar_t pAp) {
+__device__ __forceinline__ int32_t curvature_outcome(acc_t pAp) {
   if (!isfinite(pAp)) return kStopNonFinite;
   return pAp > 0 ? kStep : kStopNonPositive;
 }
@@ -105,20 +122,80 @@ __global__ void __launch_bounds__(kThreads) cg_step_row_kernel(
   const int64_t t = blockIdx.x;
   if (state[t] != kRunning) return;
   const int64_t off = t * P;
-  const scalar_t pAp = block_sum(pap_share(p + off, Hp + off, 0, P, a, b));
+  const acc_t pAp = block_sum(pap_share(p + off, Hp + off, 0, P, a, b));
   const int32_t outcome = curvature_outcome(pAp);
   if (outcome != kStep) {
     // Every thread read state[t] before block_sum's barriers.
     if (threadIdx.x == 0) state[t] = outcome;
     return;
   }
-  const scalar_t rs_old = rs[t];
-  const scalar_t rs_new = block_sum(
-      update_xr_share(x + off, r + off, p + off, Hp + off, 0, P, a, b, rs_old / pAp));
-  update_p(p + off, r + off, 0, P, rs_new / rs_old);
+  const acc_t rs_old = rs[t];
+  const acc_t rs_new = block_sum(update_xr_share(x + off, r + off, p + off, Hp + off, 0, P, a,
+                                                 b, static_cast<scalar_t>(rs_old / pAp)));
+  update_p(p + off, r + off, 0, P, static_cast<scalar_t>(rs_new / rs_old));
   if (threadIdx.x == 0) {
-    rs[t] = rs_new;
-    if (rs_new <= threshold_sq[t]) state[t] = kConverged;
+    rs[t] = static_cast<scalar_t>(rs_new);
+    if (rs_new <= acc_t(threshold_sq[t])) state[t] = kConverged;
+  }
+}
+
+// Longest row that cg_step_resident_kernel keeps in registers: kResidentElems
+// elements of each of x, r, p and Hp per thread.
+constexpr int kResidentElems = 8;
+constexpr int64_t kResidentP = int64_t{kThreads} * kResidentElems;
+
+// The whole step with one block per task and the row in registers (grid: T
+// blocks; P <= kResidentP): element j*kThreads + threadIdx.x of the row is
+// slot j of this thread, so that a warp's accesses are consecutive.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) cg_step_resident_kernel(
+    scalar_t* __restrict__ x, scalar_t* __restrict__ r, scalar_t* __restrict__ p,
+    const scalar_t* __restrict__ Hp, scalar_t* __restrict__ rs,
+    int32_t* __restrict__ state, const scalar_t* __restrict__ threshold_sq,
+    scalar_t a, scalar_t b, int64_t P) {
+  const int64_t t = blockIdx.x;
+  if (state[t] != kRunning) return;
+  const int64_t off = t * P;
+  scalar_t pv[kResidentElems], ap[kResidentElems], rv[kResidentElems];
+  acc_t acc = 0;
+#pragma unroll
+  for (int j = 0; j < kResidentElems; ++j) {
+    const int64_t i = int64_t{j} * kThreads + threadIdx.x;
+    const bool in = i < P;
+    pv[j] = in ? p[off + i] : scalar_t(0);
+    ap[j] = in ? a * pv[j] + b * Hp[off + i] : scalar_t(0);
+    rv[j] = in ? r[off + i] : scalar_t(0);
+    acc += acc_t(pv[j]) * acc_t(ap[j]);
+  }
+  const acc_t pAp = block_sum(acc);
+  const int32_t outcome = curvature_outcome(pAp);
+  if (outcome != kStep) {
+    if (threadIdx.x == 0) state[t] = outcome;
+    return;
+  }
+  const acc_t rs_old = rs[t];
+  const scalar_t alpha = static_cast<scalar_t>(rs_old / pAp);
+  acc = 0;
+#pragma unroll
+  for (int j = 0; j < kResidentElems; ++j) {
+    const int64_t i = int64_t{j} * kThreads + threadIdx.x;
+    if (i < P) x[off + i] = x[off + i] + alpha * pv[j];
+    rv[j] = rv[j] - alpha * ap[j];
+    acc += acc_t(rv[j]) * acc_t(rv[j]);
+  }
+  const acc_t rs_new = block_sum(acc);
+  const scalar_t beta = static_cast<scalar_t>(rs_new / rs_old);
+#pragma unroll
+  for (int j = 0; j < kResidentElems; ++j) {
+    const int64_t i = int64_t{j} * kThreads + threadIdx.x;
+    if (i < P) {
+      r[off + i] = rv[j];
+      p[off + i] = rv[j] + beta * pv[j];
+    }
+  }
+  if (threadIdx.x == 0) {
+    rs[t] = static_cast<scalar_t>(rs_new);
+    if (rs_new <= acc_t(threshold_sq[t])) state[t] = kConverged;
   }
 }
 
@@ -127,11 +204,11 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) cg_pap_kernel(
     const scalar_t* __restrict__ p, const scalar_t* __restrict__ Hp,
     const int32_t* __restrict__ state, scalar_t a, scalar_t b, int64_t P,
-    int64_t nb, scalar_t* __restrict__ part_pAp) {
+    int64_t nb, acc_t* __restrict__ part_pAp) {
   const Slice sl = block_slice(nb, P);
   if (state[sl.t] != kRunning) return;
   const int64_t off = sl.t * P;
-  const scalar_t s = block_sum(pap_share(p + off, Hp + off, sl.begin, sl.end, a, b));
+  const acc_t s = block_sum(pap_share(p + off, Hp + off, sl.begin, sl.end, a, b));
   if (threadIdx.x == 0) part_pAp[blockIdx.x] = s;
 }
 
@@ -144,15 +221,15 @@ __global__ void __launch_bounds__(kThreads) cg_update_xr_kernel(
     const scalar_t* __restrict__ p, const scalar_t* __restrict__ Hp,
     const scalar_t* __restrict__ rs, const int32_t* __restrict__ state,
     scalar_t a, scalar_t b, int64_t P, int64_t nb,
-    const scalar_t* __restrict__ part_pAp, scalar_t* __restrict__ part_rr,
-    int32_t* __restrict__ outcome, scalar_t* __restrict__ rs_old) {
+    const acc_t* __restrict__ part_pAp, acc_t* __restrict__ part_rr,
+    int32_t* __restrict__ outcome, acc_t* __restrict__ rs_old) {
   const Slice sl = block_slice(nb, P);
   const bool leader = sl.s == 0 && threadIdx.x == 0;
   if (state[sl.t] != kRunning) {
     if (leader) outcome[sl.t] = kSkip;
     return;
   }
-  const scalar_t pAp = row_total(part_pAp, sl.t, nb);
+  const acc_t pAp = row_total(part_pAp, sl.t, nb);
   const int32_t o = curvature_outcome(pAp);
   if (leader) {
     outcome[sl.t] = o;
@@ -160,8 +237,9 @@ __global__ void __launch_bounds__(kThreads) cg_update_xr_kernel(
   }
   if (o != kStep) return;
   const int64_t off = sl.t * P;
-  const scalar_t s = block_sum(update_xr_share(
-      x + off, r + off, p + off, Hp + off, sl.begin, sl.end, a, b, rs[sl.t] / pAp));
+  const scalar_t alpha = static_cast<scalar_t>(acc_t(rs[sl.t]) / pAp);
+  const acc_t s = block_sum(update_xr_share(
+      x + off, r + off, p + off, Hp + off, sl.begin, sl.end, a, b, alpha));
   if (threadIdx.x == 0) part_rr[blockIdx.x] = s;
 }
 
@@ -172,8 +250,8 @@ __global__ void __launch_bounds__(kThreads) cg_update_p_kernel(
     scalar_t* __restrict__ p, const scalar_t* __restrict__ r,
     scalar_t* __restrict__ rs, int32_t* __restrict__ state,
     const scalar_t* __restrict__ threshold_sq, int64_t P, int64_t nb,
-    const scalar_t* __restrict__ part_rr, const int32_t* __restrict__ outcome,
-    const scalar_t* __restrict__ rs_old) {
+    const acc_t* __restrict__ part_rr, const int32_t* __restrict__ outcome,
+    const acc_t* __restrict__ rs_old) {
   const Slice sl = block_slice(nb, P);
   const bool leader = sl.s == 0 && threadIdx.x == 0;
   const int32_t o = outcome[sl.t];
@@ -182,17 +260,17 @@ __global__ void __launch_bounds__(kThreads) cg_update_p_kernel(
     if (leader) state[sl.t] = o;
     return;
   }
-  const scalar_t rs_new = row_total(part_rr, sl.t, nb);
+  const acc_t rs_new = row_total(part_rr, sl.t, nb);
   const int64_t off = sl.t * P;
-  update_p(p + off, r + off, sl.begin, sl.end, rs_new / rs_old[sl.t]);
+  update_p(p + off, r + off, sl.begin, sl.end, static_cast<scalar_t>(rs_new / rs_old[sl.t]));
   if (leader) {
-    rs[sl.t] = rs_new;
-    if (rs_new <= threshold_sq[sl.t]) state[sl.t] = kConverged;
+    rs[sl.t] = static_cast<scalar_t>(rs_new);
+    if (rs_new <= acc_t(threshold_sq[sl.t])) state[sl.t] = kConverged;
   }
 }
 
-// Elements of cg_step_launch's scratch: with nb > 1, the per-slice partials
-// of p'Ap and r'r, then rs_old; none with nb == 1.
+// acc_t elements of cg_step_launch's scratch: with nb > 1, the per-slice
+// partials of p'Ap and r'r, then rs_old; none with nb == 1.
 inline int64_t cg_step_scratch_size(int64_t T, int64_t nb) {
   return nb > 1 ? 2 * T * nb + T : 0;
 }
@@ -204,16 +282,16 @@ template <typename Launch, typename scalar_t>
 void cg_step_launch(const Launch& launch, scalar_t* x, scalar_t* r, scalar_t* p,
                     const scalar_t* Hp, scalar_t* rs, int32_t* state,
                     const scalar_t* threshold_sq, scalar_t a, scalar_t b, int64_t T,
-                    int64_t P, int64_t nb, scalar_t* scratch, int32_t* outcome) {
+                    int64_t P, int64_t nb, acc_t* scratch, int32_t* outcome) {
   const unsigned blocks = static_cast<unsigned>(T * nb);
   if (nb == 1) {
-    launch(cg_step_row_kernel<scalar_t>, blocks, x, r, p, Hp, rs, state, threshold_sq, a,
-           b, P);
+    launch(P <= kResidentP ? cg_step_resident_kernel<scalar_t> : cg_step_row_kernel<scalar_t>,
+           blocks, x, r, p, Hp, rs, state, threshold_sq, a, b, P);
     return;
   }
-  scalar_t* part_pAp = scratch;
-  scalar_t* part_rr = part_pAp + T * nb;
-  scalar_t* rs_old = part_rr + T * nb;
+  acc_t* part_pAp = scratch;
+  acc_t* part_rr = part_pAp + T * nb;
+  acc_t* rs_old = part_rr + T * nb;
   launch(cg_pap_kernel<scalar_t>, blocks, p, Hp, state, a, b, P, nb, part_pAp);
   launch(cg_update_xr_kernel<scalar_t>, blocks, x, r, p, Hp, rs, state, a, b, P, nb, part_pAp,
          part_rr, outcome, rs_old);
