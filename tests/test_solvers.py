@@ -241,8 +241,8 @@ _COMPILE_PROBE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
 def test_torch_compile_fullgraph_over_cg_from_a_cold_start(device):
     """torch.compile(fullgraph=True) over cg with a fixed matvec, as the first
     use of the ops in the process: no graph break, and the solve is exact (a
