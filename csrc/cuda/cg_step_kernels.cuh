@@ -6,11 +6,12 @@
 // reductions the step depends on (p'Ap before the x and r updates, r'r before
 // the p update). Three paths, by the number of slices per row (nb) and P:
 //
-// * nb == 1 and P <= kResidentP: cg_step_resident_kernel, one block per task
-//   with the row in registers: reads x, r, p, Hp once, writes x, r, p once
-//   (the 7 passes), one launch.
-// * nb == 1, longer rows: cg_step_row_kernel, one block per task, one launch,
-//   11 passes (as below) over a row that one block walks three times.
+// * nb == 1 and P <= kResidentP: cg_step_row_kernel<_, true>, one block per
+//   task with the row in registers: reads x, r, p, Hp once, writes x, r, p
+//   once (the 7 passes), one launch.
+// * nb == 1, longer rows: cg_step_row_kernel<_, false>, one block per task,
+//   one launch, 11 passes (as below) over a row that one block walks three
+//   times.
 // * nb > 1: three launches over T * nb blocks, 11 passes:
 //   1. cg_pap_kernel:       read p, Hp (2): per-slice partials of p'Ap,
 //                           Ap = a*p + b*Hp
@@ -112,8 +113,26 @@ __device__ __forceinline__ int32_t curvature_outcome(acc_t pAp) {
   return pAp > 0 ? kStep : kStopNonPositive;
 }
 
-// The whole step with one block per task (grid: T blocks).
+// Longest row that the one-block-per-task kernel keeps in registers:
+// kResidentElems elements of each of p, Ap and r per thread.
+constexpr int kResidentElems = 8;
+constexpr int64_t kResidentP = int64_t{kThreads} * kResidentElems;
+
+// Thread 0's end of a step taken: rs[t] = rs_new and the convergence test.
 template <typename scalar_t>
+__device__ __forceinline__ void finish_step(scalar_t* __restrict__ rs,
+                                            int32_t* __restrict__ state,
+                                            const scalar_t* __restrict__ threshold_sq,
+                                            int64_t t, acc_t rs_new) {
+  rs[t] = static_cast<scalar_t>(rs_new);
+  if (rs_new <= acc_t(threshold_sq[t])) state[t] = kConverged;
+}
+
+// The whole step with one block per task (grid: T blocks). InRegisters (P <=
+// kResidentP): element j*kThreads + threadIdx.x of the row is this thread's
+// slot j, read once into registers and written once (7 passes; a warp's
+// accesses are consecutive). Otherwise the block walks the row three times.
+template <typename scalar_t, bool InRegisters>
 __global__ void __launch_bounds__(kThreads) cg_step_row_kernel(
     scalar_t* __restrict__ x, scalar_t* __restrict__ r, scalar_t* __restrict__ p,
     const scalar_t* __restrict__ Hp, scalar_t* __restrict__ rs,
@@ -122,80 +141,59 @@ __global__ void __launch_bounds__(kThreads) cg_step_row_kernel(
   const int64_t t = blockIdx.x;
   if (state[t] != kRunning) return;
   const int64_t off = t * P;
-  const acc_t pAp = block_sum(pap_share(p + off, Hp + off, 0, P, a, b));
-  const int32_t outcome = curvature_outcome(pAp);
-  if (outcome != kStep) {
-    // Every thread read state[t] before block_sum's barriers.
-    if (threadIdx.x == 0) state[t] = outcome;
-    return;
-  }
-  const acc_t rs_old = rs[t];
-  const acc_t rs_new = block_sum(update_xr_share(x + off, r + off, p + off, Hp + off, 0, P, a,
-                                                 b, static_cast<scalar_t>(rs_old / pAp)));
-  update_p(p + off, r + off, 0, P, static_cast<scalar_t>(rs_new / rs_old));
-  if (threadIdx.x == 0) {
-    rs[t] = static_cast<scalar_t>(rs_new);
-    if (rs_new <= acc_t(threshold_sq[t])) state[t] = kConverged;
-  }
-}
-
-// Longest row that cg_step_resident_kernel keeps in registers: kResidentElems
-// elements of each of x, r, p and Hp per thread.
-constexpr int kResidentElems = 8;
-constexpr int64_t kResidentP = int64_t{kThreads} * kResidentElems;
-
-// The whole step with one block per task and the row in registers (grid: T
-// blocks; P <= kResidentP): element j*kThreads + threadIdx.x of the row is
-// slot j of this thread, so that a warp's accesses are consecutive.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) cg_step_resident_kernel(
-    scalar_t* __restrict__ x, scalar_t* __restrict__ r, scalar_t* __restrict__ p,
-    const scalar_t* __restrict__ Hp, scalar_t* __restrict__ rs,
-    int32_t* __restrict__ state, const scalar_t* __restrict__ threshold_sq,
-    scalar_t a, scalar_t b, int64_t P) {
-  const int64_t t = blockIdx.x;
-  if (state[t] != kRunning) return;
-  const int64_t off = t * P;
-  scalar_t pv[kResidentElems], ap[kResidentElems], rv[kResidentElems];
-  acc_t acc = 0;
+  // Every thread read state[t] before block_sum's barriers, so thread 0 may
+  // write it after them.
+  if constexpr (InRegisters) {
+    scalar_t pv[kResidentElems], ap[kResidentElems], rv[kResidentElems];
+    acc_t acc = 0;
 #pragma unroll
-  for (int j = 0; j < kResidentElems; ++j) {
-    const int64_t i = int64_t{j} * kThreads + threadIdx.x;
-    const bool in = i < P;
-    pv[j] = in ? p[off + i] : scalar_t(0);
-    ap[j] = in ? a * pv[j] + b * Hp[off + i] : scalar_t(0);
-    rv[j] = in ? r[off + i] : scalar_t(0);
-    acc += acc_t(pv[j]) * acc_t(ap[j]);
-  }
-  const acc_t pAp = block_sum(acc);
-  const int32_t outcome = curvature_outcome(pAp);
-  if (outcome != kStep) {
-    if (threadIdx.x == 0) state[t] = outcome;
-    return;
-  }
-  const acc_t rs_old = rs[t];
-  const scalar_t alpha = static_cast<scalar_t>(rs_old / pAp);
-  acc = 0;
-#pragma unroll
-  for (int j = 0; j < kResidentElems; ++j) {
-    const int64_t i = int64_t{j} * kThreads + threadIdx.x;
-    if (i < P) x[off + i] = x[off + i] + alpha * pv[j];
-    rv[j] = rv[j] - alpha * ap[j];
-    acc += acc_t(rv[j]) * acc_t(rv[j]);
-  }
-  const acc_t rs_new = block_sum(acc);
-  const scalar_t beta = static_cast<scalar_t>(rs_new / rs_old);
-#pragma unroll
-  for (int j = 0; j < kResidentElems; ++j) {
-    const int64_t i = int64_t{j} * kThreads + threadIdx.x;
-    if (i < P) {
-      r[off + i] = rv[j];
-      p[off + i] = rv[j] + beta * pv[j];
+    for (int j = 0; j < kResidentElems; ++j) {
+      const int64_t i = off + int64_t{j} * kThreads + threadIdx.x;
+      const bool in = i < off + P;
+      pv[j] = in ? p[i] : scalar_t(0);
+      ap[j] = in ? a * pv[j] + b * Hp[i] : scalar_t(0);
+      rv[j] = in ? r[i] : scalar_t(0);
+      acc += acc_t(pv[j]) * acc_t(ap[j]);
     }
-  }
-  if (threadIdx.x == 0) {
-    rs[t] = static_cast<scalar_t>(rs_new);
-    if (rs_new <= acc_t(threshold_sq[t])) state[t] = kConverged;
+    const acc_t pAp = block_sum(acc);
+    const int32_t outcome = curvature_outcome(pAp);
+    if (outcome != kStep) {
+      if (threadIdx.x == 0) state[t] = outcome;
+      return;
+    }
+    const acc_t rs_old = rs[t];
+    const scalar_t alpha = static_cast<scalar_t>(rs_old / pAp);
+    acc = 0;
+#pragma unroll
+    for (int j = 0; j < kResidentElems; ++j) {
+      const int64_t i = off + int64_t{j} * kThreads + threadIdx.x;
+      if (i < off + P) x[i] = x[i] + alpha * pv[j];
+      rv[j] = rv[j] - alpha * ap[j];
+      acc += acc_t(rv[j]) * acc_t(rv[j]);
+    }
+    const acc_t rs_new = block_sum(acc);
+    const scalar_t beta = static_cast<scalar_t>(rs_new / rs_old);
+#pragma unroll
+    for (int j = 0; j < kResidentElems; ++j) {
+      const int64_t i = off + int64_t{j} * kThreads + threadIdx.x;
+      if (i < off + P) {
+        r[i] = rv[j];
+        p[i] = rv[j] + beta * pv[j];
+      }
+    }
+    if (threadIdx.x == 0) finish_step(rs, state, threshold_sq, t, rs_new);
+  } else {
+    const acc_t pAp = block_sum(pap_share(p + off, Hp + off, 0, P, a, b));
+    const int32_t outcome = curvature_outcome(pAp);
+    if (outcome != kStep) {
+      if (threadIdx.x == 0) state[t] = outcome;
+      return;
+    }
+    const acc_t rs_old = rs[t];
+    const acc_t rs_new = block_sum(update_xr_share(x + off, r + off, p + off, Hp + off, 0, P, a,
+                                                   b, static_cast<scalar_t>(rs_old / pAp)));
+    update_p(p + off, r + off, 0, P, static_cast<scalar_t>(rs_new / rs_old));
+    if (threadIdx.x == 0) finish_step(rs, state, threshold_sq, t, rs_new);
   }
 }
 
@@ -263,10 +261,7 @@ __global__ void __launch_bounds__(kThreads) cg_update_p_kernel(
   const acc_t rs_new = row_total(part_rr, sl.t, nb);
   const int64_t off = sl.t * P;
   update_p(p + off, r + off, sl.begin, sl.end, static_cast<scalar_t>(rs_new / rs_old[sl.t]));
-  if (leader) {
-    rs[sl.t] = static_cast<scalar_t>(rs_new);
-    if (rs_new <= acc_t(threshold_sq[sl.t])) state[sl.t] = kConverged;
-  }
+  if (leader) finish_step(rs, state, threshold_sq, sl.t, rs_new);
 }
 
 // acc_t elements of cg_step_launch's scratch: with nb > 1, the per-slice
@@ -285,7 +280,8 @@ void cg_step_launch(const Launch& launch, scalar_t* x, scalar_t* r, scalar_t* p,
                     int64_t P, int64_t nb, acc_t* scratch, int32_t* outcome) {
   const unsigned blocks = static_cast<unsigned>(T * nb);
   if (nb == 1) {
-    launch(P <= kResidentP ? cg_step_resident_kernel<scalar_t> : cg_step_row_kernel<scalar_t>,
+    launch(P <= kResidentP ? cg_step_row_kernel<scalar_t, true>
+                           : cg_step_row_kernel<scalar_t, false>,
            blocks, x, r, p, Hp, rs, state, threshold_sq, a, b, P);
     return;
   }

@@ -289,10 +289,11 @@ void check_ops(const Launch& launch, int64_t Tn, int64_t P, int64_t nb, int layo
 }
 
 // (T, P): 6 tasks cover every cg_step_ scenario; P straddling and well above
-// the pack widths, above one block's stride of packs (1024 floats), and on
-// both sides of the longest row cg_step_ keeps in registers (kResidentP).
-const int64_t kShapes[][2] = {
-    {6, 7}, {6, 37}, {2, 1100}, {6, cu::kResidentP}, {6, cu::kResidentP + 1}};
+// the pack widths, and above one block's stride of packs (1024 floats).
+const int64_t kShapes[][2] = {{6, 7}, {6, 37}, {2, 1100}};
+// Rows on both sides of the longest that cg_step_ keeps in registers with one
+// block per row (nb == 1 only).
+const int64_t kResidentEdge[] = {cu::kResidentP, cu::kResidentP + 1};
 // Slices per row that the tests force, including more slices than elements.
 const int64_t kSlices[] = {1, 2, 5};
 
@@ -306,6 +307,9 @@ void check_all() {
           check_ops<T>(launch, shape[0], shape[1], nb, layout);
         }
       }
+    }
+    for (int64_t P : kResidentEdge) {
+      for (int layout = 0; layout < 4; ++layout) check_cg_step<T>(launch, 6, P, 1, layout);
     }
   }
   // More slices per row than a block has threads, every slice non-empty, so
