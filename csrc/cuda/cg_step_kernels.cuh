@@ -12,21 +12,19 @@
 // * nb == 1, longer rows: cg_step_row_kernel<_, false>, one block per task,
 //   one launch, 11 passes (as below) over a row that one block walks three
 //   times.
-// * nb > 1: three launches over T * nb blocks, 11 passes:
-//   1. cg_pap_kernel:       read p, Hp (2): per-slice partials of p'Ap,
-//                           Ap = a*p + b*Hp
-//   2. cg_update_xr_kernel: read x, r, p, Hp, write x, r (6): every block sums
-//                           its row's partials (the same fixed tree
-//                           everywhere, so all blocks agree on p'Ap), applies
-//                           the curvature test, x += alpha*p, r -= alpha*Ap,
-//                           per-slice partials of r'r
-//   3. cg_update_p_kernel:  read r, p, write p (3): p = r + (rs_new/rs_old)*p,
-//                           then rs and state
+// * nb > 1: three launches, 10 passes:
+//   1. cg_dots_kernel (T * nb blocks):   read r, p, Hp (3): per-slice
+//      partials of p'Ap, r'Ap, Ap'Ap and r'r
+//   2. cg_update_kernel (T * nb blocks): read x, r, p, Hp, write x, r, p (7):
+//      every block sums its row's partials, applies the curvature test, gets
+//      alpha and, from the expansion of the new r'r, beta; updates x, r and
+//      p in one pass; per-slice partials of the new r'r as stored
+//   3. cg_finish_kernel (T blocks):      no [T, P] data: rs and state
 //   Blocks never write what another block of the same launch reads: kernel 2
-//   leaves the per-task outcome and rs_old in scratch for kernel 3, which
-//   alone writes rs and state. Fewer passes here would need the row on chip
-//   across a grid-wide sync (a cooperative launch), which the [T, P] data of
-//   the models this targets does not fit.
+//   leaves the per-task outcome in scratch for kernel 3, which alone writes
+//   rs and state. The 7-pass minimum would need each row on chip across a
+//   grid-wide sync (a cooperative launch), which the [T, P] data of the
+//   models this targets does not fit.
 //
 // The reductions accumulate in double (acc_t); alpha and beta are worked out
 // in double and rounded to scalar_t once, as on the CPU.
@@ -197,77 +195,127 @@ __global__ void __launch_bounds__(kThreads) cg_step_row_kernel(
   }
 }
 
-// Kernel 1 (grid: T * nb blocks): part_pAp[k] = p'Ap over slice k.
+// The four row sums kernel 2 needs, in this order in the scratch partials.
+enum RowSum { kPAp, kRAp, kApAp, kRR, kNumRowSums };
+
+// Kernel 1 (grid: T * nb blocks): per-slice partials of p'Ap, r'Ap, Ap'Ap
+// and r'r (Ap = a*p + b*Hp); part[q * T * nb + k] holds sum q over slice k.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) cg_pap_kernel(
-    const scalar_t* __restrict__ p, const scalar_t* __restrict__ Hp,
-    const int32_t* __restrict__ state, scalar_t a, scalar_t b, int64_t P,
-    int64_t nb, acc_t* __restrict__ part_pAp) {
+__global__ void __launch_bounds__(kThreads) cg_dots_kernel(
+    const scalar_t* __restrict__ r, const scalar_t* __restrict__ p,
+    const scalar_t* __restrict__ Hp, const int32_t* __restrict__ state, scalar_t a,
+    scalar_t b, int64_t T, int64_t P, int64_t nb, acc_t* __restrict__ part) {
   const Slice sl = block_slice(nb, P);
   if (state[sl.t] != kRunning) return;
   const int64_t off = sl.t * P;
-  const acc_t s = block_sum(pap_share(p + off, Hp + off, sl.begin, sl.end, a, b));
-  if (threadIdx.x == 0) part_pAp[blockIdx.x] = s;
+  const scalar_t* __restrict__ r_t = r + off;
+  const scalar_t* __restrict__ p_t = p + off;
+  const scalar_t* __restrict__ h_t = Hp + off;
+  acc_t sum[kNumRowSums] = {0, 0, 0, 0};
+  for_each_pack(
+      packed_slice(sl.begin, sl.end, r_t, p_t, h_t), threadIdx.x, kThreads,
+      [&](int64_t i, auto w) {
+        constexpr int N = decltype(w)::value;
+        const auto rv = load<N>(r_t + i);
+        const auto pv = load<N>(p_t + i);
+        const auto hv = load<N>(h_t + i);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          const acc_t ap = acc_t(a * pv.v[k] + b * hv.v[k]);
+          sum[kPAp] += acc_t(pv.v[k]) * ap;
+          sum[kRAp] += acc_t(rv.v[k]) * ap;
+          sum[kApAp] += ap * ap;
+          sum[kRR] += acc_t(rv.v[k]) * acc_t(rv.v[k]);
+        }
+      });
+  for (int q = 0; q < kNumRowSums; ++q) {
+    const acc_t total = block_sum(sum[q]);
+    if (threadIdx.x == 0) part[q * T * nb + blockIdx.x] = total;
+  }
 }
 
-// Kernel 2 (grid: T * nb blocks): curvature test, x and r update,
-// part_rr[k] = r'r over slice k. Slice 0 of each row records the outcome and
-// rs_old for kernel 3.
+// Kernel 2 (grid: T * nb blocks): every block sums its row's partials (the
+// same fixed tree everywhere, so all blocks agree), applies the curvature
+// test, and with alpha = rs/p'Ap and
+//   r_new'r_new = r'r - 2 alpha r'Ap + alpha^2 Ap'Ap
+// (exact sums in double of the values it updates, so beta needs no second
+// pass), updates x += alpha*p, r -= alpha*Ap, p = r + beta*p in one pass, and
+// writes the per-slice partials of the new r'r as stored, for kernel 3. Slice
+// 0 of each row records the outcome.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) cg_update_xr_kernel(
-    scalar_t* __restrict__ x, scalar_t* __restrict__ r,
-    const scalar_t* __restrict__ p, const scalar_t* __restrict__ Hp,
-    const scalar_t* __restrict__ rs, const int32_t* __restrict__ state,
-    scalar_t a, scalar_t b, int64_t P, int64_t nb,
-    const acc_t* __restrict__ part_pAp, acc_t* __restrict__ part_rr,
-    int32_t* __restrict__ outcome, acc_t* __restrict__ rs_old) {
+__global__ void __launch_bounds__(kThreads) cg_update_kernel(
+    scalar_t* __restrict__ x, scalar_t* __restrict__ r, scalar_t* __restrict__ p,
+    const scalar_t* __restrict__ Hp, const scalar_t* __restrict__ rs,
+    const int32_t* __restrict__ state, scalar_t a, scalar_t b, int64_t T, int64_t P,
+    int64_t nb, const acc_t* __restrict__ part, acc_t* __restrict__ part_rr,
+    int32_t* __restrict__ outcome) {
   const Slice sl = block_slice(nb, P);
   const bool leader = sl.s == 0 && threadIdx.x == 0;
   if (state[sl.t] != kRunning) {
     if (leader) outcome[sl.t] = kSkip;
     return;
   }
-  const acc_t pAp = row_total(part_pAp, sl.t, nb);
-  const int32_t o = curvature_outcome(pAp);
-  if (leader) {
-    outcome[sl.t] = o;
-    rs_old[sl.t] = rs[sl.t];
-  }
+  acc_t sum[kNumRowSums];
+  for (int q = 0; q < kNumRowSums; ++q) sum[q] = row_total(part + q * T * nb, sl.t, nb);
+  const int32_t o = curvature_outcome(sum[kPAp]);
+  if (leader) outcome[sl.t] = o;
   if (o != kStep) return;
+  const acc_t rs_old = rs[sl.t];
+  const scalar_t alpha = static_cast<scalar_t>(rs_old / sum[kPAp]);
+  const acc_t al = alpha;
+  const acc_t rs_new = sum[kRR] - 2 * al * sum[kRAp] + al * al * sum[kApAp];
+  const scalar_t beta = static_cast<scalar_t>((rs_new > 0 ? rs_new : acc_t(0)) / rs_old);
   const int64_t off = sl.t * P;
-  const scalar_t alpha = static_cast<scalar_t>(acc_t(rs[sl.t]) / pAp);
-  const acc_t s = block_sum(update_xr_share(
-      x + off, r + off, p + off, Hp + off, sl.begin, sl.end, a, b, alpha));
-  if (threadIdx.x == 0) part_rr[blockIdx.x] = s;
+  scalar_t* __restrict__ x_t = x + off;
+  scalar_t* __restrict__ r_t = r + off;
+  scalar_t* __restrict__ p_t = p + off;
+  const scalar_t* __restrict__ h_t = Hp + off;
+  acc_t acc = 0;
+  for_each_pack(
+      packed_slice(sl.begin, sl.end, x_t, r_t, p_t, h_t), threadIdx.x, kThreads,
+      [&](int64_t i, auto w) {
+        constexpr int N = decltype(w)::value;
+        const auto hv = load<N>(h_t + i);
+        auto xv = load<N>(x_t + i);
+        auto rv = load<N>(r_t + i);
+        auto pv = load<N>(p_t + i);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          xv.v[k] = xv.v[k] + alpha * pv.v[k];
+          rv.v[k] = rv.v[k] - alpha * (a * pv.v[k] + b * hv.v[k]);
+          pv.v[k] = rv.v[k] + beta * pv.v[k];
+          acc += acc_t(rv.v[k]) * acc_t(rv.v[k]);
+        }
+        store<N>(x_t + i, xv);
+        store<N>(r_t + i, rv);
+        store<N>(p_t + i, pv);
+      });
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) part_rr[blockIdx.x] = acc;
 }
 
-// Kernel 3 (grid: T * nb blocks): p update; slice 0 of each row writes rs and
-// state.
+// Kernel 3 (grid: T blocks, no [T, P] data): rs = the new r'r and the
+// convergence test, or the stop outcome, per task.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) cg_update_p_kernel(
-    scalar_t* __restrict__ p, const scalar_t* __restrict__ r,
+__global__ void __launch_bounds__(kThreads) cg_finish_kernel(
     scalar_t* __restrict__ rs, int32_t* __restrict__ state,
-    const scalar_t* __restrict__ threshold_sq, int64_t P, int64_t nb,
-    const acc_t* __restrict__ part_rr, const int32_t* __restrict__ outcome,
-    const acc_t* __restrict__ rs_old) {
-  const Slice sl = block_slice(nb, P);
-  const bool leader = sl.s == 0 && threadIdx.x == 0;
-  const int32_t o = outcome[sl.t];
+    const scalar_t* __restrict__ threshold_sq, int64_t nb,
+    const acc_t* __restrict__ part_rr, const int32_t* __restrict__ outcome) {
+  const int64_t t = blockIdx.x;
+  const int32_t o = outcome[t];
   if (o == kSkip) return;
   if (o != kStep) {
-    if (leader) state[sl.t] = o;
+    if (threadIdx.x == 0) state[t] = o;
     return;
   }
-  const acc_t rs_new = row_total(part_rr, sl.t, nb);
-  const int64_t off = sl.t * P;
-  update_p(p + off, r + off, sl.begin, sl.end, static_cast<scalar_t>(rs_new / rs_old[sl.t]));
-  if (leader) finish_step(rs, state, threshold_sq, sl.t, rs_new);
+  const acc_t rs_new = row_total(part_rr, t, nb);
+  if (threadIdx.x == 0) finish_step(rs, state, threshold_sq, t, rs_new);
 }
 
 // acc_t elements of cg_step_launch's scratch: with nb > 1, the per-slice
-// partials of p'Ap and r'r, then rs_old; none with nb == 1.
+// partials of kernel 1's four sums, then of the new r'r; none with nb == 1.
 inline int64_t cg_step_scratch_size(int64_t T, int64_t nb) {
-  return nb > 1 ? 2 * T * nb + T : 0;
+  return nb > 1 ? (kNumRowSums + 1) * T * nb : 0;
 }
 
 // The whole step for T rows of nb slices. With nb > 1, scratch holds
@@ -285,14 +333,16 @@ void cg_step_launch(const Launch& launch, scalar_t* x, scalar_t* r, scalar_t* p,
            blocks, x, r, p, Hp, rs, state, threshold_sq, a, b, P);
     return;
   }
-  acc_t* part_pAp = scratch;
-  acc_t* part_rr = part_pAp + T * nb;
-  acc_t* rs_old = part_rr + T * nb;
-  launch(cg_pap_kernel<scalar_t>, blocks, p, Hp, state, a, b, P, nb, part_pAp);
-  launch(cg_update_xr_kernel<scalar_t>, blocks, x, r, p, Hp, rs, state, a, b, P, nb, part_pAp,
-         part_rr, outcome, rs_old);
-  launch(cg_update_p_kernel<scalar_t>, blocks, p, r, rs, state, threshold_sq, P, nb, part_rr,
-         outcome, rs_old);
+  acc_t* part = scratch;
+  acc_t* part_rr = part + kNumRowSums * T * nb;
+  launch(cg_dots_kernel<scalar_t>, blocks, static_cast<const scalar_t*>(r),
+         static_cast<const scalar_t*>(p), Hp, static_cast<const int32_t*>(state), a, b, T, P,
+         nb, part);
+  launch(cg_update_kernel<scalar_t>, blocks, x, r, p, Hp, static_cast<const scalar_t*>(rs),
+         static_cast<const int32_t*>(state), a, b, T, P, nb, static_cast<const acc_t*>(part),
+         part_rr, outcome);
+  launch(cg_finish_kernel<scalar_t>, static_cast<unsigned>(T), rs, state, threshold_sq, nb,
+         static_cast<const acc_t*>(part_rr), static_cast<const int32_t*>(outcome));
 }
 
 }  // namespace imaml_ext::cuda

@@ -5,7 +5,6 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,26 +26,36 @@ namespace imaml_ext::cuda {
 // Shortest slice worth a block of its own.
 constexpr int64_t kMinSlice = 4096;
 
-// Multiprocessors of a device: ATen reads the device's properties once per
-// device and keeps them, so this is a lookup, not a driver query.
+// query() for this key and device, computed on the first call and kept:
+// device attributes and occupancy never change while the process runs.
+template <typename Query>
+int64_t cached_per_device(const void* key, c10::DeviceIndex device, const Query& query) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, c10::DeviceIndex>, int64_t> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto [it, inserted] = cache.try_emplace({key, device}, 0);
+  if (inserted) it->second = query();
+  return it->second;
+}
+
+// Multiprocessors of a device, asked once per device.
 inline int64_t multiprocessor_count(c10::DeviceIndex device) {
-  return at::cuda::getDeviceProperties(device)->multiProcessorCount;
+  return cached_per_device(nullptr, device, [&] {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    return static_cast<int64_t>(sms);
+  });
 }
 
 // Blocks of kThreads threads of `kernel` that one multiprocessor of `device`
-// holds at once (its registers and shared memory decide), from the occupancy
-// API, asked once per kernel and device.
+// (the current device) holds at once, as its registers and shared memory
+// allow, from the occupancy API, asked once per kernel and device.
 inline int64_t resident_blocks_per_sm(const void* kernel, c10::DeviceIndex device) {
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, c10::DeviceIndex>, int> cache;
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto [it, inserted] = cache.try_emplace({kernel, device}, 0);
-  if (inserted) {
+  return cached_per_device(kernel, device, [&] {
     int blocks = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0));
-    it->second = std::max(blocks, 1);
-  }
-  return it->second;
+    return static_cast<int64_t>(std::max(blocks, 1));
+  });
 }
 
 // Blocks that `kernels` (an op's launch sequence, which shares one slicing)
