@@ -18,8 +18,7 @@ void cg_step_cuda(at::Tensor& x, at::Tensor& r, at::Tensor& p,
   check_cg_step(x, r, p, Hp, rs, state, threshold_sq);
   if (x.size(0) == 0) return;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cg_step_", [&] {
-    const RowGrid grid(x, cg_pap_kernel<scalar_t>, cg_update_xr_kernel<scalar_t>,
-                       cg_update_p_kernel<scalar_t>);
+    const RowGrid grid(x, cg_dots_kernel<scalar_t>, cg_update_kernel<scalar_t>);
     const int64_t T = grid.T, P = grid.P, nb = grid.nb;
     // One allocation (from the caching allocator) for all scratch: the acc_t
     // partials, then the int32 outcomes.
