@@ -10,8 +10,8 @@
 //   task with the row in registers: reads x, r, p, Hp once, writes x, r, p
 //   once (the 7 passes), one launch.
 // * nb == 1, longer rows: cg_step_row_kernel<_, false>, one block per task,
-//   one launch, 11 passes (as below) over a row that one block walks three
-//   times.
+//   one launch, 10 passes (as kernels 1 and 2 below) over a row that one
+//   block walks twice.
 // * nb > 1: three launches, 10 passes:
 //   1. cg_dots_kernel (T * nb blocks):   read r, p, Hp (3): per-slice
 //      partials of p'Ap, r'Ap, Ap'Ap and r'r
@@ -45,65 +45,72 @@ constexpr int32_t kStep = -1;                                // step taken
 constexpr int32_t kStopNonPositive = kNonPositiveCurvature;  // p'Ap <= 0
 constexpr int32_t kStopNonFinite = kNonFinite;               // p'Ap not finite
 
-// This thread's share of p'(a*p + b*Hp) over [begin, end) of one row.
+// The four row sums a step needs, in this order (also in the scratch
+// partials of the multi-slice path).
+enum RowSum { kPAp, kRAp, kApAp, kRR, kNumRowSums };
+
+// This thread's shares of p'Ap, r'Ap, Ap'Ap and r'r (Ap = a*p + b*Hp) over
+// [begin, end) of one row, added into sum.
 template <typename scalar_t>
-__device__ acc_t pap_share(const scalar_t* __restrict__ p,
-                           const scalar_t* __restrict__ Hp, int64_t begin,
-                           int64_t end, scalar_t a, scalar_t b) {
-  acc_t acc = 0;
+__device__ void dots_share(const scalar_t* __restrict__ r, const scalar_t* __restrict__ p,
+                           const scalar_t* __restrict__ Hp, int64_t begin, int64_t end,
+                           scalar_t a, scalar_t b, acc_t (&sum)[kNumRowSums]) {
   for_each_pack(
-      packed_slice(begin, end, p, Hp), threadIdx.x, kThreads, [&](int64_t i, auto w) {
+      packed_slice(begin, end, r, p, Hp), threadIdx.x, kThreads, [&](int64_t i, auto w) {
         constexpr int N = decltype(w)::value;
+        const auto rv = load<N>(r + i);
         const auto pv = load<N>(p + i);
         const auto hv = load<N>(Hp + i);
 #pragma unroll
-        for (int k = 0; k < N; ++k) acc += acc_t(pv.v[k]) * acc_t(a * pv.v[k] + b * hv.v[k]);
+        for (int k = 0; k < N; ++k) {
+          const acc_t ap = acc_t(a * pv.v[k] + b * hv.v[k]);
+          sum[kPAp] += acc_t(pv.v[k]) * ap;
+          sum[kRAp] += acc_t(rv.v[k]) * ap;
+          sum[kApAp] += ap * ap;
+          sum[kRR] += acc_t(rv.v[k]) * acc_t(rv.v[k]);
+        }
       });
-  return acc;
 }
 
-// x += alpha*p and r -= alpha*(a*p + b*Hp) over [begin, end) of one row;
-// returns this thread's share of r'r (new r).
+// beta of the step with this alpha, from the row sums before it:
+//   r_new'r_new = r'r - 2 alpha r'Ap + alpha^2 Ap'Ap
+// (sums in double of the very values the step updates), so that p can be
+// updated in the same pass as x and r.
 template <typename scalar_t>
-__device__ acc_t update_xr_share(scalar_t* __restrict__ x,
-                                    scalar_t* __restrict__ r,
-                                    const scalar_t* __restrict__ p,
-                                    const scalar_t* __restrict__ Hp,
-                                    int64_t begin, int64_t end, scalar_t a,
-                                    scalar_t b, scalar_t alpha) {
+__device__ __forceinline__ scalar_t beta_of(const acc_t (&sum)[kNumRowSums], scalar_t alpha,
+                                            acc_t rs_old) {
+  const acc_t al = alpha;
+  const acc_t rs_new = sum[kRR] - 2 * al * sum[kRAp] + al * al * sum[kApAp];
+  return static_cast<scalar_t>((rs_new > 0 ? rs_new : acc_t(0)) / rs_old);
+}
+
+// x += alpha*p, r -= alpha*(a*p + b*Hp), p = r + beta*p over [begin, end) of
+// one row in one pass; returns this thread's share of the new r'r.
+template <typename scalar_t>
+__device__ acc_t update_xrp_share(scalar_t* __restrict__ x, scalar_t* __restrict__ r,
+                                  scalar_t* __restrict__ p, const scalar_t* __restrict__ Hp,
+                                  int64_t begin, int64_t end, scalar_t a, scalar_t b,
+                                  scalar_t alpha, scalar_t beta) {
   acc_t acc = 0;
   for_each_pack(
       packed_slice(begin, end, x, r, p, Hp), threadIdx.x, kThreads, [&](int64_t i, auto w) {
         constexpr int N = decltype(w)::value;
-        const auto pv = load<N>(p + i);
         const auto hv = load<N>(Hp + i);
         auto xv = load<N>(x + i);
         auto rv = load<N>(r + i);
+        auto pv = load<N>(p + i);
 #pragma unroll
         for (int k = 0; k < N; ++k) {
           xv.v[k] = xv.v[k] + alpha * pv.v[k];
           rv.v[k] = rv.v[k] - alpha * (a * pv.v[k] + b * hv.v[k]);
+          pv.v[k] = rv.v[k] + beta * pv.v[k];
           acc += acc_t(rv.v[k]) * acc_t(rv.v[k]);
         }
         store<N>(x + i, xv);
         store<N>(r + i, rv);
-      });
-  return acc;
-}
-
-// p = r + beta*p over [begin, end) of one row.
-template <typename scalar_t>
-__device__ void update_p(scalar_t* __restrict__ p, const scalar_t* __restrict__ r,
-                         int64_t begin, int64_t end, scalar_t beta) {
-  for_each_pack(
-      packed_slice(begin, end, p, r), threadIdx.x, kThreads, [&](int64_t i, auto w) {
-        constexpr int N = decltype(w)::value;
-        const auto rv = load<N>(r + i);
-        auto pv = load<N>(p + i);
-#pragma unroll
-        for (int k = 0; k < N; ++k) pv.v[k] = rv.v[k] + beta * pv.v[k];
         store<N>(p + i, pv);
       });
+  return acc;
 }
 
 __device__ __forceinline__ int32_t curvature_outcome(acc_t pAp) {
@@ -181,22 +188,21 @@ __global__ void __launch_bounds__(kThreads) cg_step_row_kernel(
     }
     if (threadIdx.x == 0) finish_step(rs, state, threshold_sq, t, rs_new);
   } else {
-    const acc_t pAp = block_sum(pap_share(p + off, Hp + off, 0, P, a, b));
-    const int32_t outcome = curvature_outcome(pAp);
+    acc_t sum[kNumRowSums] = {0, 0, 0, 0};
+    dots_share(r + off, p + off, Hp + off, 0, P, a, b, sum);
+    for (int q = 0; q < kNumRowSums; ++q) sum[q] = block_sum(sum[q]);
+    const int32_t outcome = curvature_outcome(sum[kPAp]);
     if (outcome != kStep) {
       if (threadIdx.x == 0) state[t] = outcome;
       return;
     }
     const acc_t rs_old = rs[t];
-    const acc_t rs_new = block_sum(update_xr_share(x + off, r + off, p + off, Hp + off, 0, P, a,
-                                                   b, static_cast<scalar_t>(rs_old / pAp)));
-    update_p(p + off, r + off, 0, P, static_cast<scalar_t>(rs_new / rs_old));
+    const scalar_t alpha = static_cast<scalar_t>(rs_old / sum[kPAp]);
+    const acc_t rs_new = block_sum(update_xrp_share(x + off, r + off, p + off, Hp + off, 0, P,
+                                                    a, b, alpha, beta_of(sum, alpha, rs_old)));
     if (threadIdx.x == 0) finish_step(rs, state, threshold_sq, t, rs_new);
   }
 }
-
-// The four row sums kernel 2 needs, in this order in the scratch partials.
-enum RowSum { kPAp, kRAp, kApAp, kRR, kNumRowSums };
 
 // Kernel 1 (grid: T * nb blocks): per-slice partials of p'Ap, r'Ap, Ap'Ap
 // and r'r (Ap = a*p + b*Hp); part[q * T * nb + k] holds sum q over slice k.
@@ -208,26 +214,8 @@ __global__ void __launch_bounds__(kThreads) cg_dots_kernel(
   const Slice sl = block_slice(nb, P);
   if (state[sl.t] != kRunning) return;
   const int64_t off = sl.t * P;
-  const scalar_t* __restrict__ r_t = r + off;
-  const scalar_t* __restrict__ p_t = p + off;
-  const scalar_t* __restrict__ h_t = Hp + off;
   acc_t sum[kNumRowSums] = {0, 0, 0, 0};
-  for_each_pack(
-      packed_slice(sl.begin, sl.end, r_t, p_t, h_t), threadIdx.x, kThreads,
-      [&](int64_t i, auto w) {
-        constexpr int N = decltype(w)::value;
-        const auto rv = load<N>(r_t + i);
-        const auto pv = load<N>(p_t + i);
-        const auto hv = load<N>(h_t + i);
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-          const acc_t ap = acc_t(a * pv.v[k] + b * hv.v[k]);
-          sum[kPAp] += acc_t(pv.v[k]) * ap;
-          sum[kRAp] += acc_t(rv.v[k]) * ap;
-          sum[kApAp] += ap * ap;
-          sum[kRR] += acc_t(rv.v[k]) * acc_t(rv.v[k]);
-        }
-      });
+  dots_share(r + off, p + off, Hp + off, sl.begin, sl.end, a, b, sum);
   for (int q = 0; q < kNumRowSums; ++q) {
     const acc_t total = block_sum(sum[q]);
     if (threadIdx.x == 0) part[q * T * nb + blockIdx.x] = total;
@@ -262,35 +250,9 @@ __global__ void __launch_bounds__(kThreads) cg_update_kernel(
   if (o != kStep) return;
   const acc_t rs_old = rs[sl.t];
   const scalar_t alpha = static_cast<scalar_t>(rs_old / sum[kPAp]);
-  const acc_t al = alpha;
-  const acc_t rs_new = sum[kRR] - 2 * al * sum[kRAp] + al * al * sum[kApAp];
-  const scalar_t beta = static_cast<scalar_t>((rs_new > 0 ? rs_new : acc_t(0)) / rs_old);
   const int64_t off = sl.t * P;
-  scalar_t* __restrict__ x_t = x + off;
-  scalar_t* __restrict__ r_t = r + off;
-  scalar_t* __restrict__ p_t = p + off;
-  const scalar_t* __restrict__ h_t = Hp + off;
-  acc_t acc = 0;
-  for_each_pack(
-      packed_slice(sl.begin, sl.end, x_t, r_t, p_t, h_t), threadIdx.x, kThreads,
-      [&](int64_t i, auto w) {
-        constexpr int N = decltype(w)::value;
-        const auto hv = load<N>(h_t + i);
-        auto xv = load<N>(x_t + i);
-        auto rv = load<N>(r_t + i);
-        auto pv = load<N>(p_t + i);
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-          xv.v[k] = xv.v[k] + alpha * pv.v[k];
-          rv.v[k] = rv.v[k] - alpha * (a * pv.v[k] + b * hv.v[k]);
-          pv.v[k] = rv.v[k] + beta * pv.v[k];
-          acc += acc_t(rv.v[k]) * acc_t(rv.v[k]);
-        }
-        store<N>(x_t + i, xv);
-        store<N>(r_t + i, rv);
-        store<N>(p_t + i, pv);
-      });
-  acc = block_sum(acc);
+  const acc_t acc = block_sum(update_xrp_share(x + off, r + off, p + off, Hp + off, sl.begin,
+                                               sl.end, a, b, alpha, beta_of(sum, alpha, rs_old)));
   if (threadIdx.x == 0) part_rr[blockIdx.x] = acc;
 }
 
