@@ -15,6 +15,15 @@ Parameter layouts: "omniglot" is the iMAML Omniglot conv net (4 x [conv 3x3,
 ResNet-18 (P = 11,689,512). CUDA times use CUDA events (median of --reps,
 default 20); CPU times use perf_counter (median of --reps, default 7).
 
+On CUDA, one call between two syncs is mostly host latency at the Omniglot
+size, so the fused op is also timed in bursts: --burst calls back to back
+between two events, each on its own set of inputs (so that no call finds the
+previous one's data in L2), restored outside the timed region. Each burst's
+time per call gives the op's bandwidth, GB/s = the bytes it must move (each
+[T, P] input read once, each output written once: BYTES) / time, printed next
+to a same-size copy_ timed the same way in the same run (its bytes: one read
+and one write), and the fraction of that copy rate.
+
     python benchmarks/bench_ops.py --device cpu --skip-large
     python benchmarks/bench_ops.py --device cuda --json out.json
 """
@@ -201,6 +210,62 @@ def make_case(op, bufs):
     raise ValueError(op)
 
 
+# [T, P] passes each op must make at the least (reads + writes), and whether
+# it also reads a [P] vector: cg_step_ reads x, r, p, Hp and writes x, r, p;
+# prox_sgd_step_ reads phi, g (and theta) and writes phi; adjoint_sgd_step_
+# reads adj, Ha, g and writes adj; the reductions read their inputs.
+BYTES = {"cg_step_": (7, False), "prox_sgd_step_": (3, True), "adjoint_sgd_step_": (4, False),
+         "batched_dot": (2, False), "batched_sq_norm": (1, False)}
+
+
+def op_bytes(op, T, P, element_size):
+    passes, per_param = BYTES[op]
+    return (passes * T * P + (P if per_param else 0)) * element_size
+
+
+def burst_ms(calls, resets, reps):
+    """Median CUDA-event time per call of calls[0](), ..., calls[-1]() run back
+    to back, resets (outside the timed region) before each burst."""
+    for fn in calls:  # warm-up
+        fn()
+    times = []
+    for _ in range(reps):
+        for reset in resets:
+            reset()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for fn in calls:
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(calls))
+    return statistics.median(times)
+
+
+def fused_bandwidth(op, T, shapes, dtype, device, burst, reps):
+    """(ms per call, GB/s) of the fused op and of a same-size copy_, timed in
+    bursts over `burst` input sets, in this order, in one process."""
+    sets = []
+    for k in range(burst):
+        gen = torch.Generator(device=device).manual_seed(k)
+        bufs = Buffers(T, shapes, dtype, device, gen)
+        fns, reset = make_case(op, bufs)
+        bufs.lists.clear()  # the foreach copies are not needed here
+        sets.append((fns["fused"], reset))
+    P = sum(numel(s) for s in shapes)
+    nbytes = op_bytes(op, T, P, torch.empty((), dtype=dtype).element_size())
+    op_ms = burst_ms([fn for fn, _ in sets], [reset for _, reset in sets], reps)
+    del sets
+    pairs = [(torch.randn(T, P, dtype=dtype, device=device), torch.empty(T, P, dtype=dtype,
+                                                                          device=device))
+             for _ in range(burst)]
+    copy_ms = burst_ms([lambda d=d, s=s: d.copy_(s) for s, d in pairs], [], reps)
+    copy_bytes = 2 * pairs[0][0].numel() * pairs[0][0].element_size()
+    del pairs
+    return op_ms, nbytes / op_ms / 1e6, copy_ms, copy_bytes / copy_ms / 1e6
+
+
 def time_ms(fn, reset, device, reps, warmup):
     """Median and minimum wall time of fn() in milliseconds."""
     cuda = device.type == "cuda"
@@ -251,6 +316,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, help="timed repetitions (default: 20 CUDA, 7 CPU)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
+    ap.add_argument("--burst", type=int, default=4,
+                    help="CUDA: calls per back-to-back burst, each on its own inputs")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
 
@@ -274,7 +341,7 @@ def main(argv=None):
               f"{'foreach ms':>10} {'fused ms':>9} {'vs eager':>9} {'vs foreach':>10}")
     print(header)
     print("-" * len(header), flush=True)
-    rows = []
+    rows, bandwidth = [], []
     for layout in layouts:
         shapes = LAYOUTS[layout]()
         for op in [o for o in args.ops.split(",") if o]:
@@ -297,10 +364,26 @@ def main(argv=None):
             del bufs, fns, reset
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+                (row["burst_ms"], row["gbps"], row["copy_burst_ms"],
+                 row["copy_gbps"]) = fused_bandwidth(op, args.tasks, shapes, dtype, device,
+                                                     args.burst, reps)
+                row["fraction_of_copy"] = row["gbps"] / row["copy_gbps"]
+                bandwidth.append(row)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if bandwidth:
+        print(f"\nfused ops in bursts of {args.burst} back-to-back calls (own inputs each), "
+              "against copy_ of one [T, P] buffer timed the same way:")
+        print(f"{'op':<18} {'shape':<14} {'ms/call':>9} {'GB/s':>8} {'copy GB/s':>10} "
+              f"{'of copy':>8}")
+        for row in bandwidth:
+            shape = "x".join(map(str, row["shape"]))
+            print(f"{row['op']:<18} {shape:<14} {row['burst_ms']:>9.4f} {row['gbps']:>8.0f} "
+                  f"{row['copy_gbps']:>10.0f} {row['fraction_of_copy']:>7.0%}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "command": " ".join(sys.argv), "reps": reps,
-                       "rows": rows}, f, indent=2)
+                       "burst": args.burst, "rows": rows}, f, indent=2)
     return 0
 
 

@@ -17,7 +17,7 @@ void adjoint_sgd_step_kernel(scalar_t* adj, const scalar_t* Ha,
                              int64_t T, int64_t P) {
   using Vec = at::vec::Vectorized<scalar_t>;
   const Vec vlr(lr);
-  cpu::Partials<scalar_t> part(T, P);
+  cpu::Partials part(T, P);
   cpu::for_each_chunk(T, P, [&](int64_t t, int64_t c, int64_t begin, int64_t end) {
     scalar_t* adj_t = adj + t * P;
     const scalar_t* ht = Ha + t * P;
@@ -29,7 +29,7 @@ void adjoint_sgd_step_kernel(scalar_t* adj, const scalar_t* Ha,
     });
   });
   for (int64_t t = 0; t < T; ++t) {
-    lr_grad[t] -= part.row_sum(t);
+    lr_grad[t] = static_cast<scalar_t>(static_cast<double>(lr_grad[t]) - part.row_sum(t));
   }
 }
 

@@ -16,7 +16,7 @@ template <typename scalar_t>
 void batched_dot_kernel(const scalar_t* x, const scalar_t* y, scalar_t* out,
                         int64_t T, int64_t P) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  cpu::Partials<scalar_t> part(T, P);
+  cpu::Partials part(T, P);
   cpu::for_each_chunk(T, P, [&](int64_t t, int64_t c, int64_t begin, int64_t end) {
     const scalar_t* xt = x + t * P;
     const scalar_t* yt = y + t * P;
@@ -25,7 +25,7 @@ void batched_dot_kernel(const scalar_t* x, const scalar_t* y, scalar_t* out,
     });
   });
   for (int64_t t = 0; t < T; ++t) {
-    out[t] = part.row_sum(t);
+    out[t] = static_cast<scalar_t>(part.row_sum(t));
   }
 }
 

@@ -5,7 +5,8 @@
 //   2. x_t += alpha_t*p_t, r_t -= alpha_t*Ap_t, rs_new_t = <r_t, r_t>
 //      (Ap is recomputed rather than stored)
 //   3. p_t = r_t + (rs_new_t / rs_t) * p_t
-// with the per-task scalars (alpha, beta, state) settled between passes.
+// with the per-task scalars (alpha, beta, state) settled between passes, from
+// sums accumulated in double (cpu/chunked.h).
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -30,7 +31,7 @@ void cg_step_kernel(scalar_t* x, scalar_t* r, scalar_t* p, const scalar_t* Hp,
   for (int64_t t = 0; t < T; ++t) {
     live[t] = state[t] == kRunning;
   }
-  cpu::Partials<scalar_t> part(T, P);
+  cpu::Partials part(T, P);
 
   cpu::for_each_chunk(T, P, [&](int64_t t, int64_t c, int64_t begin, int64_t end) {
     if (!live[t]) return;
@@ -45,7 +46,7 @@ void cg_step_kernel(scalar_t* x, scalar_t* r, scalar_t* p, const scalar_t* Hp,
   std::vector<scalar_t> alpha(T);
   for (int64_t t = 0; t < T; ++t) {
     if (!live[t]) continue;
-    const scalar_t pAp = part.row_sum(t);
+    const double pAp = part.row_sum(t);
     if (!std::isfinite(pAp)) {
       state[t] = kNonFinite;
       live[t] = 0;
@@ -53,7 +54,7 @@ void cg_step_kernel(scalar_t* x, scalar_t* r, scalar_t* p, const scalar_t* Hp,
       state[t] = kNonPositiveCurvature;
       live[t] = 0;
     } else {
-      alpha[t] = rs[t] / pAp;
+      alpha[t] = static_cast<scalar_t>(static_cast<double>(rs[t]) / pAp);
     }
   }
 
@@ -77,10 +78,10 @@ void cg_step_kernel(scalar_t* x, scalar_t* r, scalar_t* p, const scalar_t* Hp,
   std::vector<scalar_t> beta(T);
   for (int64_t t = 0; t < T; ++t) {
     if (!live[t]) continue;
-    const scalar_t rs_new = part.row_sum(t);
-    beta[t] = rs_new / rs[t];
-    rs[t] = rs_new;
-    if (rs_new <= threshold_sq[t]) {
+    const double rs_new = part.row_sum(t);
+    beta[t] = static_cast<scalar_t>(rs_new / static_cast<double>(rs[t]));
+    rs[t] = static_cast<scalar_t>(rs_new);
+    if (rs_new <= static_cast<double>(threshold_sq[t])) {
       state[t] = kConverged;
     }
   }

@@ -3,7 +3,8 @@
 // Every op works on flat, contiguous [T, P] buffers (T tasks, P parameters) of
 // one floating dtype (float32 or float64), plus per-task [T] vectors and, for
 // prox_sgd_step_, a [P] vector. All tensors of one call live on one device,
-// and a tensor an op writes shares no memory with the op's [T, P] inputs.
+// and a tensor an op writes shares no memory with the op's other arguments
+// ([T, P] buffers and per-task vectors alike).
 //
 // A bad argument raises ValueError in Python (TORCH_CHECK_VALUE), memory
 // shared with a written tensor RuntimeError (TORCH_CHECK), as in PyTorch. The
@@ -151,6 +152,23 @@ inline void check_cg_step(
   c.distinct("Hp", Hp, "x", x);
   c.distinct("Hp", Hp, "r", r);
   c.distinct("Hp", Hp, "p", p);
+  // The per-task vectors are __restrict__ in the kernels too: the written ones
+  // (rs, state) share memory with no other argument, threshold_sq none with a
+  // written [T, P] buffer.
+  c.distinct("rs", rs, "x", x);
+  c.distinct("rs", rs, "r", r);
+  c.distinct("rs", rs, "p", p);
+  c.distinct("rs", rs, "Hp", Hp);
+  c.distinct("rs", rs, "state", state);
+  c.distinct("rs", rs, "threshold_sq", threshold_sq);
+  c.distinct("state", state, "x", x);
+  c.distinct("state", state, "r", r);
+  c.distinct("state", state, "p", p);
+  c.distinct("state", state, "Hp", Hp);
+  c.distinct("state", state, "threshold_sq", threshold_sq);
+  c.distinct("threshold_sq", threshold_sq, "x", x);
+  c.distinct("threshold_sq", threshold_sq, "r", r);
+  c.distinct("threshold_sq", threshold_sq, "p", p);
 }
 
 inline void check_prox_sgd_step(
@@ -171,6 +189,9 @@ inline void check_adjoint_sgd_step(
   c.per_task("lr_grad", lr_grad);
   c.distinct("adj", adj, "Ha", Ha);
   c.distinct("adj", adj, "g", g);
+  c.distinct("lr_grad", lr_grad, "adj", adj);
+  c.distinct("lr_grad", lr_grad, "Ha", Ha);
+  c.distinct("lr_grad", lr_grad, "g", g);
 }
 
 inline void check_batched_dot(const at::Tensor& x, const at::Tensor& y) {

@@ -23,7 +23,7 @@ void prox_sgd_step_kernel(scalar_t* phi, const scalar_t* g,
   // scale[t] = min(1, max_norm / (||g_t|| + 1e-6)) when clipping, else 1.
   std::vector<scalar_t> scale(T, scalar_t(1));
   if (max_norm > 0) {
-    cpu::Partials<scalar_t> part(T, P);
+    cpu::Partials part(T, P);
     cpu::for_each_chunk(T, P, [&](int64_t t, int64_t c, int64_t begin, int64_t end) {
       const scalar_t* gt = g + t * P;
       part.at(t, c) = cpu::reduce_chunk<scalar_t>(begin, end, [&](int64_t i, int64_t n) {
@@ -32,9 +32,8 @@ void prox_sgd_step_kernel(scalar_t* phi, const scalar_t* g,
       });
     });
     for (int64_t t = 0; t < T; ++t) {
-      scale[t] = std::min(
-          scalar_t(1),
-          max_norm / (std::sqrt(part.row_sum(t)) + static_cast<scalar_t>(1e-6)));
+      scale[t] = static_cast<scalar_t>(std::min(
+          1.0, static_cast<double>(max_norm) / (std::sqrt(part.row_sum(t)) + 1e-6)));
     }
   }
 

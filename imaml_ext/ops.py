@@ -20,7 +20,7 @@ swaps the compiled kernels for the reference ones for an in-process A/B.
 All tensors of one call live on one device and share one floating dtype
 (float32 or float64; ``state`` is int32); all are contiguous. A bad argument
 raises ValueError, a tensor an op writes that shares memory with its other
-[T, P] inputs RuntimeError, with the same message on every path. Mutating ops
+arguments ([T, P] or per-task) RuntimeError, with the same message on every path. Mutating ops
 (trailing underscore) write their outputs in place and return ``None``. None
 of the ops synchronises with the host.
 """
@@ -184,6 +184,13 @@ def _check_cg_step(x, r, p, Hp, rs, state, threshold_sq, a=None, b=None, *, data
     c.distinct("Hp", Hp, "x", x)
     c.distinct("Hp", Hp, "r", r)
     c.distinct("Hp", Hp, "p", p)
+    for name, t in (("x", x), ("r", r), ("p", p), ("Hp", Hp), ("state", state),
+                    ("threshold_sq", threshold_sq)):
+        c.distinct("rs", rs, name, t)
+    for name, t in (("x", x), ("r", r), ("p", p), ("Hp", Hp), ("threshold_sq", threshold_sq)):
+        c.distinct("state", state, name, t)
+    for name, t in (("x", x), ("r", r), ("p", p)):
+        c.distinct("threshold_sq", threshold_sq, name, t)
 
 
 def _check_prox_sgd_step(phi, g, theta, lr=None, lam=None, max_norm=None, *, data=True) -> None:
@@ -201,6 +208,8 @@ def _check_adjoint_sgd_step(adj, Ha, g, lr_grad, lr=None, *, data=True) -> None:
     c.per_task("lr_grad", lr_grad)
     c.distinct("adj", adj, "Ha", Ha)
     c.distinct("adj", adj, "g", g)
+    for name, t in (("adj", adj), ("Ha", Ha), ("g", g)):
+        c.distinct("lr_grad", lr_grad, name, t)
 
 
 def _check_batched_dot(x, y, *, data=True) -> None:
@@ -214,6 +223,13 @@ def _check_batched_sq_norm(x, *, data=True) -> None:
 # ---------------------------------------------------------------------------
 # Pure-PyTorch references. Same semantics as the kernels; tasks a step leaves
 # alone are left bitwise untouched (torch.where keeps the original values).
+# Like the kernels, they accumulate every reduction in float64 (_row_sum) and
+# work out the per-task scalars from those sums in float64.
+
+
+def _row_sum(terms: torch.Tensor) -> torch.Tensor:
+    """[T, P] -> [T] row sums, accumulated in float64 (whatever terms' dtype)."""
+    return terms.sum(1, dtype=torch.float64)
 
 
 def _ref_cg_step_(x, r, p, Hp, rs, state, threshold_sq, a: float, b: float) -> None:
@@ -222,22 +238,24 @@ def _ref_cg_step_(x, r, p, Hp, rs, state, threshold_sq, a: float, b: float) -> N
     x, r, p, Hp: [T, P] (Hp = H_t p_t); rs: [T], r_t'r_t; state: [T] int32;
     threshold_sq: [T]. See :func:`cg_step_`.
     """
-    running = state == CGState.RUNNING
+    running = state == int(CGState.RUNNING)
     Ap = a * p + b * Hp
-    pAp = (p * Ap).sum(1)
+    pAp = _row_sum(p * Ap)
     finite = torch.isfinite(pAp)
     step = running & finite & (pAp > 0)
     step_rows = step.unsqueeze(1)
-    alpha = (rs / pAp).unsqueeze(1)
+    alpha = (rs.double() / pAp).to(x.dtype).unsqueeze(1)
     x.copy_(torch.where(step_rows, x + alpha * p, x))
     r_new = torch.where(step_rows, r - alpha * Ap, r)
-    rs_new = (r_new * r_new).sum(1)
-    p.copy_(torch.where(step_rows, r_new + (rs_new / rs).unsqueeze(1) * p, p))
+    rs_new = _row_sum(r_new * r_new)
+    beta = (rs_new / rs.double()).to(x.dtype).unsqueeze(1)
+    p.copy_(torch.where(step_rows, r_new + beta * p, p))
     r.copy_(r_new)
     new_state = torch.where(running & ~finite, int(CGState.NONFINITE), state)
     new_state = torch.where(running & finite & (pAp <= 0), int(CGState.NONPOSITIVE_CURVATURE), new_state)
-    new_state = torch.where(step & (rs_new <= threshold_sq), int(CGState.CONVERGED), new_state)
-    rs.copy_(torch.where(step, rs_new, rs))
+    new_state = torch.where(step & (rs_new <= threshold_sq.double()), int(CGState.CONVERGED),
+                            new_state)
+    rs.copy_(torch.where(step, rs_new.to(rs.dtype), rs))
     state.copy_(new_state)
 
 
@@ -245,8 +263,8 @@ def _ref_prox_sgd_step_(phi, g, theta, lr: float, lam: float, max_norm: float = 
     """phi <- phi - lr*(scale_t*g + lam*(phi - theta)). See :func:`prox_sgd_step_`."""
     pull = lam * (phi - theta)
     if max_norm > 0:
-        norm = (g * g).sum(1).sqrt()
-        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        norm = _row_sum(g * g).sqrt()
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(g.dtype)
         step = scale.unsqueeze(1) * g + pull
     else:
         step = g + pull
@@ -255,18 +273,18 @@ def _ref_prox_sgd_step_(phi, g, theta, lr: float, lam: float, max_norm: float = 
 
 def _ref_adjoint_sgd_step_(adj, Ha, g, lr_grad, lr: float) -> None:
     """lr_grad -= <g_t, adj_t>; adj <- adj - lr*Ha. See :func:`adjoint_sgd_step_`."""
-    lr_grad.sub_((g * adj).sum(1))
+    lr_grad.copy_(lr_grad.double() - _row_sum(g * adj))
     adj.sub_(lr * Ha)
 
 
 def _ref_batched_dot(x, y) -> torch.Tensor:
     """[T, P] x [T, P] -> [T] per-task inner products."""
-    return (x * y).sum(1)
+    return _row_sum(x * y).to(x.dtype)
 
 
 def _ref_batched_sq_norm(x) -> torch.Tensor:
     """[T, P] -> [T] per-task squared Euclidean norms."""
-    return (x * x).sum(1)
+    return _row_sum(x * x).to(x.dtype)
 
 
 #: The pure-PyTorch reference implementations, by op name (no argument checks:

@@ -3,8 +3,10 @@
 Solves (shift·I + scale·M_t) x_t = rhs_t for every task t at once, where
 ``matvec`` applies all M_t together (``[T, P] -> [T, P]``), typically the
 batched Hessian-vector product of :mod:`imaml_ext.hvp`.  The per-task
-scalars live on the device and the loop has a fixed length, so it never
-waits for the host.  Each task stops on its own (see :class:`~imaml_ext.ops.CGState`):
+scalars live on the device and, without a tolerance, the loop has a fixed
+length, so it never waits for the host; with one, the host asks every
+:data:`CG_HOST_CHECK_EVERY` iterations whether any task still runs and ends
+the loop when none does.  Each task stops on its own (see :class:`~imaml_ext.ops.CGState`):
 converged, or pᵀAp ≤ 0 — a non-convex loss can make A indefinite, and the
 last iterate is then kept — or a non-finite pᵀAp.  The vector algebra of one
 iteration is the fused op :func:`imaml_ext.ops.cg_step_`.
@@ -30,9 +32,14 @@ from .ops import CGState
 from .validation import check_nonnegative, check_positive, check_steps
 
 __all__ = ["cg", "CGResult", "CGState", "CG", "Neumann", "ImamlDevCG", "IMAML_DEV_RESIDUAL_TOL",
-           "ShiftedOperator", "Matvec"]
+           "ShiftedOperator", "Matvec", "CG_HOST_CHECK_EVERY"]
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+#: With a tolerance, :func:`cg` asks the host every this many iterations whether
+#: any task still runs (one device sync each time): a few wasted iterations at
+#: most, against a sync per iteration.
+CG_HOST_CHECK_EVERY = 8
 
 
 @dataclass
@@ -71,9 +78,12 @@ def cg(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, *,
         rhs: ``[T, P]`` right-hand sides.
         shift, scale: the operator is A = shift·I + scale·M (iMAML: 1 and 1/λ).
         x0: ``[T, P]`` starting point; zeros if omitted (costs no matvec).
-        max_iter: number of iterations (fixed; tasks may stop earlier).
-        tol: a task stops once ‖r_t‖ ≤ tol·‖rhs_t‖; None (or 0) runs all
-            iterations, stopping a task only at an exactly zero residual.
+        max_iter: the most iterations; tasks may stop earlier.
+        tol: a task stops once ‖r_t‖ ≤ tol·‖rhs_t‖, and the loop once every
+            task has stopped (checked on the host every
+            :data:`CG_HOST_CHECK_EVERY` iterations, never while torch.compile
+            traces). None (or 0) runs all ``max_iter`` iterations without a
+            host sync, stopping a task only at an exactly zero residual.
 
     Returns:
         :class:`CGResult`.
@@ -103,14 +113,18 @@ def cg(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, *,
     state = torch.where(rs <= threshold_sq, int(CGState.CONVERGED), int(CGState.RUNNING)).to(torch.int32)
     iterations = torch.zeros(rhs.shape[0], dtype=torch.int64, device=rhs.device)
     min_curvature = torch.full_like(rs, float("inf"))
-    for _ in range(max_iter):
-        running = state == CGState.RUNNING
+    check_on_host = tol > 0 and not torch.compiler.is_compiling()
+    for k in range(max_iter):
+        # A stopped task never runs again: once none runs, the rest would be no-ops.
+        if check_on_host and k % CG_HOST_CHECK_EVERY == 0 and not (state == int(CGState.RUNNING)).any():
+            break
+        running = state == int(CGState.RUNNING)
         iterations += running
         hp = matvec(p)
         min_curvature = _track_curvature(min_curvature, running, p, hp, shift, scale)
         ops.cg_step_(x, r, p, hp, rs, state, threshold_sq, shift, scale)
     # A task stopped on curvature did not take the step it was counted for.
-    iterations -= (state >= CGState.NONPOSITIVE_CURVATURE).long()
+    iterations -= (state >= int(CGState.NONPOSITIVE_CURVATURE)).long()
     return CGResult(x=x, iterations=iterations, state=state, residual_sq=rs, min_curvature=min_curvature)
 
 

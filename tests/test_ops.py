@@ -160,7 +160,11 @@ def _assert_cg_outcome(args, out):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,P", SHAPES)
 def test_cg_step_matches_reference(device, T, P, dtype):
-    args = _cg_inputs(T, P, dtype, device)
+    _check_cg_step_against_reference(_cg_inputs(T, P, dtype, device), dtype)
+
+
+def _check_cg_step_against_reference(args, dtype):
+    """The compiled cg_step_ and the reference on copies of args agree."""
     got, want = _clone_all(args), _clone_all(args)
     _compiled("cg_step_")(*got)
     ref.cg_step_(*want)
@@ -508,6 +512,15 @@ _ALIASED = [
     ("theta-in-phi", "prox_sgd_step_", "phi", "theta", lambda phi: phi[1]),
     ("Ha-is-adj", "adjoint_sgd_step_", "adj", "Ha", _same),
     ("g-is-adj", "adjoint_sgd_step_", "adj", "g", _same),
+    # The per-task vectors (T = 3, P = 5 in _valid_args).
+    ("state-views-rs", "cg_step_", "rs", "state", lambda rs: rs.view(torch.int32)),
+    ("threshold-is-rs", "cg_step_", "rs", "threshold_sq", _same),
+    ("rs-in-x", "cg_step_", "x", "rs", lambda x: x.view(-1)[4:7]),
+    ("rs-in-Hp", "cg_step_", "Hp", "rs", lambda Hp: Hp.view(-1)[:3]),
+    ("state-in-r", "cg_step_", "r", "state", lambda r: r.view(-1)[:3].view(torch.int32)),
+    ("threshold-in-p", "cg_step_", "p", "threshold_sq", lambda p: p[2, 2:]),
+    ("lr_grad-in-adj", "adjoint_sgd_step_", "adj", "lr_grad", lambda adj: adj[1, :3]),
+    ("lr_grad-in-g", "adjoint_sgd_step_", "g", "lr_grad", lambda g: g.view(-1)[-3:]),
 ]
 
 
@@ -531,6 +544,9 @@ def _bad_inputs():
         kwargs = _valid_args(op)
         kwargs[first], kwargs[second] = torch.randn(2, *kwargs[first].shape).unbind(0)
         yield f"disjoint-{op}", op, kwargs
+    kwargs = _valid_args("cg_step_")
+    kwargs["rs"], kwargs["threshold_sq"] = torch.randn(2, 3).unbind(0)
+    yield "disjoint-per-task-cg_step_", "cg_step_", kwargs
     kwargs = _valid_args("batched_dot")
     kwargs["y"] = _valid_args("batched_dot")["x"].to("meta")
     yield "meta-device", "batched_dot", kwargs
@@ -675,3 +691,65 @@ def test_reductions_are_differentiable(any_device, path):
     torch.testing.assert_close(gx, g[:, None] * y, rtol=0, atol=0)
     torch.testing.assert_close(gy, g[:, None] * x, rtol=0, atol=0)
     torch.testing.assert_close(gxx, 2 * g[:, None] * x, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------
+# Reductions accumulate in float64 on every path
+
+
+def test_float32_reductions_accumulate_in_float64(any_device):
+    """Rows of 2^21 float32 terms of 1 + 5*2^-23: a float32 partial sum drops
+    the 5*2^-23 of every term once it passes 4 (2^21 instead of 2^21 + 1.25);
+    every path (compiled where loaded, reference always) returns the float64
+    sum rounded once."""
+    P = 1 << 21
+    term = 1.0 + 5.0 * 2.0 ** -23
+    want = torch.full((2,), P * term, dtype=torch.float64).float()
+    x = torch.full((2, P), term, dtype=torch.float32, device=any_device)
+    ones = torch.ones_like(x)
+    for path in (contextlib.nullcontext, ops.use_reference):
+        with path():
+            assert torch.equal(ops.batched_dot(x, ones).cpu(), want)
+            assert torch.equal(ops.batched_sq_norm(ones).cpu(), torch.full((2,), float(P)))
+            lr_grad = torch.zeros(2, device=any_device)
+            ops.adjoint_sgd_step_(x.clone(), torch.zeros_like(x), ones, lr_grad, 0.1)
+            assert torch.equal(-lr_grad.cpu(), want)
+
+
+# ---------------------------------------------------------------------------
+# Large CUDA cases (run by benchmarks/gpu_suite.sh)
+
+
+@pytest.mark.cuda
+def test_cuda_ops_index_past_2_to_the_31_elements(device):
+    """T*P > 2^31: row 2 starts past int32 range; each row holds its own value,
+    so a wrapped index reads another row's."""
+    if device != "cuda":
+        pytest.skip("a CUDA-only case")
+    T, P = 3, (1 << 30) + 5
+    if torch.cuda.get_device_properties(0).total_memory < 3 * T * P * 4 + (8 << 30):
+        pytest.skip("needs ~40 GiB of GPU memory")
+    rows = torch.arange(1, T + 1, dtype=torch.float32, device="cuda").unsqueeze(1)
+    x = rows.expand(T, P).contiguous()
+    y = torch.ones(T, P, device="cuda")
+    want = (torch.arange(1, T + 1, dtype=torch.float64) * P).float()
+    assert torch.equal(ops.batched_dot(x, y).cpu(), want)
+    lr_grad = torch.zeros(T, device="cuda")
+    ops.adjoint_sgd_step_(x, y, y, lr_grad, 0.5)  # x -= 0.5 * 1 in every row
+    assert torch.equal(-lr_grad.cpu(), want)
+    assert torch.equal(x[:, -1].cpu(), rows.squeeze(1).cpu() - 0.5)
+    assert torch.equal(x[:, 0].cpu(), rows.squeeze(1).cpu() - 0.5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_single_block_per_row_at_large_p(device, dtype):
+    """Many tasks with long rows: more rows than the GPU holds blocks at once,
+    so every op runs one block per row (P well past a block's registers)."""
+    if device != "cuda":
+        pytest.skip("a CUDA-only case")
+    T, P = 2048, 32768 + 7
+    args = _cg_inputs(T, P, dtype, device, seed=3)
+    _check_cg_step_against_reference(args, dtype)
+    x, y = args[0], args[2]
+    torch.testing.assert_close(ops.batched_dot(x, y), ref.batched_dot(x, y), **TOL[dtype])

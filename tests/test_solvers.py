@@ -1,4 +1,10 @@
 """Batched conjugate gradient against dense solves."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -83,6 +89,48 @@ def test_max_iter_reached_is_reported():
     M = random_spd(2, 20, cond=1e3)
     res = im.cg(batched_matvec(M), torch.randn(2, 20, dtype=torch.float64), max_iter=2)
     assert (res.state == CGState.RUNNING).all() and (res.iterations == 2).all()
+
+
+class CountingMatvec:
+    """batched_matvec(M) that counts its calls."""
+
+    def __init__(self, M):
+        self.apply, self.calls = batched_matvec(M), 0
+
+    def __call__(self, v):
+        self.calls += 1
+        return self.apply(v)
+
+
+def test_cg_with_tol_stops_once_every_task_has_stopped():
+    """max_iter far beyond convergence: with tol > 0 the loop ends within
+    CG_HOST_CHECK_EVERY iterations of the last task stopping, with the same
+    result as a loop that ran on."""
+    from imaml_ext.solvers import CG_HOST_CHECK_EVERY
+    T, P = 4, 12
+    M = random_spd(T, P)
+    rhs = torch.randn(T, P, dtype=torch.float64)
+    matvec = CountingMatvec(M)
+    res = im.cg(matvec, rhs, max_iter=10**5, tol=1e-10)
+    assert (res.state == CGState.CONVERGED).all()
+    last = int(res.iterations.max())
+    assert last <= P + 2
+    assert matvec.calls <= last + CG_HOST_CHECK_EVERY
+    full = im.cg(batched_matvec(M), rhs, max_iter=last + 3 * CG_HOST_CHECK_EVERY, tol=1e-10)
+    assert torch.equal(res.x, full.x) and torch.equal(res.iterations, full.iterations)
+    assert torch.equal(res.residual_sq, full.residual_sq)
+    # Stopped on curvature counts as stopped too.
+    matvec = CountingMatvec(-M)
+    res = im.cg(matvec, rhs, max_iter=10**5, tol=1e-10)
+    assert (res.state == CGState.NONPOSITIVE_CURVATURE).all()
+    assert matvec.calls <= CG_HOST_CHECK_EVERY
+
+
+def test_cg_without_tol_runs_every_iteration_without_asking_the_host():
+    """tol = 0 keeps the fixed-length loop (no sync), even when all tasks are done."""
+    matvec = CountingMatvec(random_spd(2, 5))
+    res = im.cg(matvec, torch.zeros(2, 5, dtype=torch.float64), max_iter=40)
+    assert (res.state == CGState.CONVERGED).all() and matvec.calls == 40
 
 
 def test_zero_rhs_converges_at_start():
@@ -174,3 +222,36 @@ def test_solver_objects_reject_bad_settings(make, match):
 def test_solver_objects_are_frozen():
     with pytest.raises(Exception):
         Neumann().steps = 3
+
+
+# Runs in a fresh process, so that no imaml_ext op has run (and no kernel is
+# loaded) before torch.compile traces the first call.
+_COMPILE_PROBE = textwrap.dedent("""
+    import json, sys, torch
+    import imaml_ext as im
+    device = sys.argv[1]
+    M = torch.diag_embed(torch.tensor([[1.0, 2.0, 4.0, 8.0]] * 3, device=device))
+    def solve(rhs, tol):
+        return im.cg(lambda v: torch.einsum("tij,tj->ti", M, v), rhs, max_iter=6, tol=tol).x
+    compiled = torch.compile(solve, fullgraph=True, backend="aot_eager")
+    rhs = torch.arange(12.0, device=device).reshape(3, 4) + 1
+    exact = rhs / torch.tensor([1.0, 2.0, 4.0, 8.0], device=device)
+    errors = [(compiled(rhs, tol) - exact).abs().max().item() for tol in (None, 1e-6)]
+    print(json.dumps(errors))
+""")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_torch_compile_fullgraph_over_cg_from_a_cold_start(device):
+    """torch.compile(fullgraph=True) over cg with a fixed matvec, as the first
+    use of the ops in the process: no graph break, and the solve is exact (a
+    diagonal 4x4 system: CG converges in 4 steps)."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_PROBE, device], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert max(errors) < 1e-5, errors

@@ -3,7 +3,8 @@
 //
 // Reductions are deterministic: each chunk is summed in a fixed order and the
 // chunk partials of a row are then added in chunk order, so the result does not
-// depend on the number of threads.
+// depend on the number of threads. They accumulate in double for float32 and
+// float64 alike.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -60,28 +61,24 @@ inline void store(const at::vec::Vectorized<scalar_t>& v, scalar_t* ptr,
 // built from the n elements starting at i (n < Vec::size() only at the end of
 // the range; lanes past n must be zero, which load() guarantees for products
 // of loaded values). term may also store updated values: every index is
-// visited exactly once.
+// visited exactly once. The terms are added in double (one running sum per
+// lane, then the lanes in order), whatever scalar_t: a float32 sum over
+// thousands of terms would lose digits the kernels' callers need.
 template <typename scalar_t, typename F>
-scalar_t reduce_chunk(int64_t begin, int64_t end, const F& term) {
+double reduce_chunk(int64_t begin, int64_t end, const F& term) {
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
-  Vec acc0(scalar_t(0)), acc1(scalar_t(0)), acc2(scalar_t(0)), acc3(scalar_t(0));
-  int64_t i = begin;
-  for (; i + 4 * W <= end; i += 4 * W) {
-    acc0 = acc0 + term(i, W);
-    acc1 = acc1 + term(i + W, W);
-    acc2 = acc2 + term(i + 2 * W, W);
-    acc3 = acc3 + term(i + 3 * W, W);
-  }
-  for (; i < end; i += W) {
-    acc0 = acc0 + term(i, std::min(W, end - i));
-  }
-  acc0 = (acc0 + acc1) + (acc2 + acc3);
+  double acc[W] = {};
   scalar_t lanes[W];
-  acc0.store(lanes);
-  scalar_t sum = 0;
+  for (int64_t i = begin; i < end; i += W) {
+    term(i, std::min(W, end - i)).store(lanes);
+    for (int64_t k = 0; k < W; ++k) {
+      acc[k] += static_cast<double>(lanes[k]);
+    }
+  }
+  double sum = 0;
   for (int64_t k = 0; k < W; ++k) {
-    sum += lanes[k];
+    sum += acc[k];
   }
   return sum;
 }
@@ -100,19 +97,19 @@ void map_chunk(int64_t begin, int64_t end, const F& body) {
   }
 }
 
-// Per-chunk partial sums of a [T, P] reduction, summed per row in chunk order.
-template <typename scalar_t>
+// Per-chunk partial sums (double) of a [T, P] reduction, summed per row in
+// chunk order.
 class Partials {
  public:
   Partials(int64_t T, int64_t P)
-      : nc_(num_chunks(P)), values_(T * nc_, scalar_t(0)) {}
+      : nc_(num_chunks(P)), values_(T * nc_, 0.0) {}
 
-  scalar_t& at(int64_t t, int64_t c) {
+  double& at(int64_t t, int64_t c) {
     return values_[t * nc_ + c];
   }
 
-  scalar_t row_sum(int64_t t) const {
-    scalar_t sum = 0;
+  double row_sum(int64_t t) const {
+    double sum = 0;
     for (int64_t c = 0; c < nc_; ++c) {
       sum += values_[t * nc_ + c];
     }
@@ -121,7 +118,7 @@ class Partials {
 
  private:
   int64_t nc_;
-  std::vector<scalar_t> values_;
+  std::vector<double> values_;
 };
 
 }  // namespace imaml_ext::cpu

@@ -17,13 +17,13 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) adjoint_sgd_step_kernel(
     scalar_t* __restrict__ adj, const scalar_t* __restrict__ Ha,
     const scalar_t* __restrict__ g, scalar_t* __restrict__ lr_grad,
-    scalar_t lr, int64_t P, int64_t nb, scalar_t* __restrict__ part) {
+    scalar_t lr, int64_t P, int64_t nb, acc_t* __restrict__ part) {
   const Slice sl = block_slice(nb, P);
   const int64_t off = sl.t * P;
   scalar_t* __restrict__ adj_t = adj + off;
   const scalar_t* __restrict__ Ha_t = Ha + off;
   const scalar_t* __restrict__ g_t = g + off;
-  scalar_t acc = 0;
+  acc_t acc = 0;
   for_each_pack(
       packed_slice(sl.begin, sl.end, adj_t, Ha_t, g_t), threadIdx.x, kThreads,
       [&](int64_t i, auto w) {
@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kThreads) adjoint_sgd_step_kernel(
         auto av = load<N>(adj_t + i);
 #pragma unroll
         for (int k = 0; k < N; ++k) {
-          acc += gv.v[k] * av.v[k];
+          acc += acc_t(gv.v[k]) * acc_t(av.v[k]);
           av.v[k] = av.v[k] - lr * hv.v[k];
         }
         store<N>(adj_t + i, av);
@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kThreads) adjoint_sgd_step_kernel(
     if (part != nullptr) {
       part[blockIdx.x] = acc;
     } else {
-      lr_grad[sl.t] -= acc;
+      lr_grad[sl.t] = static_cast<scalar_t>(acc_t(lr_grad[sl.t]) - acc);
     }
   }
 }
@@ -53,12 +53,12 @@ __global__ void __launch_bounds__(kThreads) adjoint_sgd_step_kernel(
 template <typename Launch, typename scalar_t>
 void adjoint_sgd_step_launch(const Launch& launch, scalar_t* adj, const scalar_t* Ha,
                              const scalar_t* g, scalar_t* lr_grad, scalar_t lr, int64_t T,
-                             int64_t P, int64_t nb, scalar_t* part) {
+                             int64_t P, int64_t nb, acc_t* part) {
   launch(adjoint_sgd_step_kernel<scalar_t>, static_cast<unsigned>(T * nb), adj, Ha, g, lr_grad,
          lr, P, nb, nb > 1 ? part : nullptr);
   if (nb > 1) {
     launch(row_total_kernel<scalar_t>, static_cast<unsigned>(T),
-           static_cast<const scalar_t*>(part), nb, /*subtract=*/true, lr_grad);
+           static_cast<const acc_t*>(part), nb, /*subtract=*/true, lr_grad);
   }
 }
 

@@ -15,17 +15,17 @@ namespace {
 
 // out[t] = <x_t, y_t>; y may equal x.
 at::Tensor batched_dot_impl(const at::Tensor& x, const at::Tensor& y) {
-  const RowGrid grid(x);
-  const int64_t T = grid.T, P = grid.P, nb = grid.nb;
-  at::Tensor out = at::empty({T}, x.options());
-  if (T == 0) return out;
+  at::Tensor out = at::empty({x.size(0)}, x.options());
+  if (x.size(0) == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batched_dot", [&] {
+    const RowGrid grid(x, row_dot_partial_kernel<scalar_t>);
+    const int64_t T = grid.T, P = grid.P, nb = grid.nb;
     at::Tensor part;
-    if (nb > 1) part = at::empty({T * nb}, x.options());
+    if (nb > 1) part = at::empty({T * nb}, x.options().dtype(at::kDouble));
     batched_dot_launch(StreamLauncher{c10::cuda::getCurrentCUDAStream()},
                        x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
                        out.data_ptr<scalar_t>(), T, P, nb,
-                       data_or_null<scalar_t>(part));
+                       data_or_null<acc_t>(part));
   });
   return out;
 }

@@ -16,21 +16,27 @@ void cg_step_cuda(at::Tensor& x, at::Tensor& r, at::Tensor& p,
                   const at::Tensor& Hp, at::Tensor& rs, at::Tensor& state,
                   const at::Tensor& threshold_sq, double a, double b) {
   check_cg_step(x, r, p, Hp, rs, state, threshold_sq);
-  const RowGrid grid(x);
-  const int64_t T = grid.T, P = grid.P, nb = grid.nb;
-  if (T == 0) return;
+  if (x.size(0) == 0) return;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cg_step_", [&] {
-    at::Tensor scratch, outcome;
+    const RowGrid grid(x, cg_dots_kernel<scalar_t>, cg_update_kernel<scalar_t>);
+    const int64_t T = grid.T, P = grid.P, nb = grid.nb;
+    // One allocation (from the caching allocator) for all scratch: the acc_t
+    // partials, then the int32 outcomes.
+    at::Tensor scratch;
+    acc_t* partials = nullptr;
+    int32_t* outcome = nullptr;
     if (nb > 1) {
-      scratch = at::empty({cg_step_scratch_size(T, nb)}, x.options());
-      outcome = at::empty({T}, state.options());
+      const int64_t n = cg_step_scratch_size(T, nb);
+      scratch = at::empty({n + (T + 1) / 2}, x.options().dtype(at::kDouble));
+      partials = scratch.data_ptr<acc_t>();
+      outcome = reinterpret_cast<int32_t*>(partials + n);
     }
     cg_step_launch(StreamLauncher{c10::cuda::getCurrentCUDAStream()},
                    x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(),
                    Hp.const_data_ptr<scalar_t>(), rs.data_ptr<scalar_t>(),
                    state.data_ptr<int32_t>(), threshold_sq.const_data_ptr<scalar_t>(),
                    static_cast<scalar_t>(a), static_cast<scalar_t>(b), T, P, nb,
-                   data_or_null<scalar_t>(scratch), data_or_null<int32_t>(outcome));
+                   partials, outcome);
   });
 }
 

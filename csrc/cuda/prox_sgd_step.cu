@@ -16,17 +16,17 @@ void prox_sgd_step_cuda(at::Tensor& phi, const at::Tensor& g,
                         const at::Tensor& theta, double lr, double lam,
                         double max_norm) {
   check_prox_sgd_step(phi, g, theta);
-  const RowGrid grid(phi);
-  const int64_t T = grid.T, P = grid.P, nb = grid.nb;
-  if (T == 0) return;
+  if (phi.size(0) == 0) return;
   AT_DISPATCH_FLOATING_TYPES(phi.scalar_type(), "prox_sgd_step_", [&] {
+    const RowGrid grid(phi, prox_sgd_step_kernel<scalar_t>, row_dot_partial_kernel<scalar_t>);
+    const int64_t T = grid.T, P = grid.P, nb = grid.nb;
     at::Tensor part;
-    if (max_norm > 0 && nb > 1) part = at::empty({T * nb}, phi.options());
+    if (max_norm > 0 && nb > 1) part = at::empty({T * nb}, phi.options().dtype(at::kDouble));
     prox_sgd_step_launch(StreamLauncher{c10::cuda::getCurrentCUDAStream()},
                          phi.data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
                          theta.const_data_ptr<scalar_t>(), static_cast<scalar_t>(lr),
                          static_cast<scalar_t>(lam), static_cast<scalar_t>(max_norm), T, P, nb,
-                         data_or_null<scalar_t>(part));
+                         data_or_null<acc_t>(part));
   });
 }
 

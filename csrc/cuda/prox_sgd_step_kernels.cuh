@@ -18,21 +18,21 @@ __global__ void __launch_bounds__(kThreads) prox_sgd_step_kernel(
     scalar_t* __restrict__ phi, const scalar_t* __restrict__ g,
     const scalar_t* __restrict__ theta, scalar_t lr, scalar_t lam,
     scalar_t max_norm, int64_t P, int64_t nb,
-    const scalar_t* __restrict__ part_sq) {
+    const acc_t* __restrict__ part_sq) {
   const Slice sl = block_slice(nb, P);
   const int64_t off = sl.t * P;
   scalar_t* __restrict__ phi_t = phi + off;
   const scalar_t* __restrict__ g_t = g + off;
   scalar_t scale = 1;
   if (max_norm > 0) {
-    scalar_t sq;
+    acc_t sq;
     if (part_sq != nullptr) {
       sq = row_total(part_sq, sl.t, nb);
     } else {
       sq = block_sum(dot_share(g_t, g_t, sl.begin, sl.end));
     }
-    const scalar_t q = max_norm / (sqrt(sq) + scalar_t(1e-6));
-    scale = q < scalar_t(1) ? q : scalar_t(1);
+    const acc_t q = acc_t(max_norm) / (sqrt(sq) + acc_t(1e-6));
+    scale = static_cast<scalar_t>(q < acc_t(1) ? q : acc_t(1));
   }
   // theta is one row shared by all tasks: it is aligned like phi_t only when
   // t*P is a multiple of the pack width, so it stays out of the cut.
@@ -56,12 +56,15 @@ __global__ void __launch_bounds__(kThreads) prox_sgd_step_kernel(
 template <typename Launch, typename scalar_t>
 void prox_sgd_step_launch(const Launch& launch, scalar_t* phi, const scalar_t* g,
                           const scalar_t* theta, scalar_t lr, scalar_t lam, scalar_t max_norm,
-                          int64_t T, int64_t P, int64_t nb, scalar_t* part_sq) {
+                          int64_t T, int64_t P, int64_t nb, acc_t* part_sq) {
   const unsigned blocks = static_cast<unsigned>(T * nb);
   const bool partials = max_norm > 0 && nb > 1;
-  if (partials) launch(row_dot_partial_kernel<scalar_t>, blocks, g, g, P, nb, part_sq);
+  if (partials) {
+    launch(row_dot_partial_kernel<scalar_t>, blocks, g, g, P, nb, part_sq,
+           static_cast<scalar_t*>(nullptr));
+  }
   launch(prox_sgd_step_kernel<scalar_t>, blocks, phi, g, theta, lr, lam, max_norm, P, nb,
-         static_cast<const scalar_t*>(partials ? part_sq : nullptr));
+         static_cast<const acc_t*>(partials ? part_sq : nullptr));
 }
 
 }  // namespace imaml_ext::cuda

@@ -136,7 +136,7 @@ void check_cg_step(const Launch& launch, int64_t Tn, int64_t P, int64_t nb, int 
     if (rr <= double(thr.data[t])) wstate[t] = imaml_ext::kConverged;
     wrs[t] = rr;
   }
-  Buffer<T> scratch(cu::cg_step_scratch_size(Tn, nb), 0);
+  Buffer<cu::acc_t> scratch(cu::cg_step_scratch_size(Tn, nb), 0);
   Buffer<int32_t> outcome(Tn, 0);
   cu::cg_step_launch(launch, x.data, r.data, p.data, static_cast<const T*>(Hp.data), rs.data,
                      state.data, static_cast<const T*>(thr.data), T(a), T(b), Tn, P, nb,
@@ -181,7 +181,7 @@ void check_prox_sgd_step(const Launch& launch, int64_t Tn, int64_t P, int64_t nb
       w -= lr * (scale * double(g.data[t * P + i]) + lam * (w - double(theta.data[i])));
     }
   }
-  Buffer<T> part(Tn * nb, 0);
+  Buffer<cu::acc_t> part(Tn * nb, 0);
   cu::prox_sgd_step_launch(launch, phi.data, static_cast<const T*>(g.data),
                            static_cast<const T*>(theta.data), T(lr), T(lam), T(max_norm), Tn, P,
                            nb, part.data);
@@ -212,7 +212,7 @@ void check_adjoint_sgd_step(const Launch& launch, int64_t Tn, int64_t P, int64_t
       want_adj[i] -= lr * double(Ha.data[i]);
     }
   }
-  Buffer<T> part(Tn * nb, 0);
+  Buffer<cu::acc_t> part(Tn * nb, 0);
   cu::adjoint_sgd_step_launch(launch, adj.data, static_cast<const T*>(Ha.data),
                               static_cast<const T*>(g.data), lr_grad.data, T(lr), Tn, P, nb,
                               part.data);
@@ -239,12 +239,44 @@ void check_batched_dot(const Launch& launch, int64_t Tn, int64_t P, int64_t nb, 
   for (int64_t t = 0; t < Tn; ++t) {
     for (int64_t i = t * P; i < (t + 1) * P; ++i) want[t] += double(x.data[i]) * double(yp[i]);
   }
-  Buffer<T> part(Tn * nb, 0);
+  Buffer<cu::acc_t> part(Tn * nb, 0);
   cu::batched_dot_launch(launch, static_cast<const T*>(x.data), yp, out.data, Tn, P, nb,
                          part.data);
   check_close(same ? "batched_sq_norm" : "batched_dot", out, want);
   check_scratch("batched_dot", part);
   ++g_cases;
+}
+
+// The reductions accumulate in double: rows of 2^21 float32 terms of
+// 1 + 5*2^-23, whose 5*2^-23 a float32 running sum drops once it passes 4
+// (2^21 instead of 2^21 + 1.25), come out within the rounding of the result.
+void check_float_sums_in_double(const Launch& launch) {
+  const int64_t P = int64_t{1} << 21;
+  const float term = 1.0f + 5.0f * 0x1.0p-23f;
+  const double want = double(P) * double(term);
+  for (int64_t nb : {1, 3}) {
+    Buffer<float> x(2 * P, 0), out(2, 0), lr_grad(2, 0), Ha(2 * P, 0), g(2 * P, 0);
+    for (int64_t i = 0; i < 2 * P; ++i) {
+      x.data[i] = term;
+      g.data[i] = 1.0f;
+      Ha.data[i] = 0.0f;
+    }
+    Buffer<cu::acc_t> part(2 * nb, 0);
+    cu::batched_dot_launch(launch, static_cast<const float*>(x.data),
+                           static_cast<const float*>(g.data), out.data, 2, P, nb, part.data);
+    lr_grad.data[0] = lr_grad.data[1] = 0.0f;
+    cu::adjoint_sgd_step_launch(launch, x.data, static_cast<const float*>(Ha.data),
+                                static_cast<const float*>(g.data), lr_grad.data, 0.5f, 2, P, nb,
+                                part.data);
+    for (int t = 0; t < 2; ++t) {
+      CHECK(std::fabs(out.data[t] - want) <= 0x1.0p-23 * want,
+            "batched_dot float32 sum %.9g, want %.9g (nb=%lld)", out.data[t], want, (long long)nb);
+      CHECK(std::fabs(-lr_grad.data[t] - want) <= 0x1.0p-23 * want,
+            "adjoint lr_grad float32 sum %.9g, want %.9g (nb=%lld)", -lr_grad.data[t], -want,
+            (long long)nb);
+    }
+    g_cases += 2;
+  }
 }
 
 template <typename T>
@@ -259,6 +291,9 @@ void check_ops(const Launch& launch, int64_t Tn, int64_t P, int64_t nb, int layo
 // (T, P): 6 tasks cover every cg_step_ scenario; P straddling and well above
 // the pack widths, and above one block's stride of packs (1024 floats).
 const int64_t kShapes[][2] = {{6, 7}, {6, 37}, {2, 1100}};
+// Rows on both sides of the longest that cg_step_ keeps in registers with one
+// block per row (nb == 1 only).
+const int64_t kResidentEdge[] = {cu::kResidentP, cu::kResidentP + 1};
 // Slices per row that the tests force, including more slices than elements.
 const int64_t kSlices[] = {1, 2, 5};
 
@@ -273,6 +308,9 @@ void check_all() {
         }
       }
     }
+    for (int64_t P : kResidentEdge) {
+      for (int layout = 0; layout < 4; ++layout) check_cg_step<T>(launch, 6, P, 1, layout);
+    }
   }
   // More slices per row than a block has threads, every slice non-empty, so
   // that summing a row's partials takes several strides (one order per dtype,
@@ -284,6 +322,7 @@ void check_all() {
 }  // namespace
 
 int main() {
+  check_float_sums_in_double(Launch{&g_launches, false});
   check_all<float>();
   check_all<double>();
   std::printf("cuda_kernels_test: %lld op calls checked, %lld kernel launches emulated\n",
