@@ -1,4 +1,5 @@
-"""Where datasets live on disk, their subsets, the error raised when one is missing, and atomic file writes.
+"""Where datasets live on disk, their subsets, the errors raised when one is missing or damaged, and output files
+(checked before work starts, written atomically).
 
 A *data root* holds one folder per dataset (``<root>/omniglot``,
 ``<root>/miniimagenet``).  The root is, in order of precedence, the ``root``
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 __all__ = ["ENV_VAR", "SUBSETS", "DatasetNotFoundError", "DamagedFileError", "reading", "check_subset",
-           "data_root", "dataset_dirs", "atomic_file"]
+           "data_root", "dataset_dirs", "atomic_file", "check_output_path"]
 
 ENV_VAR = "IMAML_EXT_DATA"
 SUBSETS = ("train", "val", "test")
@@ -132,3 +133,24 @@ def _create_temporary(path: Path) -> Path:
             continue
         return tmp
     raise FileExistsError(f"could not create a temporary file beside {path}")
+
+
+def check_output_path(path: PathLike, what: str, folder: bool = False) -> Path:
+    """``path`` if a file (``folder``: a folder of files) can be written there,
+    else a ValueError naming ``what`` (e.g. ``"--out"``) and the problem: the
+    path is a folder (a file), lies under a file, or the nearest existing
+    folder above it is not writable.  Creates nothing."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder; choose another {what}")
+    if not folder and path.is_dir():
+        raise ValueError(f"{what} {path} is a folder, not a file; choose a file name")
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path} lies under {existing}, which is a file, not a folder; "
+                         f"choose another {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: no permission to create files in {existing}; choose another {what}")
+    return path

@@ -1,7 +1,9 @@
 """Command line: ``imaml-ext {train,eval,plot,demo,info}`` (also ``python -m imaml_ext``).
 
-Exit codes: 0 success; 2 bad arguments, missing data, an unreadable
-checkpoint or a missing optional dependency (one message, no traceback);
+Exit codes: 0 success; 2 bad arguments, missing or damaged data, an unreadable
+checkpoint, an output path that cannot be written or a missing optional
+dependency (one message, no traceback; a finished evaluation whose file could
+not be written is saved elsewhere and the message says where);
 130 training stopped by Ctrl-C / SIGTERM after checkpointing.
 """
 from __future__ import annotations
@@ -45,6 +47,39 @@ def _check_device(name: str) -> str:
     return name
 
 
+def _check_output(path: Path, what: str, folder: bool = False) -> Path:
+    """``path`` if it can be written (:func:`~imaml_ext.data.paths.check_output_path`), else a UsageError."""
+    from ..data.paths import check_output_path
+    try:
+        return check_output_path(path, what, folder=folder)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _save_result(out: Path, text: str, command: str) -> int:
+    """Write a finished result to ``out``; if that fails, to a new file in the temporary
+    folder (else to stdout), saying where, and return exit code 2.  Never loses ``text``."""
+    import tempfile
+
+    from ..data.paths import atomic_file
+    try:
+        with atomic_file(out) as tmp:
+            tmp.write_text(text)
+        return 0
+    except OSError as exc:
+        problem = f"could not write {out} ({exc})"
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"imaml-ext-{command}-", suffix=out.suffix)
+        with open(fd, "w") as f:
+            f.write(text)
+        where = name
+    except OSError:
+        print(text, end="")
+        where = "standard output above"
+    print(f"imaml-ext {command}: error: {problem}; the result is saved in {where}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def _setup_threads(args) -> None:
     if getattr(args, "threads", None):
         import torch
@@ -54,8 +89,8 @@ def _setup_threads(args) -> None:
 # ----------------------------------------------------------------------------- train
 
 def _train(args) -> int:
-    from .checkpoint import CHECKPOINT_NAME, find_checkpoint, load_checkpoint
-    from .experiment import TrainConfig, make_config, make_sampler
+    from .checkpoint import CHECKPOINT_NAME, checkpoint_config, find_checkpoint, load_checkpoint
+    from .experiment import make_config, make_sampler
     from .train import RunOptions, train
 
     parser: argparse.ArgumentParser = args.parser
@@ -72,7 +107,7 @@ def _train(args) -> int:
             parser.error(f"--resume continues a run with its saved configuration; {flags} cannot be "
                          f"changed (drop it, or start a new run with another --out)")
         checkpoint = find_checkpoint(args.resume)
-        cfg = TrainConfig.from_dict(load_checkpoint(checkpoint)["config"])
+        cfg = checkpoint_config(load_checkpoint(checkpoint), checkpoint)
         out_dir = Path(args.out) if args.out else checkpoint.parent
     else:
         try:
@@ -84,6 +119,7 @@ def _train(args) -> int:
         if (out_dir / CHECKPOINT_NAME).exists():
             parser.error(f"{out_dir} already holds a run ({CHECKPOINT_NAME}); continue it with "
                          f"--resume {out_dir}, or choose another --out")
+    _check_output(out_dir, "--out", folder=True)
     if args.val_every and cfg.dataset == "omniglot" and cfg.val_classes == 0:
         parser.error("--val-every on Omniglot needs --val-classes > 0 (training characters held out)")
     try:
@@ -114,25 +150,28 @@ def _train(args) -> int:
 def _eval(args) -> int:
     import torch
 
-    from .checkpoint import find_checkpoint, load_checkpoint
+    from .checkpoint import checkpoint_config, find_checkpoint, load_checkpoint
     from .evaluate import evaluate
-    from .experiment import TrainConfig, build_model, make_sampler
+    from .experiment import build_model, make_sampler
 
     _setup_threads(args)
     device = _check_device(args.device or _default_device())
     file = find_checkpoint(args.checkpoint)
     state = load_checkpoint(file)
-    cfg = TrainConfig.from_dict(state["config"])
+    cfg = checkpoint_config(state, file)
+    steps = cfg.inner_steps if args.inner_steps is None else args.inner_steps
+    default_name = f"eval-{args.subset}-k{steps}.json"
+    out = Path(args.out) if args.out else file.parent / default_name
+    out = _check_output(out / default_name if out.is_dir() else out, "--out")
     try:
         sampler = make_sampler(cfg, args.subset, args.seed, root=args.data, queries=args.queries, device=device)
     except ValueError as exc:
         args.parser.error(str(exc))
     model = build_model(cfg).to(device)
     model.load_state_dict(state["model"])
-    scores = evaluate(cfg, model, sampler, args.tasks, args.batch, args.inner_steps, progress=not args.no_progress)
+    scores = evaluate(cfg, model, sampler, args.tasks, args.batch, steps, progress=not args.no_progress)
     report = {"checkpoint": str(file), "step": state["step"], "config": cfg.to_dict(), "subset": args.subset,
               "queries": args.queries or cfg.queries, "seed": args.seed, **scores}
-    steps = scores["inner_steps"]
     shape = f"{cfg.shots}-shot" if cfg.dataset == "sinusoid" else f"{cfg.ways}-way {cfg.shots}-shot"
     what = (f"{cfg.dataset} {shape}, {cfg.method} after {state['step']} meta-steps, {steps} adaptation steps, "
             f"{args.tasks} {args.subset} tasks")
@@ -143,24 +182,24 @@ def _eval(args) -> int:
     else:
         loss = scores["loss"]
         print(f"{what}: query MSE {loss['mean']:.4f} ± {loss['ci95']:.4f} (mean ± 1.96·std/√n)")
-    out = Path(args.out) if args.out else file.parent / f"eval-{args.subset}-k{steps}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written: {out} ({scores['seconds']:.0f} s)")
-    return 0
+    code = _save_result(out, json.dumps(report, indent=2) + "\n", "eval")
+    if code == 0:
+        print(f"written: {out} ({scores['seconds']:.0f} s)")
+    return code
 
 
 # ----------------------------------------------------------------------------- plot, demo, info
 
 def _plot(args) -> int:
     from .metrics import metrics_file
-    from .plotting import plot_curves
+    from .plotting import plot_curves, png_path
 
     paths = [metrics_file(p) for p in args.metrics]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise UsageError(f"metrics file not found: {', '.join(missing)}")
     out = Path(args.output) if args.output else paths[0].parent / "curves.png"
+    out = _check_output(out / "curves.png" if out.is_dir() else png_path(out), "-o")
     try:
         written = plot_curves(paths, out, labels=args.labels)
     except ValueError as exc:
@@ -173,6 +212,7 @@ def _demo(args) -> int:
     from .demo import DemoConfig, run_demo
     _setup_threads(args)
     device = _check_device(args.device or "cpu")
+    _check_output(Path(args.out), "--out", folder=True)
     cfg = DemoConfig(meta_steps=args.meta_steps, seed=args.seed, eval_tasks=args.eval_tasks)
     run_demo(cfg, out_dir=Path(args.out), progress=not args.no_progress, device=device)
     return 0
@@ -246,13 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=POSITIVE_INT.parse, help="query examples per class (default: as trained)")
     p.add_argument("--subset", choices=("test", "val"), default="test", help="default test")
     p.add_argument("--seed", type=NONNEGATIVE_INT.parse, default=0, help="seed of the evaluation tasks (default 0)")
-    p.add_argument("--out", metavar="JSON", help="result file (default <run>/eval-<subset>-k<steps>.json)")
+    p.add_argument("--out", metavar="JSON", help="result file, or a folder for the default name "
+                                                 "(default <run>/eval-<subset>-k<steps>.json)")
     _add_common(p)
     p.set_defaults(run=_eval, parser=p)
 
     p = sub.add_parser("plot", help="learning curves from metrics.jsonl files to a PNG")
     p.add_argument("metrics", nargs="+", help="metrics.jsonl files or run folders (several are overlaid)")
-    p.add_argument("-o", "--output", metavar="PNG", help="default: curves.png beside the first file")
+    p.add_argument("-o", "--output", metavar="PNG", help="image file (.png added if it has no suffix), or a "
+                                                         "folder for curves.png (default: curves.png beside the "
+                                                         "first file)")
     p.add_argument("--labels", nargs="+", help="one legend label per file (default: run folder names)")
     p.set_defaults(run=_plot, parser=p)
 
@@ -272,11 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
-    from ..data import DatasetNotFoundError
+    from ..data import DamagedFileError, DatasetNotFoundError
     from .plotting import MissingDependencyError
     try:
         return args.run(args)
-    except (UsageError, DatasetNotFoundError, CheckpointError, MissingDependencyError) as exc:
+    except (UsageError, DatasetNotFoundError, DamagedFileError, CheckpointError, MissingDependencyError) as exc:
         print(f"imaml-ext {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as exc:

@@ -101,7 +101,12 @@ def read_metrics(path: os.PathLike) -> Dict[str, List[dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"metrics file not found: {path}")
     groups: Dict[str, List[dict]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not a metrics file: it is not text (byte {exc.start} is not UTF-8); "
+                         f"give the {METRICS_NAME} of an imaml-ext train run, or its run folder") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

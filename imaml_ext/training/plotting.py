@@ -13,7 +13,7 @@ import torch
 
 from .metrics import METRICS_NAME, read_metrics
 
-__all__ = ["MissingDependencyError", "require_matplotlib", "read_metrics", "plot_curves", "plot_fits"]
+__all__ = ["MissingDependencyError", "require_matplotlib", "read_metrics", "plot_curves", "plot_fits", "png_path"]
 
 
 class MissingDependencyError(ImportError):
@@ -33,10 +33,18 @@ def require_matplotlib():
     return plt
 
 
+def png_path(out: os.PathLike) -> Path:
+    """Where a figure saved as ``out`` ends up: ``out`` itself, or ``out.png`` when it has no
+    suffix (matplotlib adds one)."""
+    out = Path(out)
+    return out if out.suffix else out.with_name(out.name + ".png")
+
+
 def plot_curves(paths: Sequence[os.PathLike], out: os.PathLike,
                 labels: Optional[Sequence[str]] = None) -> Path:
     """Query loss and (if logged) accuracy against meta-step, one line per run
-    (validation dashed with markers), saved as a PNG at ``out``."""
+    (validation dashed with markers), saved as a PNG at ``out`` (``out.png``
+    if it has no suffix); returns the file written."""
     if labels is not None and len(labels) != len(paths):
         raise ValueError(f"{len(labels)} labels for {len(paths)} metrics files")
     runs = [read_metrics(p) for p in paths]
@@ -65,7 +73,7 @@ def plot_curves(paths: Sequence[os.PathLike], out: os.PathLike,
             ax.yaxis.set_minor_formatter(ticker.ScalarFormatter())
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out)
+    out = png_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -100,7 +108,7 @@ def plot_fits(x_grid: torch.Tensor, truth: torch.Tensor, support_x: torch.Tensor
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    out = Path(out)
+    out = png_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -36,7 +36,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..unrolled import reptile_grad
-from .checkpoint import CHECKPOINT_NAME, FORMAT, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (CHECKPOINT_NAME, FORMAT, capture_rng, checkpoint_config, load_checkpoint, restore_rng,
+                         save_checkpoint)
 from .evaluate import evaluate
 from .experiment import (RunOptions, TrainConfig, build_model, build_outer_optimizer, check_device,
                          is_classification, loss_function, make_sampler)
@@ -149,7 +150,7 @@ def resume_config(cfg: Optional[TrainConfig], resume: Optional[Path], meta_steps
         if cfg is not None:
             raise ValueError("a resumed run keeps its saved configuration: pass cfg=None with resume")
         state = load_checkpoint(resume)
-        cfg = TrainConfig.from_dict(state["config"])
+        cfg = checkpoint_config(state, resume)
     if cfg is None:
         raise ValueError("give a configuration, or a checkpoint to resume")
     if meta_steps is not None:
