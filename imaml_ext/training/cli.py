@@ -88,6 +88,29 @@ def _setup_threads(args) -> None:
 
 # ----------------------------------------------------------------------------- train
 
+def _check_step_memory(cfg, sampler, device: str) -> None:
+    """Refuse a setting whose meta-step would not fit in the device's available memory
+    (:mod:`~imaml_ext.training.memory`), warn above half of it."""
+    import torch
+
+    from .experiment import build_model
+    from .memory import available_bytes, estimate_step_bytes, format_bytes
+
+    have = available_bytes(torch.device(device))
+    if have is None:
+        return
+    support_x, _, query_x, _ = sampler.sample(1)
+    need = estimate_step_bytes(cfg.method, cfg.inner_steps, build_model(cfg), cfg.meta_batch,
+                               support_x[0], query_x[0])
+    what = (f"one meta-step needs about {format_bytes(need)} (estimated from the shapes: {cfg.method}, "
+            f"{cfg.meta_batch} tasks of {support_x.shape[1]} support and {query_x.shape[1]} query examples)")
+    if need > have:
+        raise UsageError(f"{what}, but {device} has {format_bytes(have)} available; lower --meta-batch, "
+                         f"--ways, --shots or --queries (or pass --no-memory-check to try anyway)")
+    if need > have / 2:
+        print(f"warning: {what}; {format_bytes(have)} available on {device}", file=sys.stderr, flush=True)
+
+
 def _train(args) -> int:
     from .checkpoint import CHECKPOINT_NAME, checkpoint_config, find_checkpoint, load_checkpoint
     from .experiment import make_config, make_sampler
@@ -123,9 +146,11 @@ def _train(args) -> int:
     if args.val_every and cfg.dataset == "omniglot" and cfg.val_classes == 0:
         parser.error("--val-every on Omniglot needs --val-classes > 0 (training characters held out)")
     try:
-        make_sampler(cfg, "train", cfg.seed, root=args.data)  # data present and large enough
+        sampler = make_sampler(cfg, "train", cfg.seed, root=args.data)  # data present and large enough
     except ValueError as exc:
         parser.error(str(exc))
+    if not args.no_memory_check:
+        _check_step_memory(cfg, sampler, device)
 
     opts = RunOptions(out_dir=out_dir, device=device, data_root=args.data, log_every=args.log_every,
                       checkpoint_every=args.checkpoint_every, val_every=args.val_every,
@@ -265,6 +290,8 @@ def _train_parser(sub) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--out", metavar="DIR", help="run folder (default out/train/<dataset>-<N>w<K>s-<method>-seed<S>)")
     run.add_argument("--resume", metavar="CKPT", help="continue the run in this folder or checkpoint file")
+    run.add_argument("--no-memory-check", action="store_true",
+                     help="start even if the estimated memory of a meta-step exceeds what is available")
     add_flags({"run": run}, RunOptions, with_defaults=True)
     _add_common(p)
     p.set_defaults(run=_train, parser=p)
