@@ -8,7 +8,7 @@ True: pass``) load the CPUs, and reports the median seconds per meta-step
 first variant.  Each variant is a fresh process because OpenMP reads its
 environment when torch loads it.
 
-    python benchmarks/bench_threads.py --data ../shared/data --rounds 3 --spinners 1
+    python benchmarks/bench_threads.py --data ../shared/data --rounds 3 --steps 4 --spinners 1
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ VARIANTS = {
 }
 
 
-def seconds_per_step(data: str, env_changes, flags, steps: int, meta_batch: int) -> float:
+def seconds_per_step(data: str, env_changes, flags, steps: int, train_args) -> float:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     for key, value in env_changes.items():
         env.pop(key, None)
@@ -41,7 +41,7 @@ def seconds_per_step(data: str, env_changes, flags, steps: int, meta_batch: int)
             env[key] = value
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "imaml_ext", "train", "--data", data, "--meta-batch", str(meta_batch),
+        cmd = [sys.executable, "-m", "imaml_ext", "train", "--data", data, *train_args,
                "--meta-steps", str(steps), "--log-every", "1", "--checkpoint-every", "0", "--no-progress",
                "--out", out, *flags]
         subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
@@ -53,8 +53,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="data root holding omniglot/")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5, help="meta-steps per run")
-    parser.add_argument("--meta-batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4, help="meta-steps per run")
+    parser.add_argument("--train-args", default="--meta-batch 4 --inner-steps 4",
+                        help="more flags of the training command (default: %(default)s)")
     parser.add_argument("--spinners", type=int, default=1, help="busy processes loading the CPUs")
     parser.add_argument("--only", nargs="+", help="variant names to run (default all)")
     args = parser.parse_args()
@@ -64,14 +65,14 @@ def main() -> None:
     try:
         for round_ in range(args.rounds):
             for name, (env_changes, flags) in variants.items():
-                times[name].append(seconds_per_step(args.data, env_changes, flags, args.steps, args.meta_batch))
+                times[name].append(seconds_per_step(args.data, env_changes, flags, args.steps, args.train_args.split()))
                 print(f"round {round_ + 1} {name}: {times[name][-1]:.3f} s/step", flush=True)
     finally:
         for p in spinners:
             p.kill()
             p.wait()
     print(f"\n{platform.node()}: {os.cpu_count()} CPUs, load average {os.getloadavg()}, "
-          f"{args.spinners} spinner(s), meta-batch {args.meta_batch}, {args.steps} steps, {args.rounds} rounds")
+          f"{args.spinners} spinner(s), train {args.train_args}, {args.steps} steps, {args.rounds} rounds")
     base = statistics.median(next(iter(times.values())))
     for name, values in times.items():
         median = statistics.median(values)
