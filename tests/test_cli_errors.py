@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_cli import TINY, exit_code
+from test_cli import TINY, _restore_threads, exit_code  # noqa: F401 (autouse fixture)
 
 import imaml_ext.data.paths as data_paths
 
@@ -145,3 +145,39 @@ def test_damaged_omniglot_cache_is_one_message(tmp_path, capsys):
     assert code == 2 and "omniglot28.npz is damaged" in err and "Delete it" in err
     _no_traceback(err)
     assert "allow_pickle" not in err
+
+
+# ----------------------------------------------------------------------------- OpenMP default
+
+@pytest.mark.skipif(os.name != "posix", reason="the relaunch uses exec (POSIX)")
+@pytest.mark.parametrize("preset, threads, relaunched", [
+    (None, "2", True), ("ACTIVE", "2", False), (None, "1", False),
+])
+def test_train_and_eval_run_with_a_passive_openmp_wait_policy(tmp_path, capsys, monkeypatch, preset, threads,
+                                                             relaunched):
+    """Without a user choice, `imaml-ext train/eval` re-executes itself with OMP_WAIT_POLICY=PASSIVE
+    (idle OpenMP threads sleep instead of spinning: no cliff on a busy machine)."""
+    import sys
+
+    from imaml_ext.training.cli import main
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
+        monkeypatch.delenv(name, raising=False)
+    if preset:
+        monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+    argv = ["imaml-ext", "eval", str(tmp_path / "none"), "--threads", threads]
+    monkeypatch.setattr(sys, "argv", argv)
+    calls = []
+
+    def execve(path, args, env):
+        calls.append((args, env))
+        raise SystemExit(0)
+    monkeypatch.setattr(os, "execve", execve)
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code
+    if relaunched:
+        (args, env), = calls
+        assert args[1:] == ["-m", "imaml_ext", *argv[1:]] and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    else:
+        assert calls == [] and code == 2 and "checkpoint not found" in capsys.readouterr().err

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_cli import TINY, exit_code
+from test_cli import TINY, _restore_threads, exit_code  # noqa: F401 (autouse fixture)
 
 from imaml_ext.models import OmniglotConvNet
 from imaml_ext.training import memory

@@ -80,6 +80,31 @@ def _save_result(out: Path, text: str, command: str) -> int:
     return EXIT_USAGE
 
 
+# OpenMP settings a user may have chosen; without any, the command line runs with a passive wait policy.
+_OPENMP_WAIT = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+def _relaunch_with_passive_openmp(args) -> None:
+    """Run this command again in a fresh interpreter with ``OMP_WAIT_POLICY=PASSIVE``,
+    unless the user set an OpenMP wait setting or it runs one torch thread.
+
+    By default OpenMP's idle threads spin between parallel regions; on a busy
+    machine (more runnable threads than cores) the spinning threads take the
+    cores from the working ones and training fell off a cliff (about 10× slower,
+    benchmarks/RESULTS.md).  Passive threads sleep instead.  OpenMP reads the
+    variable once, when torch loads it, hence the fresh interpreter (POSIX only)."""
+    import os
+    if os.name != "posix" or any(name in os.environ for name in _OPENMP_WAIT):
+        return
+    import torch
+    if (getattr(args, "threads", None) or torch.get_num_threads()) <= 1:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    os.execve(sys.executable, [sys.executable, "-m", "imaml_ext", *sys.argv[1:]], env)
+
+
 def _setup_threads(args) -> None:
     if getattr(args, "threads", None):
         import torch
@@ -160,8 +185,11 @@ def _train(args) -> int:
     result = train(None if args.resume is not None else cfg, opts, resume=args.resume,
                    meta_steps=args.meta_steps if args.resume is not None else None)
     if result.interrupted:
+        threads = f" --threads {args.threads}" if args.threads else ""
         print(f"\nInterrupted after step {result.step}; checkpoint saved to {result.checkpoint}.\n"
-              f"Resume with: imaml-ext train --resume {result.checkpoint.parent}", file=sys.stderr)
+              f"Resume with: imaml-ext train --resume {result.checkpoint.parent}{threads}\n"
+              f"(--threads N: torch's CPU threads; on a busy machine --threads 1 can be much faster)",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     last = result.last
     acc = f", query acc {last['acc']:.4f}" if last.get("acc") is not None else ""
@@ -259,8 +287,9 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True,
                        help="data root holding omniglot/ or miniimagenet/ (default: $IMAML_EXT_DATA, "
                             "else ~/.cache/imaml_ext)")
     p.add_argument("--threads", type=POSITIVE_INT.parse,
-                   help="CPU threads for torch (train/eval default: torch's choice; demo default: 1, "
-                        "the MLP gains nothing from more). On a busy machine 1 is often much faster")
+                   help="CPU threads for torch (train/eval default: torch's choice, with OpenMP's idle "
+                        "threads sleeping instead of spinning unless OMP_WAIT_POLICY is set; demo "
+                        "default: 1, the MLP gains nothing from more). On a busy machine 1 is often faster")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (train: print metrics lines)")
 
 
@@ -340,7 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line ``argv`` (default: this process's arguments, and then a
+    busy machine's OpenMP setting is chosen as :func:`_relaunch_with_passive_openmp` says)."""
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in ("train", "eval"):
+        _relaunch_with_passive_openmp(args)
     from .checkpoint import CheckpointError
     from ..data import DamagedFileError, DatasetNotFoundError
     from .plotting import MissingDependencyError
