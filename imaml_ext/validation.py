@@ -7,11 +7,12 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
+from torch import nn
 
 from .functional import TaskLoss
 
-__all__ = ["check_task_batch", "check_class_labels", "INNER_LR_RULE", "output_shape", "IGNORE_INDEX", "real_number",
-           "is_integer", "check_positive", "check_nonnegative", "check_steps", "optional_positive",
+__all__ = ["check_task_batch", "check_class_labels", "INNER_LR_RULE", "output_shape", "shape_only_forward",
+           "IGNORE_INDEX", "real_number", "is_integer", "check_positive", "check_nonnegative", "check_steps", "optional_positive",
            "deprecated_alias"]
 
 
@@ -67,19 +68,25 @@ def _label_range(y: torch.Tensor) -> Tuple[torch.Tensor, ...]:
 IGNORE_INDEX = -100  # the label F.cross_entropy and F.nll_loss skip by default
 
 
-def output_shape(task_loss: TaskLoss, x_t: torch.Tensor) -> Optional[torch.Size]:
-    """The shape of the model's output for one task's inputs ``x_t`` [n, ...],
-    found by running the model on shape-only ("meta") tensors: no arithmetic,
-    no memory.  None when the model cannot run that way (data-dependent
-    control flow, say)."""
+def shape_only_forward(model: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``model``'s output for inputs ``x`` computed on shape-only ("meta")
+    tensors: the right shape and dtype, no arithmetic, no memory.  None when
+    the model cannot run that way (data-dependent control flow, say)."""
     meta = torch.device("meta")
-    tensors = {name: p.detach().to(meta) for name, p in task_loss.model.named_parameters()}
-    tensors.update({name: b.to(meta) for name, b in task_loss.model.named_buffers()})
+    tensors = {name: p.detach().to(meta) for name, p in model.named_parameters()}
+    tensors.update({name: b.to(meta) for name, b in model.named_buffers()})
     try:
-        out = torch.func.functional_call(task_loss.model, tensors, (x_t.to(meta),))
-    except Exception:  # noqa: BLE001 - any failure only means "width unknown"
+        out = torch.func.functional_call(model, tensors, (x.to(meta),))
+    except Exception:  # noqa: BLE001 - any failure only means "not known from shapes"
         return None
-    return out.shape if isinstance(out, torch.Tensor) else None
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def output_shape(task_loss: TaskLoss, x_t: torch.Tensor) -> Optional[torch.Size]:
+    """The shape of the model's output for one task's inputs ``x_t`` [n, ...]
+    (:func:`shape_only_forward`); None when unknown."""
+    out = shape_only_forward(task_loss.model, x_t)
+    return None if out is None else out.shape
 
 
 def check_class_labels(task_loss: TaskLoss, x: torch.Tensor, y: torch.Tensor, low: int, high: int,

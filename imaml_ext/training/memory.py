@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..validation import shape_only_forward
 from .methods import get_method
 
 __all__ = ["activation_bytes_per_example", "estimate_step_bytes", "available_bytes", "format_bytes"]
@@ -43,25 +44,19 @@ def activation_bytes_per_example(model: nn.Module, x_one: torch.Tensor) -> int:
     """Bytes of the outputs of every leaf module (and the input) for one example
     ``x_one`` [1, ...], from a forward pass on the meta device; 0 if the model
     cannot run on shapes alone."""
-    meta = torch.device("meta")
     total = [x_one.numel() * x_one.element_size()]
 
     def count(module, inputs, output):
         if isinstance(output, torch.Tensor):
             total[0] += output.numel() * output.element_size()
 
-    leaves = [m for m in model.modules() if not list(m.children())]
-    hooks = [m.register_forward_hook(count) for m in leaves]
-    tensors = {name: p.detach().to(meta) for name, p in model.named_parameters()}
-    tensors.update({name: b.to(meta) for name, b in model.named_buffers()})
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     try:
-        torch.func.functional_call(model, tensors, (x_one.to(meta),))
-    except Exception:  # noqa: BLE001 - data-dependent models: activations unknown
-        return 0
+        ran = shape_only_forward(model, x_one) is not None
     finally:
         for hook in hooks:
             hook.remove()
-    return total[0]
+    return total[0] if ran else 0
 
 
 def estimate_step_bytes(method: str, inner_steps: int, model: nn.Module, tasks: int,
