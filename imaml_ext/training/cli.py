@@ -90,7 +90,7 @@ def _relaunch_with_passive_openmp(args) -> None:
 
     By default OpenMP's idle threads spin between parallel regions; on a busy
     machine (more runnable threads than cores) the spinning threads take the
-    cores from the working ones and training fell off a cliff (about 10× slower,
+    cores from the working ones and training fell off a cliff (15× slower measured,
     benchmarks/RESULTS.md).  Passive threads sleep instead.  OpenMP reads the
     variable once, when torch loads it, hence the fresh interpreter (POSIX only)."""
     import os
