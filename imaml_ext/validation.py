@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional, Tuple
+import weakref
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from .functional import TaskLoss
 
-__all__ = ["check_task_batch", "check_class_labels", "INNER_LR_RULE", "output_shape", "shape_only_forward",
+__all__ = ["check_task_batch", "check_class_labels", "INNER_LR_RULE", "output_shape", "probe_forward",
            "IGNORE_INDEX", "real_number", "is_integer", "check_positive", "check_nonnegative", "check_steps", "optional_positive",
            "deprecated_alias"]
 
@@ -68,25 +69,36 @@ def _label_range(y: torch.Tensor) -> Tuple[torch.Tensor, ...]:
 IGNORE_INDEX = -100  # the label F.cross_entropy and F.nll_loss skip by default
 
 
-def shape_only_forward(model: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """``model``'s output for inputs ``x`` computed on shape-only ("meta")
-    tensors: the right shape and dtype, no arithmetic, no memory.  None when
-    the model cannot run that way (data-dependent control flow, say)."""
-    meta = torch.device("meta")
-    tensors = {name: p.detach().to(meta) for name, p in model.named_parameters()}
-    tensors.update({name: b.to(meta) for name, b in model.named_buffers()})
+def probe_forward(model: nn.Module, x_one: torch.Tensor) -> Optional[torch.Tensor]:
+    """``model``'s output for one example ``x_one`` [1, ...]: no graph, and the
+    random-number generators are left as they were (dropout draws from a
+    forked state).  None when the model cannot run on one example (batch
+    norm over a batch of one, say)."""
+    devices = [x_one.device.index or 0] if x_one.device.type == "cuda" else []
     try:
-        out = torch.func.functional_call(model, tensors, (x.to(meta),))
-    except Exception:  # noqa: BLE001 - any failure only means "not known from shapes"
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            out = model(x_one)
+    except Exception:  # noqa: BLE001 - any failure only means "not known from a probe"
         return None
     return out if isinstance(out, torch.Tensor) else None
 
 
+# model -> {(example shape, dtype, device, parameter shapes): output shape for one example, or None}
+_OUTPUT_SHAPES: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, Optional[torch.Size]]]" = weakref.WeakKeyDictionary()
+
+
 def output_shape(task_loss: TaskLoss, x_t: torch.Tensor) -> Optional[torch.Size]:
-    """The shape of the model's output for one task's inputs ``x_t`` [n, ...]
-    (:func:`shape_only_forward`); None when unknown."""
-    out = shape_only_forward(task_loss.model, x_t)
-    return None if out is None else out.shape
+    """The shape of the model's output for one example of one task's inputs
+    ``x_t`` [n, ...], i.e. ``[1, ...]`` (:func:`probe_forward`, remembered per
+    model, example shape and parameter shapes: a meta-step loop pays for it
+    once); None when unknown."""
+    model = task_loss.model
+    key = (tuple(x_t.shape[1:]), x_t.dtype, x_t.device, tuple(tuple(p.shape) for p in model.parameters()))
+    known = _OUTPUT_SHAPES.setdefault(model, {})
+    if key not in known:
+        out = probe_forward(model, x_t[:1])
+        known[key] = None if out is None else out.shape
+    return known[key]
 
 
 def check_class_labels(task_loss: TaskLoss, x: torch.Tensor, y: torch.Tensor, low: int, high: int,
@@ -96,8 +108,8 @@ def check_class_labels(task_loss: TaskLoss, x: torch.Tensor, y: torch.Tensor, lo
     output is ``[n, C, ...]`` for labels ``[n, ...]`` (the layout of
     ``F.cross_entropy``); :data:`IGNORE_INDEX` is allowed.  Other layouts are
     not checked."""
-    shape = output_shape(task_loss, x[0])
-    if shape is None or len(shape) != y.dim() or shape[0] != y.shape[1]:
+    shape = output_shape(task_loss, x[0])  # [1, C, ...] for labels [n, ...]
+    if shape is None or len(shape) != y.dim() or shape[0] != 1:
         return
     width = shape[1]
     if high >= width or (low < 0 and low != IGNORE_INDEX):

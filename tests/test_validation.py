@@ -120,19 +120,25 @@ def test_labels_are_checked_against_a_conv_net_and_per_step_support():
         im.maml(_model(), xs.reshape(2, 2, 2, 4), ys, inner_steps=2, per_step_support=True)
 
 
-def test_models_that_cannot_run_on_shapes_alone_are_not_refused():
-    """A data-dependent forward cannot be sized without data: no label check, the call still works."""
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, WAYS, dtype=torch.float64)
-
-        def forward(self, x):
-            return self.lin(x) if float(x.abs().sum()) >= 0 else -self.lin(x)
-
+def test_models_that_cannot_run_on_one_example_are_not_refused():
+    """Batch norm over a batch of one cannot run in training mode: no label check, the call still works."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Linear(8, WAYS)).double()
     x, y = _tasks()
-    assert output_shape(TaskLoss(Branchy(), F.cross_entropy), x[0]) is None
-    assert output_shape(TaskLoss(_model(), F.cross_entropy), x[0]) == (x.shape[1], WAYS)
+    assert output_shape(TaskLoss(net, F.cross_entropy), x[0]) is None
+    im.imaml(net, x, y, inner_steps=2)
+    assert output_shape(TaskLoss(_model(), F.cross_entropy), x[0]) == (1, WAYS)
+
+
+def test_the_probe_leaves_the_random_state_alone():
+    """A model with dropout: the label check's probe draws no numbers from the global generator."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, WAYS)).double()
+    x, _ = _tasks()
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    assert output_shape(TaskLoss(net, F.cross_entropy), x[0]) == (1, WAYS)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_regression_targets_are_not_labels():

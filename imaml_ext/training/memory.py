@@ -2,8 +2,7 @@
 
 :func:`estimate_step_bytes` is an analytical estimate: the parameter copies
 a method keeps per task, plus the activations autograd keeps, measured per
-example by running the model once on shape-only ("meta") tensors (no
-arithmetic, no memory) and multiplied by the examples of a meta-batch and
+example by running the model once on one example and multiplied by the examples of a meta-batch and
 the inner-loop graphs the method keeps:
 
 =====================  ==========================  ============================
@@ -34,7 +33,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..validation import shape_only_forward
+from ..validation import probe_forward
 from .methods import get_method
 
 __all__ = ["activation_bytes_per_example", "estimate_step_bytes", "available_bytes", "format_bytes"]
@@ -42,8 +41,8 @@ __all__ = ["activation_bytes_per_example", "estimate_step_bytes", "available_byt
 
 def activation_bytes_per_example(model: nn.Module, x_one: torch.Tensor) -> int:
     """Bytes of the outputs of every leaf module (and the input) for one example
-    ``x_one`` [1, ...], from a forward pass on the meta device; 0 if the model
-    cannot run on shapes alone."""
+    ``x_one`` [1, ...], from one forward pass on it (:func:`~imaml_ext.validation.probe_forward`);
+    0 if the model cannot run on one example."""
     total = [x_one.numel() * x_one.element_size()]
 
     def count(module, inputs, output):
@@ -52,7 +51,7 @@ def activation_bytes_per_example(model: nn.Module, x_one: torch.Tensor) -> int:
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     try:
-        ran = shape_only_forward(model, x_one) is not None
+        ran = probe_forward(model, x_one) is not None
     finally:
         for hook in hooks:
             hook.remove()
