@@ -36,8 +36,8 @@ from .functional import TaskLoss
 from .hvp import CURVATURES, HVP_MODES, make_curvature
 from .solvers import (CG, IMAML_DEV_RESIDUAL_TOL, CGResult, CGState, ImamlDevCG, Matvec,
                       ShiftedOperator)
-from .validation import (check_batching, check_nonnegative, check_positive, check_steps,
-                         check_task_batch, optional_positive)
+from .validation import (INNER_LR_RULE, check_batching, check_nonnegative, check_positive,
+                         check_steps, check_task_batch, optional_positive)
 
 __all__ = ["imaml", "INNER_SOLVERS", "LinearSolver"]
 
@@ -190,7 +190,8 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         loss_fn: ``loss_fn(outputs [n, ...], targets [n, ...]) -> scalar``, one task.
         lam: λ > 0, strength of the proximal term (λ/2)‖φ − θ‖².
         inner_steps: GD steps (``"gd"``, ``"nesterov"``) or Newton steps (``"hf"``).
-        inner_lr: GD step size (``"gd"``, ``"nesterov"`` and ``compat="imaml_dev"``).
+        inner_lr: GD step size > 0 (``"gd"``, ``"nesterov"`` and ``compat="imaml_dev"``); for no
+            adaptation pass ``inner_steps=0`` (the same rule as :func:`~imaml_ext.maml`).
         inner_solver: ``"gd"``, ``"nesterov"`` (accelerated GD, same cost per
             step, fewer steps to a given residual) or ``"hf"`` (see
             :mod:`imaml_ext.inner`).
@@ -253,6 +254,7 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
             ``"loop"`` (one call per task: any module, e.g. an LSTM, slower)
             or ``"auto"`` (measured once per architecture and shape).
 
+    Numbers may be Python, NumPy or 0-dim tensor scalars.
     An explicit ``cg_tol=0`` or ``max_grad_norm=0`` (the old spelling of
     "off") still means off, with a DeprecationWarning.
 
@@ -276,17 +278,15 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
     check_batching(batching)
     task_loss = TaskLoss(model, loss_fn)
     check_task_batch(task_loss, support_x, support_y)
-    check_positive("lam", lam)
-    check_positive("inner_lr", inner_lr)
-    check_steps("inner_steps", inner_steps)
+    lam = check_positive("lam", lam)
+    inner_lr = check_positive("inner_lr", inner_lr, INNER_LR_RULE)
+    inner_steps = check_steps("inner_steps", inner_steps)
     if compat not in COMPAT_MODES:
         raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
-    if compat == "imaml_dev":
-        check_steps("cg_steps", cg_steps)  # ≤ 1: no solve, as in the official loop
-    elif isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
-        raise ValueError(f"cg_steps must be a positive integer (0 CG steps would give a zero "
-                         f"meta-gradient), got {cg_steps!r}")
-    check_steps("inner_cg_steps", inner_cg_steps)
+    # compat="imaml_dev": cg_steps ≤ 1 is no solve, as in the official loop.
+    cg_steps = check_steps("cg_steps", cg_steps, minimum=0 if compat == "imaml_dev" else 1,
+                           hint="" if compat == "imaml_dev" else " (0 CG steps would give a zero meta-gradient)")
+    inner_cg_steps = check_steps("inner_cg_steps", inner_cg_steps)
     cg_tol = optional_positive("cg_tol", cg_tol)
     max_grad_norm = optional_positive("max_grad_norm", max_grad_norm)
     solver = _linear_solver(linear_solver, cg_steps, cg_tol, compat, support_x.shape[0])
@@ -323,7 +323,7 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         raise ValueError(f"operator must be a pair (a, b) for A = a·I + b·H, got {operator!r}")
 
     if task_chunk is not None:
-        check_steps("task_chunk", task_chunk, minimum=1)
+        task_chunk = check_steps("task_chunk", task_chunk, minimum=1)
     chunks = task_chunks(support_x.shape[0], task_chunk)
 
     x, y = support_x, support_y
@@ -332,7 +332,7 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         if operator is not None:
             raise ValueError("compat='imaml_dev' fixes the operator; do not pass operator as well")
         cg_damping = 1.0 if cg_damping is None else cg_damping
-        check_nonnegative("cg_damping", cg_damping)
+        cg_damping = check_nonnegative("cg_damping", cg_damping)
         a, b = 1.0 + cg_damping, 1.0 / (lam + 10.0)
 
         def solve_chunk(theta, x, y, found):

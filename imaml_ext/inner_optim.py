@@ -23,12 +23,12 @@ grad.
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .flat import ParamLayout
+from .validation import INNER_LR_RULE, check_positive, real_number
 
 __all__ = ["InnerOptimizer", "SGD", "Momentum", "RMSProp", "OPTIMIZERS", "make_optimizer",
            "LearningRate"]
@@ -92,9 +92,11 @@ OPTIMIZERS = ("sgd", "momentum", "rmsprop")
 _DEFAULTS = {"momentum": {"momentum": 0.9}, "rmsprop": {"beta": 0.99, "eps": 1e-8}}
 
 
-def _check_unit(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+def _check_unit(name: str, value) -> float:
+    number = real_number(name, value)
+    if not 0.0 <= number <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return number
 
 
 def make_optimizer(name: str, *, momentum: Optional[float] = None, beta: Optional[float] = None,
@@ -114,12 +116,8 @@ def make_optimizer(name: str, *, momentum: Optional[float] = None, beta: Optiona
     if name == "sgd":
         return SGD()
     if name == "momentum":
-        _check_unit("momentum", hp["momentum"])
-        return Momentum(float(hp["momentum"]))
-    _check_unit("beta", hp["beta"])
-    if not (isinstance(hp["eps"], (int, float)) and math.isfinite(hp["eps"]) and hp["eps"] > 0):
-        raise ValueError(f"eps must be a positive finite number, got {hp['eps']!r}")
-    return RMSProp(float(hp["beta"]), float(hp["eps"]))
+        return Momentum(_check_unit("momentum", hp["momentum"]))
+    return RMSProp(_check_unit("beta", hp["beta"]), check_positive("eps", hp["eps"]))
 
 
 class LearningRate:
@@ -173,14 +171,11 @@ class LearningRate:
 
 
 def _as_rate(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.dim() > 0):
         if value.numel() != 1 or not value.is_floating_point():
             raise ValueError(f"a learning-rate tensor must be a floating-point scalar, "
                              f"got shape {tuple(value.shape)} and dtype {value.dtype}")
         if value.device != device:
             raise ValueError(f"a learning-rate tensor is on {value.device} but the model is on {device}")
         return value.reshape(())
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0:
-        raise ValueError(f"inner_lr must be a non-negative finite number or a scalar tensor, got {value!r}")
-    return torch.tensor(float(value), dtype=dtype, device=device)
+    return torch.tensor(check_positive("inner_lr", value, INNER_LR_RULE), dtype=dtype, device=device)

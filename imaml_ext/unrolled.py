@@ -48,7 +48,8 @@ from .flat import ParamLayout
 from .functional import TaskLoss
 from .hvp import HVP_MODES, Matvec, default_mode, grad_and_hvp, make_hvp
 from .inner_optim import OPTIMIZERS, SGD, InnerOptimizer, LearningRate, make_optimizer
-from .validation import check_batching, check_positive, check_steps, check_task_batch, deprecated_alias
+from .validation import (check_batching, check_positive, check_steps, check_task_batch, deprecated_alias,
+                         is_integer)
 
 __all__ = ["maml", "reptile_grad", "plan_checkpoints", "CheckpointSchedule", "MODES", "INNER_SOLVERS"]
 
@@ -396,8 +397,10 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         support_y: ``[T, n, ...]`` (or ``[T, K, n, ...]``) support targets.
         loss_fn: ``loss_fn(outputs [n, ...], targets [n, ...]) -> scalar``, one task.
         inner_steps: K ≥ 0.
-        inner_lr: α: a float, a scalar tensor (which may require grad: a
-            learnable rate), or one such rate per trainable parameter tensor,
+        inner_lr: α: a number > 0 (for no adaptation pass ``inner_steps=0``,
+            the same rule as :func:`~imaml_ext.imaml`), a floating 0-dim
+            tensor (which may require grad: a learnable rate; its value is not
+            checked), or one such rate per trainable parameter tensor,
             as a dict keyed by parameter name or a sequence in
             ``model.named_parameters()`` order.
         mode: ``"full"``, ``"first_order"`` or ``"checkpointed"`` (module
@@ -453,7 +456,7 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     check_batching(batching)
     task_loss = TaskLoss(model, loss_fn)
-    check_steps("inner_steps", inner_steps)
+    inner_steps = check_steps("inner_steps", inner_steps)
     _check_support(task_loss, support_x, support_y, inner_steps, per_step_support)
     solver_arg = "inner_solver" if optimizer is None else "optimizer"  # error messages name what was passed
     name = deprecated_alias("inner_solver", inner_solver, "optimizer", optimizer, "sgd")
@@ -467,20 +470,21 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         if mode == "first_order":
             raise ValueError("max_grad_grad_norm clips the gradient flowing back through the inner steps; "
                              "mode='first_order' has no such flow (dφ_K/dθ is taken as I)")
-        check_positive("max_grad_grad_norm", max_grad_grad_norm)
+        max_grad_grad_norm = check_positive("max_grad_grad_norm", max_grad_grad_norm)
     if memory_budget is not None:
         if mode != "checkpointed":
             raise ValueError(f"memory_budget applies to mode='checkpointed' only, not {mode!r}")
         if checkpoint_every is not None:
             raise ValueError("give memory_budget (the schedule is chosen to fit it) or checkpoint_every "
                              "(a fixed snapshot interval), not both")
-        check_steps("memory_budget", memory_budget, minimum=1)
+        memory_budget = check_steps("memory_budget", memory_budget, minimum=1)
     every = 1
     if mode == "checkpointed" and inner_steps > 0:
         every = max(1, round(inner_steps ** 0.5)) if checkpoint_every is None else checkpoint_every
-        if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= inner_steps:
+        if not is_integer(every) or not 1 <= int(every) <= inner_steps:
             raise ValueError(f"checkpoint_every must be an integer in [1, inner_steps={inner_steps}], "
                              f"got {checkpoint_every!r}")
+        every = int(every)
 
     support = _Support(support_x, support_y, per_step_support)
     info: Dict[str, object] = {"mode": mode, "inner_solver": opt.name, "optimizer": opt.name,

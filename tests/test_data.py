@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from imaml_ext.data import (DatasetNotFoundError, MiniImageNet, Omniglot, SinusoidTasks, TaskSampler,
+from imaml_ext.data import (DamagedFileError, DatasetNotFoundError, MiniImageNet, Omniglot, SinusoidTasks, TaskSampler,
                             TaskStream, load_omniglot_arrays, omniglot_split, sinusoid, to_float,
                             worker_seed)
 from imaml_ext.data.omniglot import (OmniglotArrays, read_omniglot_npz, read_omniglot_set,
                                      rotate_classes)
+from imaml_ext.data.paths import atomic_file
 
 Image = pytest.importorskip("PIL.Image", reason="Pillow decodes the PNG fixtures: pip install pillow")
 
@@ -442,3 +443,81 @@ def test_sinusoid_tasks():
     torch.testing.assert_close(first.support_y, b.sample(2).support_y.float())
     a.load_state_dict(state)
     assert all(torch.equal(x, y) for x, y in zip(first, a.sample(2)))
+
+
+# ----------------------------------------------------------------- damaged files, file modes
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def _omniglot_folder_with_cache(tmp_path: Path) -> Path:
+    folder = tmp_path / "omniglot"
+    _fixture_zips(folder)
+    load_omniglot_arrays(tmp_path)
+    assert (folder / "omniglot28.npz").is_file()
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes"])
+def test_damaged_cache_is_named_with_how_to_rebuild_it(tmp_path, damage):
+    cache = _omniglot_folder_with_cache(tmp_path) / "omniglot28.npz"
+    if damage == "truncated":
+        _truncate(cache)
+    else:
+        cache.write_bytes(np.random.RandomState(0).bytes(5000))
+    with pytest.raises(DamagedFileError, match="omniglot28.npz is damaged") as info:
+        load_omniglot_arrays(tmp_path)
+    message = str(info.value)
+    assert info.value.path == cache and "Delete it" in message and "rebuilds it" in message
+    assert "allow_pickle" not in message
+    cache.unlink()                                      # the advice works
+    assert len(load_omniglot_arrays(tmp_path).names) == 5
+
+
+def test_truncated_zip_is_named_with_the_download_command(tmp_path):
+    folder = tmp_path / "omniglot"
+    _fixture_zips(folder)
+    _truncate(folder / "images_evaluation.zip", 0.7)
+    with pytest.raises(DamagedFileError, match="images_evaluation.zip is damaged") as info:
+        load_omniglot_arrays(tmp_path)
+    assert f"download_omniglot('{folder}')" in str(info.value)
+
+
+def test_broken_png_in_an_extracted_folder_is_named(tmp_path):
+    _fixture_zips(tmp_path / "zips")
+    with zipfile.ZipFile(tmp_path / "zips" / "images_background.zip") as archive:
+        archive.extractall(tmp_path / "x")
+    png = tmp_path / "x" / "images_background" / "Alpha" / "character02" / "0002_05.png"
+    _truncate(png, 0.3)
+    with pytest.raises(DamagedFileError, match="0002_05.png is damaged") as info:
+        read_omniglot_set(tmp_path / "x" / "images_background")
+    assert "Extract images_background.zip" in str(info.value)
+
+
+def test_damaged_miniimagenet_pickle_is_named(tmp_path):
+    rng = np.random.RandomState(0)
+    names, images = _mini_fixture(rng, classes=2, per_class=2)
+    folder = tmp_path / "miniimagenet"
+    folder.mkdir()
+    _write_pickle(folder, "test", names, images, rng)
+    _truncate(folder / "mini-imagenet-cache-test.pkl")
+    with pytest.raises(DamagedFileError, match="mini-imagenet-cache-test.pkl is damaged"):
+        MiniImageNet(tmp_path, "test")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_files_written_atomically_follow_the_umask(tmp_path):
+    """The Omniglot cache built from the zips (and any atomic_file) gets 0666 less the umask, not 0600."""
+    previous = os.umask(0o027)
+    try:
+        cache = _omniglot_folder_with_cache(tmp_path) / "omniglot28.npz"
+        assert cache.stat().st_mode & 0o777 == 0o640
+        os.umask(0o002)
+        with atomic_file(tmp_path / "other.txt") as tmp:
+            tmp.write_text("x")
+        assert (tmp_path / "other.txt").stat().st_mode & 0o777 == 0o664
+    finally:
+        os.umask(previous)
+    assert not list(tmp_path.rglob("*.part"))

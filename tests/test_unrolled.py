@@ -380,7 +380,7 @@ def test_checkpoint_every_out_of_range(every):
     (dict(inner_lr={"0.weight": 0.1}), r"missing \['0.bias', '2.weight', '2.bias'\]"),
     (dict(inner_lr=[0.1, 0.2]), "one rate per trainable parameter tensor"),
     (dict(inner_lr=torch.ones(2)), "must be a floating-point scalar"),
-    (dict(inner_lr=-0.1), "non-negative finite number"),
+    (dict(inner_lr=-0.1), "inner_lr must be a positive finite number"),
     (dict(hvp_mode="sideways"), "hvp_mode must be one of"),
     (dict(inner_steps=-1), "inner_steps must be a non-negative integer"),
 ])

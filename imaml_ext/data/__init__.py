@@ -12,12 +12,12 @@ Images are kept as uint8 [C, M, channels, H, W]; samplers return float32 in
 """
 from .miniimagenet import MiniImageNet
 from .omniglot import Omniglot, OmniglotArrays, load_omniglot_arrays, omniglot_split
-from .paths import DatasetNotFoundError, data_root
+from .paths import DamagedFileError, DatasetNotFoundError, data_root
 from .sampler import TaskBatch, TaskSampler, TaskStream, derive_seed, to_float, worker_seed
 from .sinusoid import SinusoidTasks, sinusoid
 
 __all__ = [
-    "DatasetNotFoundError", "MiniImageNet", "Omniglot", "OmniglotArrays", "SinusoidTasks",
+    "DamagedFileError", "DatasetNotFoundError", "MiniImageNet", "Omniglot", "OmniglotArrays", "SinusoidTasks",
     "TaskBatch", "TaskSampler", "TaskStream", "data_root", "derive_seed", "load_omniglot_arrays",
     "omniglot_split", "sinusoid", "to_float", "worker_seed",
 ]

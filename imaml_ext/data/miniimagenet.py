@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ._pil import pil_image
-from .paths import DatasetNotFoundError, PathLike, check_subset, dataset_dirs
+from .paths import DatasetNotFoundError, PathLike, check_subset, dataset_dirs, reading
 
 __all__ = ["MiniImageNet", "read_miniimagenet_pickle", "read_miniimagenet_csv"]
 
@@ -58,7 +58,7 @@ def read_miniimagenet_pickle(path: PathLike) -> Tuple[List[str], torch.Tensor]:
         Class names (sorted) and uint8 images [C, M, 3, H, W].
     """
     path = Path(path)
-    with open(path, "rb") as f:
+    with reading(path, f"Delete it and copy {path.name} into {path.parent} again."), open(path, "rb") as f:
         content = pickle.load(f)
     if not isinstance(content, dict) or not {"image_data", "class_dict"} <= set(content):
         raise ValueError(f"{path}: expected a dict with 'image_data' and 'class_dict'")
@@ -97,7 +97,7 @@ def read_miniimagenet_csv(csv_path: PathLike, images_dir: PathLike,
         file = images_dir / rows[index[c, m]]["filename"]
         if not file.is_file():
             raise FileNotFoundError(f"{csv_path} lists {file.name}, which is not in {images_dir}")
-        with Image.open(file) as image:
+        with reading(file, f"Copy {file.name} into {images_dir} again."), Image.open(file) as image:
             image = image.convert("RGB")
             if image.size != (image_size, image_size):
                 image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)

@@ -77,7 +77,7 @@ import numpy as np
 import torch
 
 from ._pil import pil_image
-from .paths import DatasetNotFoundError, PathLike, atomic_file, check_subset, dataset_dirs
+from .paths import DamagedFileError, DatasetNotFoundError, PathLike, atomic_file, check_subset, dataset_dirs, reading
 
 __all__ = [
     "DEFAULT_BASE_URL", "SETS", "DRAWERS", "Omniglot", "OmniglotArrays",
@@ -98,6 +98,21 @@ _HOW_TO_GET = (
     "into one of these folders.")
 
 
+def _fetch_command(folder: Path) -> str:
+    """The shell command that downloads the official zips missing from ``folder``."""
+    return (f"python -c \"from imaml_ext.data.omniglot import download_omniglot; "
+            f"download_omniglot('{folder}')\"")
+
+
+def _refetch_zip(path: Path) -> str:
+    return f"Delete it and fetch it again: {_fetch_command(path.parent)} (or copy a good {path.name} there)."
+
+
+def _rebuild_cache(path: Path) -> str:
+    return (f"Delete it: the next load rebuilds it from images_background.zip and images_evaluation.zip "
+            f"in {path.parent} (if they are not there: {_fetch_command(path.parent)}).")
+
+
 def cache_name(image_size: int = 28) -> str:
     """File name of the packed cache for ``image_size`` × ``image_size`` images."""
     return f"omniglot{image_size}.npz"
@@ -108,7 +123,7 @@ def cache_name(image_size: int = 28) -> str:
 def _zip_pngs(path: Path) -> List[Tuple[Tuple[str, ...], bytes]]:
     """(path parts, file bytes) of each PNG in a zip, skipping hidden and macOS entries."""
     found = []
-    with zipfile.ZipFile(path) as archive:
+    with reading(path, _refetch_zip(path)), zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
             parts = PurePosixPath(info.filename).parts
             if info.is_dir() or not parts[-1].lower().endswith(".png"):
@@ -141,7 +156,7 @@ def read_omniglot_set(source: PathLike, image_size: int = 28) -> Dict[str, np.nd
     """
     source = Path(source)
     entries = _zip_pngs(source) if source.is_file() else _folder_pngs(source)
-    found: Dict[Tuple[str, str], Dict[int, Tuple[int, bytes]]] = {}
+    found: Dict[Tuple[str, str], Dict[int, Tuple[int, bytes, str]]] = {}
     for parts, data in entries:
         if len(parts) < 3:
             raise ValueError(f"{source}: PNG {'/'.join(parts)} is not inside "
@@ -154,11 +169,14 @@ def read_omniglot_set(source: PathLike, image_size: int = 28) -> Dict[str, np.nd
         drawings = found.setdefault((alphabet, character), {})
         if drawer in drawings:
             raise ValueError(f"{source}: {alphabet}/{character} has drawer {drawer:02d} twice")
-        drawings[drawer] = (char_id, data)
+        drawings[drawer] = (char_id, data, "/".join(parts))
     if not found:
         raise ValueError(f"no Omniglot PNGs (<Alphabet>/characterNN/<id>_<drawer>.png) in {source}")
 
     Image = pil_image()
+    fix = (_refetch_zip(source) if source.is_file() else
+           f"Extract {source.name}.zip into {source.parent} again, or put the zip there "
+           f"({_fetch_command(source.parent)}).")
     keys = sorted(found)
     images = np.empty((len(keys), DRAWERS, image_size, image_size), dtype=np.uint8)
     char_ids = np.empty(len(keys), dtype=np.int16)
@@ -167,12 +185,13 @@ def read_omniglot_set(source: PathLike, image_size: int = 28) -> Dict[str, np.nd
         if sorted(drawings) != list(range(1, DRAWERS + 1)):
             raise ValueError(f"{source}: {'/'.join(key)} has drawers {sorted(drawings)}, "
                              f"expected 01..{DRAWERS}; the set is incomplete, fetch it again")
-        ids = {char_id for char_id, _ in drawings.values()}
+        ids = {char_id for char_id, _, _ in drawings.values()}
         if len(ids) != 1:
             raise ValueError(f"{source}: {'/'.join(key)} mixes character ids {sorted(ids)}")
         char_ids[i] = ids.pop()
-        for drawer, (_, data) in drawings.items():
-            image = Image.open(io.BytesIO(data)).convert("L")
+        for drawer, (_, data, member) in drawings.items():
+            with reading(source / member if source.is_dir() else f"{source}:{member}", fix):
+                image = Image.open(io.BytesIO(data)).convert("L")
             if image.size != (image_size, image_size):
                 image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
             images[i, drawer - 1] = np.asarray(image)
@@ -237,10 +256,9 @@ def read_omniglot_npz(path: PathLike) -> Dict[str, np.ndarray]:
     path = Path(path)
 
     def bad(problem: str) -> ValueError:
-        return ValueError(f"{path} is not an Omniglot cache: {problem}. Delete it to rebuild it "
-                          f"from images_background.zip and images_evaluation.zip.")
+        return DamagedFileError(path, f"not an Omniglot cache: {problem}", _rebuild_cache(path))
 
-    with np.load(path, allow_pickle=False) as npz:
+    with reading(path, _rebuild_cache(path)), np.load(path, allow_pickle=False) as npz:
         arrays = {key: npz[key] for key in npz.files}
     for set_name in SETS:
         for key in (set_name, *(f"{set_name}_{k}" for k in ("alphabet", "character", "char_id", "alphabet_names"))):

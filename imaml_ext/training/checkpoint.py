@@ -22,7 +22,9 @@ key            content
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Union
 
@@ -32,7 +34,7 @@ import torch
 from ..data.paths import atomic_file
 
 __all__ = ["FORMAT", "CheckpointError", "capture_rng", "restore_rng", "save_checkpoint",
-           "load_checkpoint", "find_checkpoint", "CHECKPOINT_NAME"]
+           "load_checkpoint", "checkpoint_config", "find_checkpoint", "CHECKPOINT_NAME"]
 
 FORMAT = "imaml_ext-train-1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -90,14 +92,54 @@ def find_checkpoint(path: PathLike) -> Path:
     return candidate
 
 
+_WRITTEN_BY = f"imaml_ext training checkpoints are the {CHECKPOINT_NAME} that `imaml-ext train` writes in its run folder"
+
+
 def load_checkpoint(path: PathLike) -> Dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (a file or a run
-    folder) onto the CPU; raises :class:`CheckpointError` if it is not one."""
+    folder) onto the CPU; raises :class:`CheckpointError`, naming the file and
+    what is wrong with it (empty, not a torch.save archive, truncated, other
+    objects, another format), if it is not one."""
     file = find_checkpoint(path)
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"{file} is empty (a copy or write that did not finish?); {_WRITTEN_BY}")
+    if not zipfile.is_zipfile(file):
+        with open(file, "rb") as f:
+            zip_start = f.read(4) == b"PK\x03\x04"
+        if zip_start:  # the archive's directory, written last, is missing
+            raise CheckpointError(f"{file} is damaged or truncated (its end is missing: a copy or write that "
+                                  f"did not finish?); {_WRITTEN_BY}")
+        raise CheckpointError(f"{file} is not a checkpoint: not a torch.save archive; {_WRITTEN_BY}")
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{file} is not a readable checkpoint: {exc}") from exc
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc):
+            raise CheckpointError(f"{file} is damaged ({exc}); {_WRITTEN_BY}") from None
+        raise CheckpointError(f"{file} is not an imaml_ext training checkpoint: it holds objects other than "
+                              f"tensors, numbers, strings and containers; {_WRITTEN_BY}") from None
+    except Exception as exc:  # noqa: BLE001 - a truncated or altered archive fails in many ways
+        raise CheckpointError(f"{file} is damaged or truncated ({type(exc).__name__}: {exc}); "
+                              f"{_WRITTEN_BY}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{file} is not an imaml_ext training checkpoint (format {FORMAT!r})")
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{file} is not an imaml_ext training checkpoint (format {FORMAT!r}, "
+                              f"found {found!r}); {_WRITTEN_BY}")
+    missing = [key for key in _KEYS if key not in payload]
+    if missing:
+        raise CheckpointError(f"{file} is an incomplete checkpoint: it lacks {missing}")
     return payload
+
+
+_KEYS = ("config", "step", "seconds", "model", "optimizer", "sampler", "rng")
+
+
+def checkpoint_config(payload: Dict[str, Any], file: PathLike):
+    """The :class:`~imaml_ext.training.experiment.TrainConfig` stored in a
+    checkpoint's ``payload`` read from ``file``; a configuration this version
+    does not accept (an unknown key, a value out of range) is a :class:`CheckpointError`."""
+    from .experiment import TrainConfig
+    try:
+        return TrainConfig.from_dict(dict(payload["config"]))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{file} holds a configuration this version of imaml_ext cannot use: {exc} "
+                              f"(was it written by another version?)") from None

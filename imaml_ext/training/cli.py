@@ -1,9 +1,12 @@
 """Command line: ``imaml-ext {train,eval,plot,demo,info}`` (also ``python -m imaml_ext``).
 
 Exit codes: 0 success; 1 training stopped on a non-finite meta-gradient;
-2 bad arguments, missing data, an unreadable checkpoint, a run folder in use
-by another training or a missing optional dependency (one message, no
-traceback); 130 training stopped by Ctrl-C / SIGTERM after checkpointing.
+2 bad arguments, missing or damaged data, an unreadable checkpoint, a run
+folder in use by another training, an output path that cannot be written or
+a missing optional dependency (one message, no traceback; a finished
+evaluation whose file could not be written is saved elsewhere and the
+message says where); 130 training stopped by Ctrl-C / SIGTERM after
+checkpointing.
 """
 from __future__ import annotations
 
@@ -53,6 +56,64 @@ def _check_device(name: str) -> str:
     return name
 
 
+def _check_output(path: Path, what: str, folder: bool = False) -> Path:
+    """``path`` if it can be written (:func:`~imaml_ext.data.paths.check_output_path`), else a UsageError."""
+    from ..data.paths import check_output_path
+    try:
+        return check_output_path(path, what, folder=folder)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _save_result(out: Path, text: str, command: str) -> int:
+    """Write a finished result to ``out``; if that fails, to a new file in the temporary
+    folder (else to stdout), saying where, and return exit code 2.  Never loses ``text``."""
+    import tempfile
+
+    from ..data.paths import atomic_file
+    try:
+        with atomic_file(out) as tmp:
+            tmp.write_text(text)
+        return 0
+    except OSError as exc:
+        problem = f"could not write {out} ({exc})"
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"imaml-ext-{command}-", suffix=out.suffix)
+        with open(fd, "w") as f:
+            f.write(text)
+        where = name
+    except OSError:
+        print(text, end="")
+        where = "standard output above"
+    print(f"imaml-ext {command}: error: {problem}; the result is saved in {where}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# OpenMP settings a user may have chosen; without any, the command line runs with a passive wait policy.
+_OPENMP_WAIT = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+def _relaunch_with_passive_openmp(args) -> None:
+    """Run this command again in a fresh interpreter with ``OMP_WAIT_POLICY=PASSIVE``,
+    unless the user set an OpenMP wait setting or it runs one torch thread.
+
+    By default OpenMP's idle threads spin between parallel regions; on a busy
+    machine (more runnable threads than cores) the spinning threads take the
+    cores from the working ones and training fell off a cliff (15× slower measured,
+    benchmarks/RESULTS.md).  Passive threads sleep instead.  OpenMP reads the
+    variable once, when torch loads it, hence the fresh interpreter (POSIX only)."""
+    import os
+    if os.name != "posix" or any(name in os.environ for name in _OPENMP_WAIT):
+        return
+    import torch
+    if (getattr(args, "threads", None) or torch.get_num_threads()) <= 1:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    os.execve(sys.executable, [sys.executable, "-m", "imaml_ext", *sys.argv[1:]], env)
+
+
 def _setup_threads(args) -> None:
     if getattr(args, "threads", None):
         import torch
@@ -61,9 +122,32 @@ def _setup_threads(args) -> None:
 
 # ----------------------------------------------------------------------------- train
 
+def _check_step_memory(cfg, sampler, device: str) -> None:
+    """Refuse a setting whose meta-step would not fit in the device's available memory
+    (:mod:`~imaml_ext.training.memory`), warn above half of it."""
+    import torch
+
+    from .experiment import build_model
+    from .memory import available_bytes, estimate_step_bytes, format_bytes
+
+    have = available_bytes(torch.device(device))
+    if have is None:
+        return
+    support_x, _, query_x, _ = sampler.sample(1)
+    need = estimate_step_bytes(cfg.method, cfg.inner_steps, build_model(cfg), cfg.meta_batch,
+                               support_x[0], query_x[0])
+    what = (f"one meta-step needs about {format_bytes(need)} (estimated from the shapes: {cfg.method}, "
+            f"{cfg.meta_batch} tasks of {support_x.shape[1]} support and {query_x.shape[1]} query examples)")
+    if need > have:
+        raise UsageError(f"{what}, but {device} has {format_bytes(have)} available; lower --meta-batch, "
+                         f"--ways, --shots or --queries (or pass --no-memory-check to try anyway)")
+    if need > have / 2:
+        print(f"warning: {what}; {format_bytes(have)} available on {device}", file=sys.stderr, flush=True)
+
+
 def _train(args) -> int:
-    from .checkpoint import CHECKPOINT_NAME, find_checkpoint, load_checkpoint
-    from .experiment import TrainConfig, make_config, make_sampler
+    from .checkpoint import CHECKPOINT_NAME, checkpoint_config, find_checkpoint, load_checkpoint
+    from .experiment import make_config, make_sampler
     from .train import RunOptions, train
     from .runfolder import RunError, check_not_busy
 
@@ -81,7 +165,7 @@ def _train(args) -> int:
                          f"changed (drop it, or start a new run with another --out)")
         checkpoint = find_checkpoint(args.resume)
         state = load_checkpoint(checkpoint)
-        cfg, stored = TrainConfig.from_dict(state["config"]), state.get("run", {})
+        cfg, stored = checkpoint_config(state, checkpoint), state.get("run", {})
         out_dir = Path(args.out) if args.out else checkpoint.parent
     else:
         try:
@@ -102,12 +186,15 @@ def _train(args) -> int:
     args.data = args.data or stored.get("data_root")
     _setup_threads(args)
     device = _check_device(args.device or stored.get("device") or _default_device())
+    _check_output(out_dir, "--out", folder=True)
     if args.val_every and cfg.dataset == "omniglot" and cfg.val_classes == 0:
         parser.error("--val-every on Omniglot needs --val-classes > 0 (training characters held out)")
     try:
-        make_sampler(cfg, "train", cfg.seed, root=args.data)  # data present and large enough
+        sampler = make_sampler(cfg, "train", cfg.seed, root=args.data)  # data present and large enough
     except ValueError as exc:
         parser.error(str(exc))
+    if not args.no_memory_check:
+        _check_step_memory(cfg, sampler, device)
 
     opts = RunOptions.build(out_dir, stored, progress=not args.no_progress, device=device, data_root=args.data,
                             threads=args.threads, **{f: getattr(args, f) for f in _run_flags()})
@@ -121,8 +208,11 @@ def _train(args) -> int:
         print(f"imaml-ext train: error: {exc}", file=sys.stderr)
         return EXIT_FAILED if isinstance(exc, NonFiniteStepError) else EXIT_USAGE
     if result.interrupted:
+        threads = f" --threads {args.threads}" if args.threads else ""
         print(f"\nInterrupted after step {result.step}; checkpoint saved to {result.checkpoint}.\n"
-              f"Resume with: imaml-ext train --resume {result.checkpoint.parent}", file=sys.stderr)
+              f"Resume with: imaml-ext train --resume {result.checkpoint.parent}{threads}\n"
+              f"(--threads N: torch's CPU threads; on a busy machine --threads 1 can be much faster)",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     last = result.last
     if not last:
@@ -140,25 +230,28 @@ def _train(args) -> int:
 def _eval(args) -> int:
     import torch
 
-    from .checkpoint import find_checkpoint, load_checkpoint
+    from .checkpoint import checkpoint_config, find_checkpoint, load_checkpoint
     from .evaluate import evaluate
-    from .experiment import TrainConfig, build_model, make_sampler
+    from .experiment import build_model, make_sampler
 
     _setup_threads(args)
     device = _check_device(args.device or _default_device())
     file = find_checkpoint(args.checkpoint)
     state = load_checkpoint(file)
-    cfg = TrainConfig.from_dict(state["config"])
+    cfg = checkpoint_config(state, file)
+    steps = cfg.inner_steps if args.inner_steps is None else args.inner_steps
+    default_name = f"eval-{args.subset}-k{steps}.json"
+    out = Path(args.out) if args.out else file.parent / default_name
+    out = _check_output(out / default_name if out.is_dir() else out, "--out")
     try:
         sampler = make_sampler(cfg, args.subset, args.seed, root=args.data, queries=args.queries, device=device)
     except ValueError as exc:
         args.parser.error(str(exc))
     model = build_model(cfg).to(device)
     model.load_state_dict(state["model"])
-    scores = evaluate(cfg, model, sampler, args.tasks, args.batch, args.inner_steps, progress=not args.no_progress)
+    scores = evaluate(cfg, model, sampler, args.tasks, args.batch, steps, progress=not args.no_progress)
     report = {"checkpoint": str(file), "step": state["step"], "config": cfg.to_dict(), "subset": args.subset,
               "queries": args.queries or cfg.queries, "seed": args.seed, **scores}
-    steps = scores["inner_steps"]
     shape = f"{cfg.shots}-shot" if cfg.dataset == "sinusoid" else f"{cfg.ways}-way {cfg.shots}-shot"
     what = (f"{cfg.dataset} {shape}, {cfg.method} after {state['step']} meta-steps, {steps} adaptation steps, "
             f"{args.tasks} {args.subset} tasks")
@@ -171,24 +264,24 @@ def _eval(args) -> int:
         print(f"{what}: query MSE {loss['mean']:.4f} ± {loss['ci95']:.4f} (mean ± 1.96·std/√n)")
     print(f"adapted as meta-trained: {scores['adaptation']}" + (
         f"; inner residual ‖∇F(φ)‖/‖∇F(θ)‖ median {scores['inner_residual']:.3g}" if "inner_residual" in scores else ""))
-    out = Path(args.out) if args.out else file.parent / f"eval-{args.subset}-k{steps}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written: {out} ({scores['seconds']:.0f} s)")
-    return 0
+    code = _save_result(out, json.dumps(report, indent=2) + "\n", "eval")
+    if code == 0:
+        print(f"written: {out} ({scores['seconds']:.0f} s)")
+    return code
 
 
 # ----------------------------------------------------------------------------- plot, demo, info
 
 def _plot(args) -> int:
     from .metrics import metrics_file
-    from .plotting import plot_curves
+    from .plotting import plot_curves, png_path
 
     paths = [metrics_file(p) for p in args.metrics]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise UsageError(f"metrics file not found: {', '.join(missing)}")
     out = Path(args.output) if args.output else paths[0].parent / "curves.png"
+    out = _check_output(out / "curves.png" if out.is_dir() else png_path(out), "-o")
     try:
         written = plot_curves(paths, out, labels=args.labels)
     except ValueError as exc:
@@ -201,6 +294,7 @@ def _demo(args) -> int:
     from .demo import DemoConfig, run_demo
     _setup_threads(args)
     device = _check_device(args.device or "cpu")
+    _check_output(Path(args.out), "--out", folder=True)
     cfg = DemoConfig(meta_steps=args.meta_steps, seed=args.seed, eval_tasks=args.eval_tasks)
     run_demo(cfg, out_dir=Path(args.out), progress=not args.no_progress, device=device)
     return 0
@@ -222,8 +316,9 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True,
                        help="data root holding omniglot/ or miniimagenet/ (default: $IMAML_EXT_DATA, "
                             "else ~/.cache/imaml_ext)")
     p.add_argument("--threads", type=POSITIVE_INT.parse,
-                   help="CPU threads for torch (train/eval default: torch's choice; demo default: 1, "
-                        "the MLP gains nothing from more). On a busy machine 1 is often much faster")
+                   help="CPU threads for torch (train/eval default: torch's choice, with OpenMP's idle "
+                        "threads sleeping instead of spinning unless OMP_WAIT_POLICY is set; demo "
+                        "default: 1, the MLP gains nothing from more). On a busy machine 1 is often faster")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (train: print metrics lines)")
 
 
@@ -255,6 +350,8 @@ def _train_parser(sub) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--out", metavar="DIR", help="run folder (default out/train/<dataset>-<N>w<K>s-<method>-seed<S>)")
     run.add_argument("--resume", metavar="CKPT", help="continue the run in this folder or checkpoint file")
+    run.add_argument("--no-memory-check", action="store_true",
+                     help="start even if the estimated memory of a meta-step exceeds what is available")
     add_flags({"run": run}, RunOptions)  # not given: as the resumed run had it, else the default
     _add_common(p)
     p.set_defaults(run=_train, parser=p)
@@ -276,13 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=POSITIVE_INT.parse, help="query examples per class (default: as trained)")
     p.add_argument("--subset", choices=("test", "val"), default="test", help="default test")
     p.add_argument("--seed", type=NONNEGATIVE_INT.parse, default=0, help="seed of the evaluation tasks (default 0)")
-    p.add_argument("--out", metavar="JSON", help="result file (default <run>/eval-<subset>-k<steps>.json)")
+    p.add_argument("--out", metavar="JSON", help="result file, or a folder for the default name "
+                                                 "(default <run>/eval-<subset>-k<steps>.json)")
     _add_common(p)
     p.set_defaults(run=_eval, parser=p)
 
     p = sub.add_parser("plot", help="learning curves from metrics.jsonl files to a PNG")
     p.add_argument("metrics", nargs="+", help="metrics.jsonl files or run folders (several are overlaid)")
-    p.add_argument("-o", "--output", metavar="PNG", help="default: curves.png beside the first file")
+    p.add_argument("-o", "--output", metavar="PNG", help="image file (.png added if it has no suffix), or a "
+                                                         "folder for curves.png (default: curves.png beside the "
+                                                         "first file)")
     p.add_argument("--labels", nargs="+", help="one legend label per file (default: run folder names)")
     p.set_defaults(run=_plot, parser=p)
 
@@ -300,13 +400,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line ``argv`` (default: this process's arguments, and then a
+    busy machine's OpenMP setting is chosen as :func:`_relaunch_with_passive_openmp` says)."""
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in ("train", "eval"):
+        _relaunch_with_passive_openmp(args)
     from .checkpoint import CheckpointError
-    from ..data import DatasetNotFoundError
+    from ..data import DamagedFileError, DatasetNotFoundError
     from .plotting import MissingDependencyError
     try:
         return args.run(args)
-    except (UsageError, DatasetNotFoundError, CheckpointError, MissingDependencyError) as exc:
+    except (UsageError, DatasetNotFoundError, DamagedFileError, CheckpointError, MissingDependencyError) as exc:
         print(f"imaml-ext {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as exc:

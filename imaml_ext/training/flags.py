@@ -17,9 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-import numpy as np
-
 from ..data.omniglot import ROTATIONS, valid_rotations
+from ..validation import is_integer, real_number
 
 __all__ = ["Kind", "Number", "Choice", "Rotations", "POSITIVE_INT", "NONNEGATIVE_INT",
            "POSITIVE_FLOAT", "option", "check_fields", "add_flags", "flag_name"]
@@ -71,10 +70,13 @@ class Number(Kind):
         return self.cast(text)
 
     def valid(self, value: Any) -> bool:
-        integer = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
         if self.cast is int:
-            return integer and value >= self.minimum
-        return (integer or isinstance(value, float)) and math.isfinite(value) and value > self.minimum
+            return is_integer(value) and int(value) >= self.minimum
+        try:
+            number = real_number("value", value)
+        except ValueError:
+            return False
+        return math.isfinite(number) and number > self.minimum
 
     def problem(self, name: str, value: Any) -> str:
         if self.cast is int:

@@ -161,7 +161,12 @@ def read_metrics(path: os.PathLike) -> Dict[str, List[dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"metrics file not found: {path}")
     groups: Dict[str, List[dict]] = {}
-    lines = path.read_text().splitlines()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not a metrics file: it is not text (byte {exc.start} is not UTF-8); "
+                         f"give the {METRICS_NAME} of an imaml-ext train run, or its run folder") from None
+    lines = text.splitlines()
     if lines and lines[-1].strip() and not _is_json(lines[-1]):
         lines.pop()
     for number, line in enumerate(lines, 1):

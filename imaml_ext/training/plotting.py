@@ -13,7 +13,7 @@ import torch
 
 from .metrics import METRICS_NAME, read_metrics
 
-__all__ = ["MissingDependencyError", "require_matplotlib", "read_metrics", "plot_curves", "plot_fits"]
+__all__ = ["MissingDependencyError", "require_matplotlib", "read_metrics", "plot_curves", "plot_fits", "png_path"]
 
 
 class MissingDependencyError(ImportError):
@@ -33,10 +33,18 @@ def require_matplotlib():
     return plt
 
 
+def png_path(out: os.PathLike) -> Path:
+    """Where a figure saved as ``out`` ends up: ``out`` itself, or ``out.png`` when it has no
+    suffix (matplotlib adds one)."""
+    out = Path(out)
+    return out if out.suffix else out.with_name(out.name + ".png")
+
+
 def plot_curves(paths: Sequence[os.PathLike], out: os.PathLike,
                 labels: Optional[Sequence[str]] = None) -> Path:
     """Query loss and (if logged) accuracy against meta-step, one line per run
-    (validation dashed with markers), saved as a PNG at ``out``; for runs that
+    (validation dashed with markers), saved as a PNG at ``out``
+    (``out.png`` if it has no suffix), whose path it returns; for runs that
     logged the implicit gradient's diagnostics (iMAML), a panel with the
     median (solid) and largest (dotted) relative inner residual and, on a
     second axis, the number of tasks whose CG met pᵀAp ≤ 0 (crosses)."""
@@ -72,7 +80,7 @@ def plot_curves(paths: Sequence[os.PathLike], out: os.PathLike,
         _plot_diagnostics(axes[0][-1], runs, labels)
     axes[0][1 if has_acc else 0].legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out)
+    out = png_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -127,7 +135,7 @@ def plot_fits(x_grid: torch.Tensor, truth: torch.Tensor, support_x: torch.Tensor
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    out = Path(out)
+    out = png_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)

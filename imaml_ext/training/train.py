@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 
 from .. import diagnostics
 from ..unrolled import reptile_grad
-from .checkpoint import CHECKPOINT_NAME, FORMAT, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (CHECKPOINT_NAME, FORMAT, capture_rng, checkpoint_config, load_checkpoint, restore_rng,
+                         save_checkpoint)
 from .evaluate import evaluate
 from ..data.paths import atomic_file, data_root
 from ..finite import NonFiniteLossError
@@ -183,7 +184,7 @@ def resume_config(cfg: Optional[TrainConfig], resume: Optional[Path], meta_steps
         if cfg is not None:
             raise ValueError("a resumed run keeps its saved configuration: pass cfg=None with resume")
         state = load_checkpoint(resume)
-        cfg = TrainConfig.from_dict(state["config"])
+        cfg = checkpoint_config(state, resume)
         done = int(state["step"])
         if meta_steps is not None and meta_steps < done:
             raise RunError(f"{resume} has done {done} meta-steps; a total of meta_steps={meta_steps} "
