@@ -3,6 +3,10 @@
 Exit codes: 0 success; 2 bad arguments, missing data, an unreadable
 checkpoint or a missing optional dependency (one message, no traceback);
 130 training stopped by Ctrl-C / SIGTERM after checkpointing.
+
+``train`` and ``eval`` also run under ``torchrun`` (one process per CPU
+share or GPU, data parallel over tasks: :mod:`imaml_ext.training.parallel`);
+rank 0 prints and writes the files.
 """
 from __future__ import annotations
 
@@ -45,6 +49,15 @@ def _check_device(name: str) -> str:
     return name
 
 
+def _rank_device(device: str) -> str:
+    """This process's device under torchrun (:func:`~.parallel.rank_device`), errors as usage errors."""
+    from .parallel import rank_device
+    try:
+        return rank_device(device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _setup_threads(args) -> None:
     if getattr(args, "threads", None):
         import torch
@@ -55,7 +68,9 @@ def _setup_threads(args) -> None:
 
 def _train(args) -> int:
     from .checkpoint import CHECKPOINT_NAME, find_checkpoint, load_checkpoint
+    from ..distributed import task_shard
     from .experiment import TrainConfig, make_config, make_sampler
+    from .parallel import process_group
     from .train import RunOptions, train
 
     parser: argparse.ArgumentParser = args.parser
@@ -64,7 +79,7 @@ def _train(args) -> int:
         print(describe_presets())
         return 0
     _setup_threads(args)
-    device = _check_device(args.device or _default_device())
+    device = _rank_device(_check_device(args.device or _default_device()))
     given = [f for f in _config_flags() if getattr(args, f) is not None]
     if args.resume is not None:
         if given or args.preset:
@@ -94,10 +109,19 @@ def _train(args) -> int:
     opts = RunOptions(out_dir=out_dir, device=device, data_root=args.data, log_every=args.log_every,
                       checkpoint_every=args.checkpoint_every, val_every=args.val_every,
                       val_tasks=args.val_tasks, progress=not args.no_progress)
-    verb = f"resuming {args.resume}" if args.resume is not None else "training"
-    print(f"{verb}: {cfg.name} -> {out_dir}", flush=True)
-    result = train(None if args.resume is not None else cfg, opts, resume=args.resume,
-                   meta_steps=args.meta_steps if args.resume is not None else None)
+    with process_group(device) as ranks:
+        try:
+            task_shard(cfg.meta_batch)
+        except ValueError as exc:
+            raise UsageError(f"--meta-batch: {exc}") from None
+        verb = f"resuming {args.resume}" if args.resume is not None else "training"
+        processes = f" on {ranks.size} processes" if ranks.size > 1 else ""
+        if ranks.is_main:
+            print(f"{verb}: {cfg.name}{processes} -> {out_dir}", flush=True)
+        result = train(None if args.resume is not None else cfg, opts, resume=args.resume,
+                       meta_steps=args.meta_steps if args.resume is not None else None)
+    if not ranks.is_main:
+        return EXIT_INTERRUPTED if result.interrupted else 0
     if result.interrupted:
         print(f"\nInterrupted after step {result.step}; checkpoint saved to {result.checkpoint}.\n"
               f"Resume with: imaml-ext train --resume {result.checkpoint.parent}", file=sys.stderr)
@@ -117,9 +141,10 @@ def _eval(args) -> int:
     from .checkpoint import find_checkpoint, load_checkpoint
     from .evaluate import evaluate
     from .experiment import TrainConfig, build_model, make_sampler
+    from .parallel import process_group
 
     _setup_threads(args)
-    device = _check_device(args.device or _default_device())
+    device = _rank_device(_check_device(args.device or _default_device()))
     file = find_checkpoint(args.checkpoint)
     state = load_checkpoint(file)
     cfg = TrainConfig.from_dict(state["config"])
@@ -129,7 +154,11 @@ def _eval(args) -> int:
         args.parser.error(str(exc))
     model = build_model(cfg).to(device)
     model.load_state_dict(state["model"])
-    scores = evaluate(cfg, model, sampler, args.tasks, args.batch, args.inner_steps, progress=not args.no_progress)
+    with process_group(device) as ranks:
+        scores = evaluate(cfg, model, sampler, args.tasks, args.batch, args.inner_steps,
+                          progress=not args.no_progress)
+    if not ranks.is_main:
+        return 0
     report = {"checkpoint": str(file), "step": state["step"], "config": cfg.to_dict(), "subset": args.subset,
               "queries": args.queries or cfg.queries, "seed": args.seed, **scores}
     steps = scores["inner_steps"]

@@ -12,6 +12,11 @@ as each method's entry in :data:`~imaml_ext.training.methods.METHODS` says:
 A score is reported as mean ± 1.96·s/√n over n tasks, s the standard
 deviation of the per-task scores (n − 1 in the denominator): query accuracy
 for classification, query MSE for regression.
+
+Inside a ``torch.distributed`` process group every process draws the same
+batches of tasks and adapts its slice of each (:func:`~imaml_ext.distributed.split_tasks`);
+the per-task scores are summed into one vector in task order, so the scores
+are those of one process.
 """
 from __future__ import annotations
 
@@ -24,9 +29,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import split_tasks, world
 from ..functional import TaskLoss
 from .experiment import TrainConfig, is_classification, loss_function
 from .methods import ADAPTATIONS, get_method
+from .parallel import sum_over_ranks
 
 __all__ = ["adapt", "task_scores", "Score", "summarize", "evaluate"]
 
@@ -84,24 +91,34 @@ def evaluate(cfg: TrainConfig, model: nn.Module, sampler: Any, num_tasks: int = 
     """Adapt to ``num_tasks`` tasks from ``sampler`` (``batch`` at a time) and score the queries.
 
     Returns a dict with ``loss`` (and ``acc`` for classification) as
-    :class:`Score` dicts, the number of tasks, the inner steps used and
-    the seconds taken.
+    :class:`Score` dicts, ``per_task`` (the same keys: lists of the
+    ``num_tasks`` values in task order), the number of tasks, the inner
+    steps used and the seconds taken.
     """
     if num_tasks < 1 or batch < 1:
         raise ValueError(f"num_tasks={num_tasks} and batch={batch} must be ≥ 1")
     steps = cfg.inner_steps if inner_steps is None else inner_steps
     start = time.perf_counter()
-    collected: Dict[str, list] = {}
+    rank, size = world()
+    keys = ("loss", "acc") if is_classification(cfg) else ("loss",)
+    values = torch.zeros(len(keys), num_tasks, dtype=torch.float64)  # this process's tasks, 0 elsewhere
     done = 0
-    with tqdm(total=num_tasks, desc="evaluating", unit="task", disable=not progress, leave=False) as bar:
+    with tqdm(total=num_tasks, desc="evaluating", unit="task", disable=not progress or rank != 0,
+              leave=False) as bar:
         while done < num_tasks:
             t = min(batch, num_tasks - done)
             sx, sy, qx, qy = sampler.sample(t)
-            phi = adapt(cfg, model, sx, sy, steps)
-            for key, value in task_scores(cfg, model, phi, qx, qy).items():
-                collected.setdefault(key, []).append(value.cpu())
+            part = split_tasks(t, rank, size)
+            if part.size:
+                mine = part.tasks
+                phi = adapt(cfg, model, sx[mine], sy[mine], steps)
+                scores = task_scores(cfg, model, phi, qx[mine], qy[mine])
+                for row, key in enumerate(keys):
+                    values[row, done + part.start:done + part.stop] = scores[key].cpu().double()
             done += t
             bar.update(t)
-    result: Dict[str, Any] = {k: asdict(summarize(torch.cat(v))) for k, v in collected.items()}
-    result.update(tasks=num_tasks, inner_steps=steps, seconds=time.perf_counter() - start)
+    values = sum_over_ranks(values, next(model.parameters()).device)
+    result: Dict[str, Any] = {k: asdict(summarize(v)) for k, v in zip(keys, values)}
+    result.update(per_task={k: v.tolist() for k, v in zip(keys, values)}, tasks=num_tasks,
+                  inner_steps=steps, seconds=time.perf_counter() - start)
     return result

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import world
 from ..unrolled import reptile_grad
 from .checkpoint import CHECKPOINT_NAME, FORMAT, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .evaluate import evaluate
@@ -42,6 +43,7 @@ from .experiment import (RunOptions, TrainConfig, build_model, build_outer_optim
                          is_classification, loss_function, make_sampler)
 from .methods import get_method
 from .metrics import METRICS_NAME, MetricsLogger
+from .parallel import GradientSync, SilentMetricsLogger, is_main
 
 __all__ = ["MetaStep", "RunOptions", "TrainResult", "InterruptGuard", "train", "METRICS_NAME", "RunState",
            "Checkpointer", "Validator", "resume_config"]
@@ -60,10 +62,15 @@ class MetaStep:
     the support set without a graph and uses θ − mean_t φ_t as the
     gradient (:func:`imaml_ext.unrolled.reptile_grad`); its reported loss is
     the query loss of the adapted parameters.
+
+    With ``sync`` (several processes, :class:`~imaml_ext.training.parallel.GradientSync`)
+    this process forms the gradient of its slice of the batch and the
+    processes sum theirs before the step; loss and accuracy are the whole batch's.
     """
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer):
-        self.cfg, self.model, self.optimizer = cfg, model, optimizer
+    def __init__(self, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 sync: Optional[GradientSync] = None):
+        self.cfg, self.model, self.optimizer, self.sync = cfg, model, optimizer, sync
         self.method = get_method(cfg.method)
         self.loss_fn = loss_function(cfg)
         self.classification = is_classification(cfg)
@@ -75,9 +82,10 @@ class MetaStep:
         """Mean loss over all T·m queries: out [T, m, ...], qy [T, m, ...] -> scalar."""
         return self.loss_fn(out.flatten(0, 1), qy.flatten(0, 1))
 
-    def __call__(self, batch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def gradient(self, batch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Put the meta-gradient of ``batch``'s mean query loss on the parameters' ``.grad``;
+        return the loss and accuracy (None for regression), detached."""
         sx, sy, qx, qy = batch
-        self.optimizer.zero_grad(set_to_none=True)
         if self.method.reptile:
             with torch.no_grad():
                 adapted = self.adapt(sx, sy)
@@ -89,9 +97,22 @@ class MetaStep:
             out = adapted(qx)
             loss = self.query_loss(out, qy)
             loss.backward()
-        self.optimizer.step()
         acc = (out.detach().argmax(-1) == qy).float().mean() if self.classification else None
         return loss.detach(), acc
+
+    def __call__(self, batch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.sync is None:
+            loss, acc = self.gradient(batch)
+        else:
+            loss, acc = self.sync(self.gradient, batch, self.model)
+        self.optimizer.step()
+        return loss, acc
+
+    def stop_requested(self, guard: "InterruptGuard") -> bool:
+        """Whether to stop after this step: a signal reached this process (with ``sync``:
+        any process, as of the last step's all-reduce, so that all stop together)."""
+        return self.sync.stop if self.sync is not None else guard.requested is not None
 
 
 @dataclass
@@ -185,14 +206,16 @@ class RunState:
 
 
 class Checkpointer:
-    """Saves a :class:`RunState` every ``every`` steps (0: never on the way) and at the end."""
+    """Saves a :class:`RunState` every ``every`` steps (0: never on the way) and at the end;
+    with ``write=False`` (ranks > 0 of several processes) it only keeps count."""
 
-    def __init__(self, path: Path, every: int):
-        self.path, self.every = path, every
+    def __init__(self, path: Path, every: int, write: bool = True):
+        self.path, self.every, self.write = path, every, write
         self.saved: Optional[int] = None
 
     def save(self, run: RunState) -> None:
-        save_checkpoint(self.path, run.payload())
+        if self.write:
+            save_checkpoint(self.path, run.payload())
         self.saved = run.step
 
     def maybe_save(self, run: RunState) -> None:
@@ -235,26 +258,36 @@ def train(cfg: Optional[TrainConfig], opts: RunOptions, resume: Optional[Path] =
     Returns:
         :class:`TrainResult`; ``interrupted`` if a signal stopped the run
         (after checkpointing the completed steps).
+
+    Inside a ``torch.distributed`` process group of several processes
+    (:mod:`imaml_ext.training.parallel`) each adapts its slice of every
+    meta-batch; only rank 0 writes files and shows the progress bar.
     """
     device = check_device(opts.device)
     cfg, state = resume_config(cfg, resume, meta_steps)
     out_dir = Path(opts.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    main = is_main()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     run = RunState(cfg, device, opts.data_root)
     validator = Validator(cfg, opts, device) if opts.val_every else None
-    logger = MetricsLogger(out_dir / METRICS_NAME, cfg.method, echo=not opts.progress)
+    logger = (MetricsLogger if main else SilentMetricsLogger)(out_dir / METRICS_NAME, cfg.method,
+                                                                echo=not opts.progress)
     if state is not None:
         run.restore(state)
     logger.resume_at(run.step if state is not None else None)
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    checkpointer = Checkpointer(out_dir / CHECKPOINT_NAME, opts.checkpoint_every)
+    if main:
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    checkpointer = Checkpointer(out_dir / CHECKPOINT_NAME, opts.checkpoint_every, write=main)
 
-    meta_step = MetaStep(cfg, run.model, run.optimizer)
+    guard = InterruptGuard()
+    sync = GradientSync(cfg.meta_batch, lambda: guard.requested is not None) if world()[1] > 1 else None
+    meta_step = MetaStep(cfg, run.model, run.optimizer, sync)
     last: Dict[str, Any] = {}
     interrupted = False
     bar = tqdm(total=cfg.meta_steps, initial=run.step, desc=cfg.method, unit="step",
-               disable=not opts.progress, dynamic_ncols=True)
-    with InterruptGuard() as guard, logger:
+               disable=not opts.progress or not main, dynamic_ncols=True)
+    with guard, logger:
         started = time.perf_counter() - run.seconds
         while run.step < cfg.meta_steps:
             logger.add(*meta_step(run.sampler.sample(cfg.meta_batch)))
@@ -267,7 +300,7 @@ def train(cfg: Optional[TrainConfig], opts: RunOptions, resume: Optional[Path] =
                                 **({"acc": f"{last['acc']:.3f}"} if last["acc"] is not None else {}))
             if validator is not None and validator.due(run.step):
                 logger.log_val(run.step, run.seconds, validator(run.model))
-            if guard.requested is not None:
+            if meta_step.stop_requested(guard):
                 interrupted = True
                 break
             checkpointer.maybe_save(run)
