@@ -1,9 +1,9 @@
 """Meta-steps per second of data-parallel iMAML training on 1, 2 (, 4) processes.
 
-Setting: iMAML-GD on the Omniglot conv net (64 filters), 5-way 1-shot, 15
-queries per class, T = 32 tasks per meta-step, 16 inner steps, 5 CG steps,
-float32, Adam; random 28×28 images (the same meta-batch every step, so data
-loading is not timed).  Each process runs one torch thread and the
+Setting: iMAML-GD on the Omniglot conv net (64 filters), the problem of
+``bench_imaml.py`` (5-way 1-shot, 15 queries per class, T = 32 tasks per
+meta-step, 16 inner steps, λ = 2, 5 CG steps, float32, random 28×28 images:
+the same meta-batch every step, so data loading is not timed), Adam.  Each process runs one torch thread and the
 application's meta-step (:class:`imaml_ext.training.train.MetaStep` with
 :class:`~imaml_ext.training.parallel.GradientSync`: T/N tasks per process,
 one all-reduce of the flat meta-gradient per step).  Processes are started
@@ -27,24 +27,17 @@ import json
 import os
 import socket
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_imaml import add_problem_args, machine, make_problem  # noqa: E402
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def meta_batch(args, device):
-    import torch
-    g = torch.Generator().manual_seed(0)
-    n, m = args.ways * args.shots, args.ways * args.queries
-    sx = torch.rand(args.tasks, n, 1, 28, 28, generator=g)
-    qx = torch.rand(args.tasks, m, 1, 28, 28, generator=g)
-    sy = torch.arange(args.ways).repeat_interleave(args.shots).repeat(args.tasks, 1)
-    qy = torch.arange(args.ways).repeat_interleave(args.queries).repeat(args.tasks, 1)
-    return tuple(t.to(device) for t in (sx, sy, qx, qy))
 
 
 def worker(rank: int, size: int, port: int, args, results) -> None:
@@ -70,12 +63,14 @@ def worker(rank: int, size: int, port: int, args, results) -> None:
     dist.all_reduce = timed_all_reduce
     with process_group(rank_device(args.device)) as ranks:
         cfg = make_config("omniglot", method="imaml-gd", ways=args.ways, shots=args.shots, queries=args.queries,
-                          meta_batch=args.tasks)
+                          meta_batch=args.tasks, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
+                          lam=args.lam, cg_steps=args.cg_steps)
+        args.device = ranks.device
+        _, *batch = make_problem(args)  # the same tasks on every process
         torch.manual_seed(0)
         model = build_model(cfg).to(ranks.device)
         step = MetaStep(cfg, model, build_outer_optimizer(cfg, model),
                         GradientSync(cfg.meta_batch) if size > 1 else None)
-        batch = meta_batch(args, ranks.device)
         sync = torch.cuda.synchronize if ranks.device.startswith("cuda") else (lambda: None)
         for _ in range(args.warmup):
             step(batch)
@@ -99,22 +94,10 @@ def run(size: int, args) -> dict:
     return results.get()
 
 
-def machine(device: str) -> str:
-    import torch
-    if device.startswith("cuda"):
-        return f"{torch.cuda.device_count()} × {torch.cuda.get_device_name()}"
-    from imaml_ext._build import _cpu_name
-    return f"{_cpu_name()}, {os.cpu_count()} cores"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per process)")
-    p.add_argument("--tasks", type=int, default=32)
-    p.add_argument("--ways", type=int, default=5)
-    p.add_argument("--shots", type=int, default=1)
-    p.add_argument("--queries", type=int, default=15)
+    add_problem_args(p)  # --device cpu (gloo) or cuda (NCCL, one GPU per process), --tasks, ...
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
@@ -131,7 +114,7 @@ def main() -> None:
         summary[n] = {"steps_per_s": statistics.median(x["steps_per_s"] for x in runs[n]),
                       "reduce_s_per_step": statistics.median(x["reduce_s_per_step"] for x in runs[n])}
     base = summary[args.procs[0]]["steps_per_s"] * (1 / args.procs[0])
-    print(f"\n{machine(args.device)}, torch {torch.__version__}, 1 torch thread per process; "
+    print(f"\n{machine(args.device).split(',')[0]}, {os.cpu_count()} cores, torch {torch.__version__}, 1 torch thread per process; "
           f"iMAML-GD, Omniglot conv net, T = {args.tasks}; median of {args.rounds} rounds of {args.steps} steps")
     print(f"{'processes':>9} {'meta-steps/s':>12} {'speed-up':>8} {'efficiency':>10} {'all-reduce s/step':>17}")
     for n in args.procs:
@@ -142,7 +125,7 @@ def main() -> None:
               f"{s['reduce_s_per_step']:>17.4f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(args.device), "args": vars(args), "runs": runs, "summary": summary},
+            json.dump({"machine": machine(args.device).split(",")[0], "args": vars(args), "runs": runs, "summary": summary},
                       f, indent=2)
 
 
