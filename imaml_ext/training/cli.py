@@ -7,6 +7,10 @@ a missing optional dependency (one message, no traceback; a finished
 evaluation whose file could not be written is saved elsewhere and the
 message says where); 130 training stopped by Ctrl-C / SIGTERM after
 checkpointing.
+
+``train`` and ``eval`` also run under ``torchrun`` (one process per CPU
+share or GPU, data parallel over tasks: :mod:`imaml_ext.training.parallel`);
+rank 0 prints and writes the files.
 """
 from __future__ import annotations
 
@@ -61,6 +65,15 @@ def _check_output(path: Path, what: str, folder: bool = False) -> Path:
     from ..data.paths import check_output_path
     try:
         return check_output_path(path, what, folder=folder)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _rank_device(device: str) -> str:
+    """This process's device under torchrun (:func:`~.parallel.rank_device`), errors as usage errors."""
+    from .parallel import rank_device
+    try:
+        return rank_device(device)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -148,6 +161,8 @@ def _check_step_memory(cfg, sampler, device: str) -> None:
 def _train(args) -> int:
     from .checkpoint import CHECKPOINT_NAME, checkpoint_config, find_checkpoint, load_checkpoint
     from .experiment import make_config, make_sampler
+    from ..distributed import task_shard
+    from .parallel import process_group
     from .train import RunOptions, train
     from .runfolder import RunError, check_not_busy
 
@@ -185,7 +200,7 @@ def _train(args) -> int:
     args.threads = args.threads or stored.get("threads")
     args.data = args.data or stored.get("data_root")
     _setup_threads(args)
-    device = _check_device(args.device or stored.get("device") or _default_device())
+    device = _rank_device(_check_device(args.device or stored.get("device") or _default_device()))
     _check_output(out_dir, "--out", folder=True)
     if args.val_every and cfg.dataset == "omniglot" and cfg.val_classes == 0:
         parser.error("--val-every on Omniglot needs --val-classes > 0 (training characters held out)")
@@ -198,15 +213,24 @@ def _train(args) -> int:
 
     opts = RunOptions.build(out_dir, stored, progress=not args.no_progress, device=device, data_root=args.data,
                             threads=args.threads, **{f: getattr(args, f) for f in _run_flags()})
-    verb = f"resuming {args.resume}" if args.resume is not None else "training"
-    print(f"{verb}: {cfg.name} -> {out_dir}", flush=True)
-    try:
-        result = train(None if args.resume is not None else cfg, opts, resume=args.resume,
-                       meta_steps=args.meta_steps if args.resume is not None else None)
-    except RunError as exc:
-        from .gradcheck import NonFiniteStepError
-        print(f"imaml-ext train: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED if isinstance(exc, NonFiniteStepError) else EXIT_USAGE
+    with process_group(device) as ranks:
+        try:
+            task_shard(cfg.meta_batch)
+        except ValueError as exc:
+            raise UsageError(f"--meta-batch: {exc}") from None
+        verb = f"resuming {args.resume}" if args.resume is not None else "training"
+        processes = f" on {ranks.size} processes" if ranks.size > 1 else ""
+        if ranks.is_main:
+            print(f"{verb}: {cfg.name}{processes} -> {out_dir}", flush=True)
+        try:
+            result = train(None if args.resume is not None else cfg, opts, resume=args.resume,
+                           meta_steps=args.meta_steps if args.resume is not None else None)
+        except RunError as exc:
+            from .gradcheck import NonFiniteStepError
+            print(f"imaml-ext train: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED if isinstance(exc, NonFiniteStepError) else EXIT_USAGE
+    if not ranks.is_main:
+        return EXIT_INTERRUPTED if result.interrupted else 0
     if result.interrupted:
         threads = f" --threads {args.threads}" if args.threads else ""
         print(f"\nInterrupted after step {result.step}; checkpoint saved to {result.checkpoint}.\n"
@@ -233,9 +257,10 @@ def _eval(args) -> int:
     from .checkpoint import checkpoint_config, find_checkpoint, load_checkpoint
     from .evaluate import evaluate
     from .experiment import build_model, make_sampler
+    from .parallel import process_group
 
     _setup_threads(args)
-    device = _check_device(args.device or _default_device())
+    device = _rank_device(_check_device(args.device or _default_device()))
     file = find_checkpoint(args.checkpoint)
     state = load_checkpoint(file)
     cfg = checkpoint_config(state, file)
@@ -249,7 +274,10 @@ def _eval(args) -> int:
         args.parser.error(str(exc))
     model = build_model(cfg).to(device)
     model.load_state_dict(state["model"])
-    scores = evaluate(cfg, model, sampler, args.tasks, args.batch, steps, progress=not args.no_progress)
+    with process_group(device) as ranks:
+        scores = evaluate(cfg, model, sampler, args.tasks, args.batch, steps, progress=not args.no_progress)
+    if not ranks.is_main:
+        return 0
     report = {"checkpoint": str(file), "step": state["step"], "config": cfg.to_dict(), "subset": args.subset,
               "queries": args.queries or cfg.queries, "seed": args.seed, **scores}
     shape = f"{cfg.shots}-shot" if cfg.dataset == "sinusoid" else f"{cfg.ways}-way {cfg.shots}-shot"

@@ -17,6 +17,11 @@ stationarity residual ‖∇L̂(φ) + λ(φ − θ)‖/‖∇L̂(θ)‖ of the a
 A score is reported as mean ± 1.96·s/√n over n tasks, s the standard
 deviation of the per-task scores (n − 1 in the denominator): query accuracy
 for classification, query MSE for regression.
+
+Inside a ``torch.distributed`` process group every process draws the same
+batches of tasks and adapts its slice of each (:func:`~imaml_ext.distributed.split_tasks`);
+the per-task scores are summed into one vector in task order, so the scores
+are those of one process.
 """
 from __future__ import annotations
 
@@ -29,9 +34,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import split_tasks, world
 from ..functional import TaskLoss
 from .experiment import TrainConfig, is_classification, loss_function
 from .methods import ADAPTATIONS, describe_adaptation, get_method
+from .parallel import sum_over_ranks
 
 __all__ = ["adapt", "adaptation_text", "inner_residual", "task_scores", "Score", "summarize", "evaluate"]
 
@@ -110,32 +117,43 @@ def evaluate(cfg: TrainConfig, model: nn.Module, sampler: Any, num_tasks: int = 
     """Adapt to ``num_tasks`` tasks from ``sampler`` (``batch`` at a time) and score the queries.
 
     Returns a dict with ``loss`` (and ``acc`` for classification) as
-    :class:`Score` dicts, the number of tasks, the inner steps used,
-    ``adaptation`` (:func:`adaptation_text`), for iMAML ``inner_residual``
-    (the median over tasks of :func:`inner_residual`) and the seconds taken.
+    :class:`Score` dicts, ``per_task`` (the same keys: lists of the
+    ``num_tasks`` values in task order), the number of tasks, the inner
+    steps used, ``adaptation`` (:func:`adaptation_text`), for iMAML
+    ``inner_residual`` (the median over tasks of :func:`inner_residual`)
+    and the seconds taken.
     """
     if num_tasks < 1 or batch < 1:
         raise ValueError(f"num_tasks={num_tasks} and batch={batch} must be ≥ 1")
     steps = cfg.inner_steps if inner_steps is None else inner_steps
     start = time.perf_counter()
-    collected: Dict[str, list] = {}
+    rank, size = world()
+    implicit = get_method(cfg.method).implicit
+    keys = (("loss", "acc") if is_classification(cfg) else ("loss",)) + (("inner_residual",) if implicit else ())
+    values = torch.zeros(len(keys), num_tasks, dtype=torch.float64)  # this process's tasks, 0 elsewhere
     done = 0
-    with tqdm(total=num_tasks, desc="evaluating", unit="task", disable=not progress, leave=False) as bar:
+    with tqdm(total=num_tasks, desc="evaluating", unit="task", disable=not progress or rank != 0,
+              leave=False) as bar:
         while done < num_tasks:
             t = min(batch, num_tasks - done)
             sx, sy, qx, qy = sampler.sample(t)
-            phi = adapt(cfg, model, sx, sy, steps)
-            scores = task_scores(cfg, model, phi, qx, qy)
-            if get_method(cfg.method).implicit:
-                scores["inner_residual"] = inner_residual(cfg, model, phi, sx, sy)
-            for key, value in scores.items():
-                collected.setdefault(key, []).append(value.cpu())
+            part = split_tasks(t, rank, size)
+            if part.size:
+                mine = part.tasks
+                phi = adapt(cfg, model, sx[mine], sy[mine], steps)
+                scores = task_scores(cfg, model, phi, qx[mine], qy[mine])
+                if implicit:
+                    scores["inner_residual"] = inner_residual(cfg, model, phi, sx[mine], sy[mine])
+                for row, key in enumerate(keys):
+                    values[row, done + part.start:done + part.stop] = scores[key].cpu().double()
             done += t
             bar.update(t)
-    residual = collected.pop("inner_residual", None)
-    result: Dict[str, Any] = {k: asdict(summarize(torch.cat(v))) for k, v in collected.items()}
+    values = sum_over_ranks(values, next(model.parameters()).device)
+    scores = dict(zip(keys, values))
+    residual = scores.pop("inner_residual", None)
+    result: Dict[str, Any] = {k: asdict(summarize(v)) for k, v in scores.items()}
     if residual is not None:
-        result["inner_residual"] = float(torch.cat(residual).median())
-    result.update(tasks=num_tasks, inner_steps=steps, adaptation=adaptation_text(cfg, steps),
-                  seconds=time.perf_counter() - start)
+        result["inner_residual"] = float(residual.median())
+    result.update(per_task={k: v.tolist() for k, v in scores.items()}, tasks=num_tasks, inner_steps=steps,
+                  adaptation=adaptation_text(cfg, steps), seconds=time.perf_counter() - start)
     return result

@@ -35,7 +35,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -45,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import diagnostics
+from ..distributed import world
 from ..unrolled import reptile_grad
 from .checkpoint import (CHECKPOINT_NAME, FORMAT, capture_rng, checkpoint_config, load_checkpoint, restore_rng,
                          save_checkpoint)
@@ -56,6 +57,7 @@ from .experiment import (RunOptions, TrainConfig, build_model, build_outer_optim
 from .gradcheck import MetaGradientWatch, NonFiniteStepError, step_if_finite
 from .methods import get_method
 from .metrics import METRICS_NAME, MetricsLogger
+from .parallel import GradientSync, SilentMetricsLogger, is_main
 from .runfolder import RunError, RunLock
 
 __all__ = ["MetaStep", "RunOptions", "TrainResult", "InterruptGuard", "train", "METRICS_NAME", "RunState",
@@ -78,12 +80,17 @@ class MetaStep:
 
     The outer step is taken only if the meta-gradient is finite
     (:meth:`step_if_finite`); after a call, :attr:`finite` holds that
-    condition and :attr:`task_losses` the per-task query losses ``[T]``,
-    both on the device.
+    condition and :attr:`task_losses` the per-task query losses ``[T]``
+    (of this process's slice, with ``sync``), both on the device.
+
+    With ``sync`` (several processes, :class:`~imaml_ext.training.parallel.GradientSync`)
+    this process forms the gradient of its slice of the batch and the
+    processes sum theirs before the step; loss and accuracy are the whole batch's.
     """
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer):
-        self.cfg, self.model, self.optimizer = cfg, model, optimizer
+    def __init__(self, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 sync: Optional[GradientSync] = None):
+        self.cfg, self.model, self.optimizer, self.sync = cfg, model, optimizer, sync
         self.info: Dict[str, Any] = {}
         self.method = get_method(cfg.method)
         self.loss_fn = loss_function(cfg)
@@ -108,9 +115,10 @@ class MetaStep:
         """The outer optimizer's step, taken only if the meta-gradient is finite (0-dim bool on the device)."""
         return step_if_finite(self.optimizer)
 
-    def __call__(self, batch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def gradient(self, batch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Put the meta-gradient of ``batch``'s mean query loss on the parameters' ``.grad``;
+        return the loss and accuracy (None for regression), detached."""
         sx, sy, qx, qy = batch
-        self.optimizer.zero_grad(set_to_none=True)
         if self.method.reptile:
             with torch.no_grad():
                 adapted = self.adapt(sx, sy)
@@ -124,9 +132,22 @@ class MetaStep:
             loss.backward()
         self.info = adapted.info  # the last step's solver diagnostics, for the log
         self.task_losses = self.per_task_losses(out, qy)
-        self.finite = self.step_if_finite()
         acc = (out.detach().argmax(-1) == qy).float().mean() if self.classification else None
         return loss.detach(), acc
+
+    def __call__(self, batch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.sync is None:
+            loss, acc = self.gradient(batch)
+        else:
+            loss, acc = self.sync(self.gradient, batch, self.model)
+        self.finite = self.step_if_finite()  # after the sum over processes: the same on every rank
+        return loss, acc
+
+    def stop_requested(self, guard: "InterruptGuard") -> bool:
+        """Whether to stop after this step: a signal reached this process (with ``sync``:
+        any process, as of the last step's all-reduce, so that all stop together)."""
+        return self.sync.stop if self.sync is not None else guard.requested is not None
 
 
 @dataclass
@@ -227,10 +248,11 @@ class RunState:
 
 class Checkpointer:
     """Saves a :class:`RunState`: :meth:`due` every ``every`` steps (0: never on the way) and
-    whenever ``minutes`` of wall time have passed since the last save (or the start)."""
+    whenever ``minutes`` of wall time have passed since the last save (or the start);
+    with ``write=False`` (ranks > 0 of several processes) it only keeps count."""
 
-    def __init__(self, path: Path, every: int, minutes: float):
-        self.path, self.every, self.seconds = path, every, 60.0 * minutes
+    def __init__(self, path: Path, every: int, minutes: float, write: bool = True):
+        self.path, self.every, self.seconds, self.write = path, every, 60.0 * minutes, write
         self.saved: Optional[int] = None
         self._last = time.monotonic()
 
@@ -238,7 +260,8 @@ class Checkpointer:
         return bool(self.every and run.step % self.every == 0) or time.monotonic() - self._last >= self.seconds
 
     def save(self, run: RunState) -> None:
-        save_checkpoint(self.path, run.payload())
+        if self.write:
+            save_checkpoint(self.path, run.payload())
         self.saved, self._last = run.step, time.monotonic()
 
 
@@ -296,38 +319,50 @@ def train(cfg: Optional[TrainConfig], opts: RunOptions, resume: Optional[Path] =
         NonFiniteStepError: a meta-gradient had NaN or infinite entries
             (that step was not applied), or a support loss became
             non-finite in the inner loop; nothing after it is saved.
+
+    Inside a ``torch.distributed`` process group of several processes
+    (:mod:`imaml_ext.training.parallel`) each adapts its slice of every
+    meta-batch; only rank 0 writes files and shows the progress bar.
     """
     device = check_device(opts.device)
     out_dir = Path(opts.out_dir)
-    with RunLock(out_dir) as lock, _torch_threads(opts.threads):
-        lock.remove_partials()
+    main = is_main()
+    # Rank 0 alone holds the run folder (the others only read the checkpoint).
+    with (RunLock(out_dir) if main else nullcontext()) as lock, _torch_threads(opts.threads):
+        if lock is not None:
+            lock.remove_partials()
         cfg, state = resume_config(cfg, resume, meta_steps)
         stored = dict(opts.stored(), threads=torch.get_num_threads(),
                       data_root=str(data_root(opts.data_root).resolve()))
-        return _train_locked(cfg, state, opts, device, stored)
+        return _train_locked(cfg, state, opts, device, stored, main)
 
 
 def _train_locked(cfg: TrainConfig, state: Optional[Dict[str, Any]], opts: RunOptions, device: torch.device,
-                  stored: Dict[str, Any]) -> TrainResult:
+                  stored: Dict[str, Any], main: bool) -> TrainResult:
     """:func:`train`'s loop, in the locked run folder."""
     out_dir = Path(opts.out_dir)
     run = RunState(cfg, device, opts.data_root, stored)
     validator = Validator(cfg, opts, device) if opts.val_every else None
-    logger = MetricsLogger(out_dir / METRICS_NAME, cfg.method, echo=not opts.progress)
+    logger = (MetricsLogger if main else SilentMetricsLogger)(out_dir / METRICS_NAME, cfg.method,
+                                                                echo=not opts.progress)
     if state is not None:
         run.restore(state)
     logger.resume_at(run.step if state is not None else None)
-    with atomic_file(out_dir / "config.json") as tmp:
-        tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    checkpointer = Checkpointer(out_dir / CHECKPOINT_NAME, opts.checkpoint_every, opts.checkpoint_minutes)
+    if main:
+        with atomic_file(out_dir / "config.json") as tmp:
+            tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    checkpointer = Checkpointer(out_dir / CHECKPOINT_NAME, opts.checkpoint_every, opts.checkpoint_minutes,
+                                write=main)
     watch = MetaGradientWatch()
 
-    meta_step = MetaStep(cfg, run.model, run.optimizer)
+    guard = InterruptGuard()
+    sync = GradientSync(cfg.meta_batch, lambda: guard.requested is not None) if world()[1] > 1 else None
+    meta_step = MetaStep(cfg, run.model, run.optimizer, sync)
     last: Dict[str, Any] = {}
     interrupted = False
     bar = tqdm(total=cfg.meta_steps, initial=run.step, desc=cfg.method, unit="step",
-               disable=not opts.progress, dynamic_ncols=True)
-    with InterruptGuard() as guard, logger, closing(bar):
+               disable=not opts.progress or not main, dynamic_ncols=True)
+    with guard, logger, closing(bar):
         started = time.perf_counter() - run.seconds
         while run.step < cfg.meta_steps:
             try:
@@ -339,7 +374,7 @@ def _train_locked(cfg: TrainConfig, state: Optional[Dict[str, Any]], opts: RunOp
             watch.record(run.step, meta_step.finite, meta_step.task_losses)
             run.seconds = time.perf_counter() - started
             bar.update(1)
-            interrupted = guard.requested is not None
+            interrupted = meta_step.stop_requested(guard)
             save = interrupted or run.step == cfg.meta_steps or checkpointer.due(run)
             if save or run.step % opts.log_every == 0:  # a checkpoint ends a metrics window
                 _check_gradients(watch, checkpointer)
