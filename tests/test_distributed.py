@@ -170,9 +170,11 @@ def test_two_processes_train_like_one(tmp_path, two_process_run):
     assert moved > 0.01  # training changed the parameters by more than the tolerance below
     for name in one:
         assert float((two[name] - one[name]).norm() / one[name].norm()) <= 1e-5, name
-    assert sorted(p.name for p in two_process_run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    assert sorted(p.name for p in two_process_run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "run.lock"]
     lines_one, lines_two = _train_lines(tmp_path / "one"), _train_lines(two_process_run)
-    assert [r["step"] for r in lines_two] == list(range(2, 21, 2))  # rank 0 alone wrote, once per line
+    # Rank 0 alone wrote, once per line: every 2 steps, and at the checkpoints (every 5) that end a window.
+    assert [r["step"] for r in lines_two] == sorted(set(range(2, 21, 2)) | {5, 15})
+    assert [r["step"] for r in lines_one] == [r["step"] for r in lines_two]
     for a, b in zip(lines_one, lines_two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 

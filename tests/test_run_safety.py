@@ -110,7 +110,7 @@ def test_resume_hint_works_as_printed_without_data_or_threads(tmp_path, capsys, 
     monkeypatch.delenv("IMAML_EXT_DATA", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert code == 130, err
-    hint = err.split("Resume with: ", 1)[1].strip()
+    hint = err.split("Resume with: ", 1)[1].splitlines()[0].strip()
     torch.set_num_threads(2)  # a new shell: the thread count comes from the run, not from here
     code, out, err = exit_code(shlex.split(hint)[1:], capsys)
     assert code == 0, err

@@ -232,11 +232,10 @@ def _train(args) -> int:
     if not ranks.is_main:
         return EXIT_INTERRUPTED if result.interrupted else 0
     if result.interrupted:
-        threads = f" --threads {args.threads}" if args.threads else ""
         print(f"\nInterrupted after step {result.step}; checkpoint saved to {result.checkpoint}.\n"
-              f"Resume with: imaml-ext train --resume {result.checkpoint.parent}{threads}\n"
-              f"(--threads N: torch's CPU threads; on a busy machine --threads 1 can be much faster)",
-              file=sys.stderr)
+              f"Resume with: imaml-ext train --resume {result.checkpoint.parent}\n"
+              f"(the run's options are reused, --threads included: a flag given with --resume "
+              f"overrides; on a busy machine --threads 1 can be much faster)", file=sys.stderr)
         return EXIT_INTERRUPTED
     last = result.last
     if not last:
