@@ -1,4 +1,4 @@
-"""compat="imaml_dev" against the official iMAML code (aravindr93/imaml_dev), issue 18.
+"""compat="imaml_dev" against the official iMAML code (aravindr93/imaml_dev).
 
 The official Omniglot example's per-task loop body and its ``utils.cg_solve``
 are re-stated here, per task and in float64 with plain ``torch.autograd``,
