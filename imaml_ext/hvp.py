@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Tuple, Union
 
 import torch
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp
 
 from .batching import over_tasks
 
@@ -158,7 +158,7 @@ CURVATURES = ("hessian", "gauss_newton")
 
 
 def make_gnvp(model_fn: Callable, loss_fn: Callable, phi: torch.Tensor, x: torch.Tensor,
-              y: torch.Tensor) -> Matvec:
+              y: torch.Tensor, batching: str = "vmap") -> Matvec:
     """Batched Gauss–Newton products at ``phi``.
 
     With z_t(φ) = ``model_fn(φ, x_t)`` the model's outputs and
@@ -176,6 +176,7 @@ def make_gnvp(model_fn: Callable, loss_fn: Callable, phi: torch.Tensor, x: torch
         model_fn: ``(phi_t [P], x_t) -> z_t``, one task's outputs, a pure function.
         loss_fn: ``(z_t, y_t) -> scalar``.
         phi: ``[T, P]`` point; x, y: per-task data, leading dimension T.
+        batching: how the tasks run, ``"vmap"`` or ``"loop"`` (:func:`~imaml_ext.batching.over_tasks`).
 
     Returns:
         ``matvec(v [T, P]) -> [T, P]`` with row t equal to G_t v_t.
@@ -194,7 +195,7 @@ def make_gnvp(model_fn: Callable, loss_fn: Callable, phi: torch.Tensor, x: torch
         _, pullback = vjp(outputs, p)
         return pullback(hz_jv)[0]
 
-    batched = vmap(one_task)
+    batched = over_tasks(one_task, batching)
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         return batched(phi, v, x, y)
@@ -211,5 +212,5 @@ def make_curvature(task_loss, phi: torch.Tensor, x: torch.Tensor, y: torch.Tenso
     if curvature == "hessian":
         return make_hvp(task_loss.per_task, phi, x, y, mode, task_loss.batching)
     if curvature == "gauss_newton":
-        return make_gnvp(task_loss.per_task_outputs, task_loss.loss_fn, phi, x, y)
+        return make_gnvp(task_loss.per_task_outputs, task_loss.loss_fn, phi, x, y, task_loss.batching)
     raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
