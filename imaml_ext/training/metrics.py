@@ -133,21 +133,18 @@ class MetricsLogger:
                            "method": self.method})
 
 
-def _is_json(line: str) -> bool:
-    try:
-        json.loads(line)
-    except json.JSONDecodeError:
-        return False
-    return True
+def _is_record(record: Any) -> bool:
+    """Whether a decoded line is a complete metrics record."""
+    return isinstance(record, dict) and "step" in record and "loss" in record
 
 
 def _parse(line: str) -> Optional[Dict[str, Any]]:
-    """The record of one line, or None if it is not a complete metrics record."""
+    """The record of one line, or None if it is not JSON or not a complete metrics record."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError:
         return None
-    return record if isinstance(record, dict) and "step" in record and "loss" in record else None
+    return record if _is_record(record) else None
 
 
 def read_metrics(path: os.PathLike) -> Dict[str, List[dict]]:
@@ -167,16 +164,16 @@ def read_metrics(path: os.PathLike) -> Dict[str, List[dict]]:
         raise ValueError(f"{path} is not a metrics file: it is not text (byte {exc.start} is not UTF-8); "
                          f"give the {METRICS_NAME} of an imaml-ext train run, or its run folder") from None
     lines = text.splitlines()
-    if lines and lines[-1].strip() and not _is_json(lines[-1]):
-        lines.pop()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
+            if number == len(lines):
+                break  # a last line being written, or cut by a crash
             raise ValueError(f"{path}:{number} is not JSON ({exc})") from None
-        if _parse(line) is None:
+        if not _is_record(record):
             raise ValueError(f"{path}:{number} lacks 'step' or 'loss'; is this a metrics.jsonl of imaml-ext train?")
         split = record.get("split", "train")
         if split == "train" and "window" not in record:
