@@ -116,9 +116,9 @@ def cg(matvec: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, *,
     check_on_host = tol > 0 and not torch.compiler.is_compiling()
     for k in range(max_iter):
         # A stopped task never runs again: once none runs, the rest would be no-ops.
-        if check_on_host and k % CG_HOST_CHECK_EVERY == 0 and not (state == int(CGState.RUNNING)).any():
-            break
         running = state == int(CGState.RUNNING)
+        if check_on_host and k % CG_HOST_CHECK_EVERY == 0 and not running.any():
+            break
         iterations += running
         hp = matvec(p)
         min_curvature = _track_curvature(min_curvature, running, p, hp, shift, scale)
