@@ -328,11 +328,31 @@ def test_training_logs_the_diagnostics_at_log_cadence(tmp_path):
             assert r["nonpositive_tasks"] in range(4) and isinstance(r["min_rayleigh"], float)
 
 
+def test_training_config_curvature_reaches_the_backward_solve(tmp_path):
+    """``--curvature gauss_newton``: A = I + G/λ with G PSD, so every CG Rayleigh quotient
+    logged is ≥ 1; the Hessian run of the same configuration meets ones below 1."""
+    from imaml_ext.training.experiment import make_config
+    from imaml_ext.training.metrics import metrics_file, read_metrics
+    from imaml_ext.training.train import RunOptions, train
+    smallest = {}
+    for curvature in ("gauss_newton", "hessian"):
+        cfg = make_config("sinusoid", method="imaml-gd", meta_steps=4, meta_batch=6, inner_steps=3,
+                          shots=5, queries=5, cg_steps=8, curvature=curvature)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", im.ImplicitGradientWarning)
+            train(cfg, RunOptions(out_dir=tmp_path / curvature, progress=False, log_every=1, checkpoint_every=0))
+        lines = read_metrics(metrics_file(tmp_path / curvature))["train"]
+        smallest[curvature] = min(r["min_rayleigh"] for r in lines)
+        assert all(r["nonpositive_tasks"] == 0 for r in lines) or curvature == "hessian"
+    assert smallest["gauss_newton"] >= 1 - 1e-5
+    assert smallest["hessian"] < 1 - 1e-3
+
+
 def test_evaluation_says_how_each_method_adapts_and_how_well_imaml_solved_it():
     from imaml_ext.training.evaluate import evaluate, inner_residual, adapt
     from imaml_ext.training.experiment import build_model, make_config, make_sampler
     for method, text in (("imaml-gd", "7 GD steps of lr 0.02 on L̂(φ) + (λ/2)‖φ − θ‖², λ = 3"),
-                         ("imaml-hf", "7 Hessian-free Newton steps (5 CG steps each)"),
+                         ("imaml-hf", "7 Hessian-free Newton steps (5 CG steps each, hessian curvature)"),
                          ("maml", "7 SGD steps of lr 0.02 on L̂ from θ")):
         cfg = make_config("sinusoid", method=method, inner_steps=7, inner_lr=0.02, lam=3.0, shots=5, queries=5)
         torch.manual_seed(0)

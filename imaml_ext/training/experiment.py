@@ -27,6 +27,7 @@ from torch import nn
 from ..data import MiniImageNet, Omniglot, SinusoidTasks, TaskSampler, derive_seed
 from ..data.omniglot import load_omniglot_arrays
 from ..data.paths import SUBSETS, check_subset
+from ..hvp import CURVATURES
 from ..models import MiniImagenetConvNet, OmniglotConvNet, SinusoidMLP
 from .flags import NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, Choice, Rotations, check_fields, option
 from .methods import implicit_method_names, method_names
@@ -68,8 +69,9 @@ class TrainConfig:
     ``ways`` is ignored for sinusoid regression; ``rotations`` (degrees, each
     rotation of a training character a class of its own) and
     ``val_classes`` (training characters held out for validation) apply to
-    Omniglot.  ``lam`` and ``cg_steps`` apply to iMAML, ``inner_cg_steps``
-    to iMAML-HF; ``inner_lr`` is the GD / SGD step of every method except
+    Omniglot.  ``lam``, ``cg_steps`` and ``curvature`` (the matrix of the
+    backward solve and of iMAML-HF's Newton steps, :func:`imaml_ext.imaml`)
+    apply to iMAML, ``inner_cg_steps`` to iMAML-HF; ``inner_lr`` is the GD / SGD step of every method except
     iMAML-HF.  ``hidden`` is the conv filters (Omniglot, MiniImageNet) or
     the MLP width (sinusoid).
     """
@@ -84,6 +86,9 @@ class TrainConfig:
     inner_lr: float = option(0.05, POSITIVE_FLOAT, "inner GD / SGD step size", _TASK)
     cg_steps: int = option(5, POSITIVE_INT, "CG iterations of iMAML's meta-gradient", _TASK)
     inner_cg_steps: int = option(5, POSITIVE_INT, "CG iterations per Newton step (imaml-hf)", _TASK)
+    curvature: str = option(CURVATURES[0], Choice(CURVATURES),
+                            "iMAML's curvature: hessian (default) or gauss_newton (positive "
+                            "semi-definite, for losses convex in the outputs)", _TASK)
     meta_batch: int = option(32, POSITIVE_INT, "tasks per meta-step (T)", _OPT)
     meta_steps: int = option(10000, POSITIVE_INT, "total meta-steps (with --resume: a new total)", _OPT)
     outer_opt: str = option("adam", Choice(OUTER_OPTIMIZERS), "outer optimizer (default adam)", _OPT)

@@ -49,7 +49,8 @@ def _proximal_gd(cfg, task_loss, theta, x, y, steps):
 
 def _newton(cfg, task_loss, theta, x, y, steps):
     """Hessian-free Newton on the same objective (iMAML-HF's inner solve)."""
-    return solve_hf(task_loss, theta, x, y, lam=cfg.lam, steps=steps, cg_steps=cfg.inner_cg_steps)
+    return solve_hf(task_loss, theta, x, y, lam=cfg.lam, steps=steps, cg_steps=cfg.inner_cg_steps,
+                    curvature=cfg.curvature)
 
 
 def _sgd(cfg, task_loss, theta, x, y, steps):
@@ -63,7 +64,8 @@ ADAPTATIONS: Dict[str, Adaptation] = {"proximal-gd": _proximal_gd, "newton": _ne
 _ADAPTATION_TEXT = {
     "proximal-gd": "{steps} GD steps of lr {cfg.inner_lr:g} on L̂(φ) + (λ/2)‖φ − θ‖², λ = {cfg.lam:g}, "
                    "from θ (iMAML-GD's inner solve)",
-    "newton": "{steps} Hessian-free Newton steps ({cfg.inner_cg_steps} CG steps each) on "
+    "newton": "{steps} Hessian-free Newton steps ({cfg.inner_cg_steps} CG steps each, {cfg.curvature} "
+              "curvature) on "
               "L̂(φ) + (λ/2)‖φ − θ‖², λ = {cfg.lam:g}, from θ (iMAML-HF's inner solve)",
     "sgd": "{steps} SGD steps of lr {cfg.inner_lr:g} on L̂ from θ",
 }
@@ -73,7 +75,7 @@ def describe_adaptation(cfg: "TrainConfig", adaptation: str, steps: int) -> str:
     """One line saying how a model adapts at test time, e.g. ``'10 SGD steps of lr 0.01 on L̂ from θ'``."""
     return _ADAPTATION_TEXT[adaptation].format(cfg=cfg, steps=steps)
 
-_IMAML_HYPER = ("lam", "inner_steps", "inner_lr", "cg_steps", "inner_cg_steps")
+_IMAML_HYPER = ("lam", "inner_steps", "inner_lr", "cg_steps", "inner_cg_steps", "curvature")
 _MAML_HYPER = ("inner_steps", "inner_lr")
 
 
