@@ -10,7 +10,7 @@ which implementation of those ops runs, and :mod:`imaml_ext.distributed`
 (a meta-batch split over processes, meta-gradients summed in one
 collective).  ARCHITECTURE.md follows one meta-gradient through the modules.
 """
-from . import distributed, ops
+from . import cpu_malloc, distributed, ops
 from ._build import backend
 from .adapted import Adapted
 from .batching import BATCHING_MODES, BatchingError

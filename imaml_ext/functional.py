@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from . import batching as _batching
+from .cpu_malloc import reuse_freed_memory
 from .flat import ParamLayout
 from .hvp import under_transform
 
@@ -72,6 +73,8 @@ class TaskLoss:
             raise ValueError(f"all trainable parameters must be on one device, got {sorted(map(str, devices))}")
         self.dtype = params[0].dtype
         self.device = params[0].device
+        if self.device.type == "cpu":
+            reuse_freed_memory()
         trainable = set(self.layout.names)
         self.constants: Dict[str, torch.Tensor] = {
             n: p for n, p in model.named_parameters() if n not in trainable}

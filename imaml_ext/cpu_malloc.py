@@ -1,0 +1,64 @@
+"""glibc ``malloc`` settings under which large freed CPU tensors are reused, not unmapped.
+
+PyTorch allocates CPU tensors with ``malloc``.  glibc serves every block above
+its mmap threshold (32 MiB at most) with a fresh ``mmap`` and gives it back
+with ``munmap`` when the tensor is freed, so the next tensor of that size is
+page-faulted and zeroed by the kernel again, page by page.  A per-task loop
+allocates tensors of one task (a few MB, below the threshold, recycled by
+malloc); the batched path allocates ``[T, n, C, H, W]`` tensors of hundreds of
+MB, and paid that cost on each: on the max-pool Conv-4 (T = 8, full MAML, one
+thread) the meta-gradient took 1.29–1.50× higher's time with glibc's defaults
+and 1.00–1.11× with the settings below (benchmarks/RESULTS.md, "malloc").
+
+:func:`reuse_freed_memory` sets ``M_MMAP_MAX = 0`` (large blocks come from
+the heap, where freed blocks are reused) and ``M_TRIM_THRESHOLD`` to 2 GiB
+(freed memory at the top of the heap is kept for reuse instead of returned).
+The cost is memory: the process's resident memory stays near its peak
+instead of falling after each meta-batch, and blocks that no longer fit the
+heap's free holes grow it, so the peak resident memory of a meta-batch was
+measured 9–31 % higher (same section).  :class:`imaml_ext.functional.TaskLoss` calls it
+once per process for models on the CPU; setting the environment variable
+``IMAML_EXT_SYSTEM_MALLOC=1`` keeps glibc's defaults.  On a C library other
+than glibc it does nothing.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from typing import Optional
+
+__all__ = ["reuse_freed_memory", "DISABLE_ENV"]
+
+DISABLE_ENV = "IMAML_EXT_SYSTEM_MALLOC"
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, <malloc.h>
+_TRIM_THRESHOLD_BYTES = 2 ** 31 - 1      # mallopt takes an int
+
+_applied: Optional[bool] = None
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # only glibc has it
+        libc.mallopt  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def reuse_freed_memory() -> bool:
+    """Apply the settings above once per process; True if they are in effect.
+
+    False where the C library is not glibc, where ``mallopt`` refuses, or where
+    ``IMAML_EXT_SYSTEM_MALLOC`` is set to anything but ``""`` or ``"0"``.
+    """
+    global _applied
+    if _applied is None:
+        if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+            _applied = False
+        else:
+            libc = _glibc()
+            _applied = bool(libc is not None and libc.mallopt(_M_MMAP_MAX, 0) == 1
+                            and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1)
+    return _applied

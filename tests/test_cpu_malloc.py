@@ -1,0 +1,57 @@
+"""imaml_ext.cpu_malloc: large CPU tensors come from malloc's heap, not from fresh mmaps."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Allocates a 100 MiB tensor after building a CPU TaskLoss and prints whether the
+# C library is glibc, what reuse_freed_memory() returned, and the bytes that glibc
+# serves from mmap (mallinfo2's hblkhd) before and after the allocation.
+PROBE = textwrap.dedent("""
+    import ctypes, torch
+    from torch import nn
+    from imaml_ext import cpu_malloc
+    from imaml_ext.functional import TaskLoss
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                     "uordblks", "fordblks", "keepcost")]
+    libc = cpu_malloc._glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        print("not-glibc"); raise SystemExit
+    libc.mallinfo2.restype = Info
+    TaskLoss(nn.Linear(2, 2), torch.nn.functional.mse_loss)
+    before = libc.mallinfo2().hblkhd
+    t = torch.ones(100 * 2 ** 20 // 4)
+    print(cpu_malloc.reuse_freed_memory(), libc.mallinfo2().hblkhd - before)
+""")
+
+
+def probe(**env):
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), **env), timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_a_cpu_task_loss_makes_large_tensors_come_from_the_heap():
+    result = probe(IMAML_EXT_SYSTEM_MALLOC="")
+    if result == ["not-glibc"]:
+        pytest.skip("the C library is not glibc: cpu_malloc does nothing there")
+    applied, mmapped = result
+    assert applied == "True" and int(mmapped) < 2 ** 20
+
+
+def test_the_environment_variable_keeps_glibc_defaults():
+    result = probe(IMAML_EXT_SYSTEM_MALLOC="1")
+    if result == ["not-glibc"]:
+        pytest.skip("the C library is not glibc: cpu_malloc does nothing there")
+    applied, mmapped = result
+    assert applied == "False" and int(mmapped) >= 100 * 2 ** 20
