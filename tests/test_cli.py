@@ -230,6 +230,21 @@ def test_demo_prints_the_table_and_draws_the_fits(tmp_path, capsys):
         assert (tmp_path / "demo_fits.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_demo_in_two_processes_equals_one_after_the_other(tmp_path):
+    """The methods meta-trained in 2 spawned processes give the table (and the
+    checkpoints) of the methods trained one after the other in this process."""
+    import torch
+    from imaml_ext.training.demo import DemoConfig, run_demo
+    cfg = DemoConfig(meta_steps=6, eval_tasks=10, methods=("imaml-gd", "fomaml", "maml"))
+    tables = {w: run_demo(cfg, tmp_path / str(w), progress=False, workers=w) for w in (1, 2)}
+    assert tables[1] == tables[2]
+    for method in cfg.methods:
+        one, two = (torch.load(tmp_path / str(w) / method / "checkpoint.pt", weights_only=True)["model"]
+                    for w in (1, 2))
+        assert all(torch.equal(one[k], two[k]) for k in one)
+    assert json.loads((tmp_path / "2" / "demo_results.json").read_text())["workers"] == 2
+
+
 # ----------------------------------------------------------------------------- Ctrl-C
 
 def test_sigint_checkpoints_and_exits_cleanly(tmp_path):

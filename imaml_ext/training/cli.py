@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -115,7 +116,6 @@ def _relaunch_with_passive_openmp(args) -> None:
     cores from the working ones and training fell off a cliff (15× slower measured,
     benchmarks/RESULTS.md).  Passive threads sleep instead.  OpenMP reads the
     variable once, when torch loads it, hence the fresh interpreter (POSIX only)."""
-    import os
     if os.name != "posix" or any(name in os.environ for name in _OPENMP_WAIT):
         return
     import torch
@@ -323,7 +323,7 @@ def _demo(args) -> int:
     device = _check_device(args.device or "cpu")
     _check_output(Path(args.out), "--out", folder=True)
     cfg = DemoConfig(meta_steps=args.meta_steps, seed=args.seed, eval_tasks=args.eval_tasks)
-    run_demo(cfg, out_dir=Path(args.out), progress=not args.no_progress, device=device)
+    run_demo(cfg, out_dir=Path(args.out), progress=not args.no_progress, device=device, workers=args.workers)
     return 0
 
 
@@ -418,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tasks", type=POSITIVE_INT.parse, default=200, help="held-out tasks (default 200)")
     p.add_argument("--seed", type=NONNEGATIVE_INT.parse, default=0)
     p.add_argument("--out", metavar="DIR", default="out/demo", help="folder for runs, results and figures")
+    p.add_argument("--workers", type=POSITIVE_INT.parse, default=min(2, os.cpu_count() or 1),
+                   help="methods meta-trained at once, one process each (default: 2, or 1 on one core)")
     _add_common(p, data=False, device_default="cpu; the MLP gains little from a GPU")
     p.set_defaults(run=_demo, parser=p, threads=1)
 

@@ -18,16 +18,19 @@ Settings: MAML and first-order MAML 10 inner steps of lr 0.01; iMAML λ =
 ``imaml_lam``, iMAML-GD ``imaml_inner_steps`` steps of lr
 ``imaml_inner_lr``, iMAML-HF ``hf_inner_steps`` Newton steps of
 ``hf_cg_steps`` CG steps; 5 CG steps in the backward solve; Adam 1e-3,
-meta-batch 25.  It runs on the CPU unless given another ``device``;
-benchmarks/RESULTS.md has its measurements.
+meta-batch 25.  It runs on the CPU unless given another ``device``, the
+methods meta-training in ``workers`` processes at once (``imaml-ext demo``:
+2); benchmarks/RESULTS.md has its measurements.
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +39,7 @@ from tqdm.auto import tqdm
 from ..functional import TaskLoss
 from .evaluate import adapt, adaptation_text, inner_residual, summarize, task_scores
 from .experiment import TrainConfig, build_model, check_device, make_config, make_sampler
-from .metrics import METRICS_NAME
+from .metrics import METRICS_NAME, read_metrics
 from .plotting import MissingDependencyError, plot_curves, plot_fits
 from .train import RunOptions, train
 
@@ -100,11 +103,62 @@ def pretrain_transfer(cfg: TrainConfig, progress: bool, device: torch.device = t
     return model
 
 
+_LOG_EVERY = 50  # meta-steps per metrics line of each method's run
+
+
+def _train_method(cfg: TrainConfig, out: Path, device: str, progress: bool, threads: int) -> Tuple[Path, float]:
+    """Meta-train one method into ``out`` (in this process or a worker); its
+    checkpoint and training seconds.  KeyboardInterrupt if it was interrupted."""
+    torch.set_num_threads(threads)
+    result = train(cfg, RunOptions(out_dir=out, device=device, log_every=_LOG_EVERY, checkpoint_every=0,
+                                   progress=progress))
+    if result.interrupted:
+        raise KeyboardInterrupt
+    return result.checkpoint, result.seconds
+
+
+def _steps_logged(metrics: Path) -> int:
+    """The last meta-step in a run's metrics file, 0 before its first complete line."""
+    try:
+        train_lines = read_metrics(metrics).get("train", [])
+    except (OSError, ValueError):  # not written yet, or being written
+        return 0
+    return train_lines[-1]["step"] if train_lines else 0
+
+
+def _train_all(cfg: DemoConfig, out_dir: Path, device: str, progress: bool,
+               workers: int) -> Dict[str, Tuple[Path, float]]:
+    """Each method's checkpoint and training seconds.  With ``workers`` > 1 the
+    methods train in that many processes at once (each with this process's torch
+    threads, spawned, seeded alike: the same results as one after the other),
+    with one progress bar over all their meta-steps, advanced at each metrics line."""
+    threads = torch.get_num_threads()
+    if workers <= 1 or len(cfg.methods) <= 1:
+        return {m: _train_method(cfg.train_config(m), out_dir / m, device, progress, threads)
+                for m in cfg.methods}
+    done: Dict[str, Tuple[Path, float]] = {}
+    with ProcessPoolExecutor(min(workers, len(cfg.methods)), multiprocessing.get_context("spawn")) as pool, \
+            tqdm(total=cfg.meta_steps * len(cfg.methods), desc=f"meta-training ({workers} processes)",
+                 unit="step", disable=not progress) as bar:
+        futures = {pool.submit(_train_method, cfg.train_config(m), out_dir / m, device, False, threads): m
+                   for m in cfg.methods}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            for future in finished:
+                done[futures[future]] = future.result()
+            bar.n = max(bar.n, sum(cfg.meta_steps if m in done else _steps_logged(out_dir / m / METRICS_NAME)
+                                   for m in cfg.methods))
+            bar.refresh()
+    return {m: done[m] for m in cfg.methods}
+
+
 def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: Optional[Path] = Path("out/demo"),
-             progress: bool = True, device: str = "cpu") -> Dict[str, Dict[int, float]]:
+             progress: bool = True, device: str = "cpu", workers: int = 1) -> Dict[str, Dict[int, float]]:
     """Train, evaluate, print the table, write ``demo_results.json`` and the
     figures in ``out_dir``; returns {method: {k: mean query MSE}}.  Everything
-    runs on ``device``.
+    runs on ``device``; the methods train in ``workers`` processes at once
+    (:func:`_train_all`).
 
     Each method's run folder (``out_dir/<method>``) holds its checkpoint and
     metrics, so ``imaml-ext eval`` and ``imaml-ext plot`` work on them.
@@ -117,15 +171,11 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: Optional[Path] = Path("out
     models = {"untrained": build_model(base).to(device)}
     configs = {"untrained": base}
     train_seconds: Dict[str, float] = {}
-    for method in cfg.methods:
+    for method, (checkpoint, seconds) in _train_all(cfg, out_dir, str(device), progress, workers).items():
         mcfg = cfg.train_config(method)
-        result = train(mcfg, RunOptions(out_dir=out_dir / method, device=str(device), log_every=50,
-                                        checkpoint_every=0, progress=progress))
-        if result.interrupted:
-            raise KeyboardInterrupt
         model = build_model(mcfg).to(device)
-        model.load_state_dict(torch.load(result.checkpoint, weights_only=True)["model"])
-        models[method], configs[method], train_seconds[method] = model, mcfg, result.seconds
+        model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+        models[method], configs[method], train_seconds[method] = model, mcfg, seconds
     t0 = time.perf_counter()
     models["transfer"] = pretrain_transfer(base, progress, device)
     configs["transfer"] = base
@@ -169,13 +219,14 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out_dir: Optional[Path] = Path("out
         print(f"  {LABELS.get(name, name)}: {how[name]}")
     print("residual: median over tasks of the iMAML inner problem's ‖∇L̂(φ) + λ(φ − θ)‖ / ‖∇L̂(θ)‖ "
           "after the adaptation (0: solved)")
-    print(f"{cfg.meta_steps} meta-steps per method, meta-batch {cfg.meta_batch}; total {total:.0f} s")
+    print(f"{cfg.meta_steps} meta-steps per method, meta-batch {cfg.meta_batch}, {max(workers, 1)} training "
+          f"process(es); total {total:.0f} s")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "demo_results.json").write_text(json.dumps(
         {"config": {**asdict(cfg), "methods": list(cfg.methods)}, "query_mse": table, "ci95": ci,
          "inner_residual": residual, "adaptation": how,
-         "train_seconds": train_seconds, "total_seconds": total}, indent=2) + "\n")
+         "train_seconds": train_seconds, "total_seconds": total, "workers": workers}, indent=2) + "\n")
     try:
         _draw(cfg, models, configs, adapted, amplitude, phase, sx, sy, out_dir)
     except MissingDependencyError as exc:
