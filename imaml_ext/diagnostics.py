@@ -51,9 +51,11 @@ INFO_FIELDS: Dict[str, str] = {
     "linear_solve": "what the linear solver returned (after the backward)",
 }
 
-_ADVICE = ("more inner_steps, a smaller inner_lr, a larger lam, inner_solver='hf' or 'nesterov' "
-           "(with inner_tol), or curvature='gauss_newton' (positive semi-definite for losses convex "
-           "in the model outputs)")
+# What to try, per problem found: the inner problem unsolved; A not positive definite
+# (which the Gauss–Newton matrix rules out, so it is suggested only there).
+_UNSOLVED_ADVICE = "more inner_steps, a smaller inner_lr, a larger lam, inner_solver='hf' or 'nesterov' (with inner_tol)"
+_INDEFINITE_ADVICE = ("curvature='gauss_newton' (positive semi-definite for losses convex in the model outputs) "
+                      "or a larger lam")
 
 
 class ImplicitGradientWarning(UserWarning):
@@ -121,17 +123,19 @@ def check(info: Mapping[str, object], threshold: float = RESIDUAL_WARN_THRESHOLD
     median = stats.get("residual_median")
     curvature = stats.get("nonpositive_tasks") or 0
     tasks = (residual if isinstance(residual, torch.Tensor) else nonpositive).numel()
-    parts = []
+    parts, advice = [], []
     if median is not None and median > threshold:
+        advice.append(_UNSOLVED_ADVICE)
         unsolved = int((residual > threshold).sum())
         parts.append(f"the inner problem is not solved: median relative stationarity residual "
                      f"‖∇L̂(φ) + λ(φ − θ)‖/‖∇L̂(θ)‖ = {median:.3g} > {threshold:g} "
                      f"({unsolved} of {tasks} tasks above)")
     if curvature:
+        advice.append(_INDEFINITE_ADVICE)
         parts.append(f"{curvature} of {tasks} tasks met non-positive curvature (pᵀAp ≤ 0, "
                      f"smallest Rayleigh quotient {stats.get('min_rayleigh', float('nan')):.3g}) in the "
                      f"backward CG, so I + H/λ is not positive definite there")
     warnings.warn("iMAML's implicit meta-gradient is unreliable: " + "; ".join(parts) +
-                  f". Try {_ADVICE}. adapted.info holds the per-task numbers "
+                  f". Try {'; or '.join(advice)}. adapted.info holds the per-task numbers "
                   f"(imaml_ext.diagnostics.INFO_FIELDS). Shown once per process.",
                   ImplicitGradientWarning, stacklevel=4)

@@ -127,8 +127,25 @@ def test_warning_once_with_counts_and_silenceable(fresh_warning):
     mine = [w for w in caught if issubclass(w.category, im.ImplicitGradientWarning)]
     assert len(mine) == 1
     text = str(mine[0].message)
-    assert "3 of 3 tasks" in text and "inner_steps" in text and "gauss_newton" in text
+    assert "3 of 3 tasks" in text and "inner_steps" in text
+    assert ("gauss_newton" in text) == bool(adapted.info["nonpositive_curvature"].any())
     assert adapted.info["residual"].median() > diagnostics.RESIDUAL_WARN_THRESHOLD
+
+
+def test_warning_advises_for_the_problem_found(fresh_warning):
+    """An unsolved inner problem under the Gauss–Newton matrix (positive definite A):
+    the advice is about the inner solve, not the curvature already in use."""
+    model = tanh_net()
+    xs, ys, xq, yq = tasks()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapted = im.imaml(model, xs, ys, F.cross_entropy, lam=LAM, inner_steps=1, inner_lr=0.01,
+                           curvature="gauss_newton")
+        query_loss(adapted.task_loss, adapted.flat, xq, yq).backward()
+    (warning,) = [w for w in caught if issubclass(w.category, im.ImplicitGradientWarning)]
+    text = str(warning.message)
+    assert not bool(adapted.info["nonpositive_curvature"].any())
+    assert "not solved" in text and "inner_steps" in text and "gauss_newton" not in text
 
 
 def test_warning_filtered_and_not_raised_when_solved(fresh_warning):
