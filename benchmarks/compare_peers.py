@@ -17,8 +17,11 @@ Omniglot 5-way 1-shot, 15 queries per class, from ``imaml_ext.data``):
 The peers' code is ``benchmarks/peer_loops.py`` (one task at a time, as their
 documentation and examples use them); tests/test_peers.py checks it against
 imaml_ext to 1e-12.  Models: ``omniglot``, the stride-2 conv net
-(``imaml_ext.models.OmniglotConvNet``), and ``conv4``, the max-pool Conv-4
-(``imaml_ext.models.Conv4``; skipped with a message where that model is absent).
+(``imaml_ext.models.OmniglotConvNet``), ``conv4``, the max-pool Conv-4
+(``imaml_ext.models.Conv4``; skipped with a message where that model is absent),
+and ``conv4-84``, the Conv-4 at MiniImageNet's 3×84×84 (the Omniglot
+characters resized and repeated over 3 channels: MiniImageNet's images are
+not in the data folder).
 
 Before timing, every variant's meta-gradient is computed in float64 on the
 first ``--check-tasks`` tasks and compared with imaml_ext's (relative
@@ -62,7 +65,7 @@ import peer_loops as pl  # noqa: E402
 
 MB = 2.0 ** 20
 WORKS = ("imaml", "full", "first_order", "checkpointed")
-MODELS = ("omniglot", "conv4")
+MODELS = ("omniglot", "conv4", "conv4-84")
 # The issue's settings: inner steps, inner learning rate and the method's own options.
 SETTINGS = {
     "imaml": dict(steps=16, lr=0.1, lam=2.0, cg_steps=5),
@@ -108,17 +111,28 @@ def build_problem(model_name: str, tasks: int, args, dtype=None):
     import imaml_ext.models as models
     from imaml_ext.data import Omniglot, TaskSampler
     torch.manual_seed(args.seed)
+    side = 84 if model_name == "conv4-84" else 28
     if model_name == "omniglot":
         model = models.OmniglotConvNet(ways=5)
     else:
         if not hasattr(models, "Conv4"):
             return None
-        model = models.Conv4(ways=5, in_channels=1, image_size=28)
+        model = models.Conv4(ways=5, in_channels=3 if side == 84 else 1, image_size=side)
     dtype = dtype or torch.float32
     data = Omniglot(args.data, subset="train")
-    batch = TaskSampler(data.images, ways=5, shots=1, queries=15, seed=args.seed, device=args.device,
-                        dtype=dtype).sample(tasks)
-    return model.to(args.device, dtype), tuple(batch)
+    batch = tuple(TaskSampler(data.images, ways=5, shots=1, queries=15, seed=args.seed, device=args.device,
+                              dtype=dtype).sample(tasks))
+    if side == 84:  # MiniImageNet's shape: the characters resized and repeated over 3 channels
+        batch = tuple(_resized(x, side, 3) if x.is_floating_point() else x for x in batch)
+    return model.to(args.device, dtype), batch
+
+
+def _resized(images, side: int, channels: int):
+    """``[T, n, 1, h, w]`` images bilinearly resized to ``side`` and repeated to ``channels``."""
+    import torch.nn.functional as F
+    T, n = images.shape[:2]
+    out = F.interpolate(images.flatten(0, 1), size=(side, side), mode="bilinear", align_corners=False)
+    return out.expand(-1, channels, -1, -1).reshape(T, n, channels, side, side).contiguous()
 
 
 def run_variant(v: Variant, model, batch, settings) -> None:
