@@ -9,8 +9,11 @@ reported with its ratio to the per-task loop:
   (``create_graph=True``), first-order MAML takes the query gradient at φ_K,
   iMAML runs GD on the regularised support loss, then CG on (I + H/λ) with
   Hessian-vector products through one retained gradient graph per task.
-* ``imaml_ext-vmap``: ``batching="vmap"`` (batch-norm and max-pooling folded, the default);
-* ``imaml_ext-vmap-generic``: the same with the folding switched off (vmap's own rules);
+* ``imaml_ext-vmap``: ``batching="vmap"`` (batch-norm and max-pooling folded,
+  convolutions looped over the tasks: the default);
+* ``imaml_ext-vmap-grouped-conv``: the same with convolutions left to vmap's
+  grouped convolution;
+* ``imaml_ext-vmap-generic``: the same with all of that switched off (vmap's own rules);
 * ``imaml_ext-loop``: ``batching="loop"``.
 
 Networks: ``conv4-28`` (max-pool Conv-4, 1×28×28), ``conv4-84`` (3×84×84),
@@ -39,7 +42,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_imaml import standard_models  # noqa: E402
 
 METHODS = ("full", "first_order", "imaml")
-VARIANTS = ("loop-baseline", "imaml_ext-vmap", "imaml_ext-vmap-generic", "imaml_ext-loop")
+VARIANTS = ("loop-baseline", "imaml_ext-vmap", "imaml_ext-vmap-grouped-conv", "imaml_ext-vmap-generic",
+            "imaml_ext-loop")
+# The layers each variant leaves to vmap's own batching rules (the rest of batching._FOLDED stays).
+UNFOLDED = {"imaml_ext-vmap-grouped-conv": (F.conv2d,), "imaml_ext-vmap-generic": tuple(batching._FOLDED)}
 
 
 def loop_baseline(model, xs, ys, xq, yq, method, a):
@@ -115,8 +121,7 @@ def runner(variant, model, data, method, a):
 
     def run():
         batching._FOLDED.clear()
-        if variant != "imaml_ext-vmap-generic":
-            batching._FOLDED.update(folded)
+        batching._FOLDED.update({f: v for f, v in folded.items() if f not in UNFOLDED.get(variant, ())})
         try:
             if variant == "loop-baseline":
                 return loop_baseline(model, *data, method, a)

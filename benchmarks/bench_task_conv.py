@@ -31,6 +31,7 @@ from imaml_ext import batching  # noqa: E402
 LAYERS = (("stride2 layer 1", 1, 28, 2), ("stride2 layer 2", 64, 14, 2), ("stride2 layer 4", 64, 4, 2),
           ("conv4 layer 1", 1, 28, 1), ("conv4 layer 2", 64, 14, 1), ("conv4 layer 4", 64, 3, 1),
           ("conv4-84 layer 1", 3, 84, 1), ("conv4-84 layer 2", 64, 42, 1))
+FEWER_TASKS = 8  # the 84×84 layers run T / 8 tasks
 MODES = ("backward", "double")
 
 
@@ -58,7 +59,8 @@ def run(form: str, mode: str, x: torch.Tensor, w: torch.Tensor, stride: int) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=int, default=32, help="T (the 84×84 layers use T/8)")
-    ap.add_argument("--examples", type=int, default=80, help="images per task (5-way 1-shot + 75 queries)")
+    ap.add_argument("--examples", type=int, default=80,
+                    help="images per task (80: 5-way 1-shot support + 75 queries; 5: the support set alone)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
@@ -68,7 +70,7 @@ def main() -> None:
     print(f"T = {args.tasks}, n = {args.examples}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| layer | T | pass | grouped s | looped s | grouped / looped |\n|---|---:|---|---:|---:|---:|")
     for name, channels, side, stride in LAYERS:
-        T = max(1, args.tasks // 8) if side == 84 else args.tasks
+        T = max(1, args.tasks // FEWER_TASKS) if name.startswith("conv4-84") else args.tasks
         x = torch.randn(T, args.examples, channels, side, side)
         w = torch.randn(T, 64, channels, 3, 3) * 0.05
         for mode in MODES:

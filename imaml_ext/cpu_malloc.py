@@ -7,8 +7,9 @@ page-faulted and zeroed by the kernel again, page by page.  A per-task loop
 allocates tensors of one task (a few MB, below the threshold, recycled by
 malloc); the batched path allocates ``[T, n, C, H, W]`` tensors of hundreds of
 MB, and paid that cost on each: on the max-pool Conv-4 (T = 8, full MAML, one
-thread) the meta-gradient took 1.29–1.50× higher's time with glibc's defaults
-and 1.00–1.11× with the settings below (benchmarks/RESULTS.md, "malloc").
+thread) the full-MAML meta-gradient took 1.29–1.50× higher's time with
+glibc's defaults and 1.00–1.11× with the settings below
+(benchmarks/RESULTS.md, "malloc").
 
 :func:`reuse_freed_memory` sets ``M_MMAP_MAX = 0`` (large blocks come from
 the heap, where freed blocks are reused) and ``M_TRIM_THRESHOLD`` to 2 GiB
@@ -16,7 +17,7 @@ the heap, where freed blocks are reused) and ``M_TRIM_THRESHOLD`` to 2 GiB
 The cost is memory: the process's resident memory stays near its peak
 instead of falling after each meta-batch, and blocks that no longer fit the
 heap's free holes grow it, so the peak resident memory of a meta-batch was
-measured 9–31 % higher (same section).  :class:`imaml_ext.functional.TaskLoss` calls it
+measured 9–35 % higher (same section).  :class:`imaml_ext.functional.TaskLoss` calls it
 once per process for models on the CPU; setting the environment variable
 ``IMAML_EXT_SYSTEM_MALLOC=1`` keeps glibc's defaults.  On a C library other
 than glibc it does nothing.
