@@ -10,8 +10,9 @@
   Batch-norm with batch statistics and 2-d max-pooling are run folded: one
   ordinary call on ``[n, T·C, ...]`` (:class:`_TaskBatchNorm`,
   :class:`_TaskMaxPool2d`), cheaper than vmap's generic rules; 2-d
-  convolutions with per-task weights run on the CPU as T ordinary calls
-  (:class:`_TaskConv2d`), cheaper there than vmap's grouped convolution.
+  convolutions with per-task weights on batches of 16 or more examples run
+  on the CPU as T ordinary calls (:class:`_TaskConv2d`), cheaper there than
+  vmap's grouped convolution.
 * ``"loop"``: a Python loop over the tasks, one ordinary call each, results
   stacked.  Runs any module that runs on one task; slower for small models.
 * ``"auto"``: :func:`choose` measures one gradient of the support loss both
@@ -134,7 +135,7 @@ class _TaskConv2d(_UnderVmapOnly):
     the tasks are looped here, and the outputs stacked beside the channels
     (``[n, T, C', ...]``, which the folded batch-norm reads as a view); with
     weight and bias shared by the tasks it is one call on ``[T·n, C, H, W]``.
-    CPU tensors only (:func:`_conv2d_call`).
+    CPU tensors with enough examples per task only (:func:`_conv2d_call`).
     """
 
     @staticmethod
@@ -187,11 +188,18 @@ def _max_pool2d_call(input, kernel_size, stride=None, padding=0, dilation=1, cei
     return input, kernel_size, stride, padding, dilation, ceil_mode
 
 
+# Per-task batches below this many examples keep vmap's grouped convolution: on the
+# CPU it is faster for a 5-example support set, the looped one for 75 queries
+# (benchmarks/RESULTS.md, "task-looped convolution").
+LOOPED_CONV_MIN_EXAMPLES = 16
+
+
 def _conv2d_call(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """:class:`_TaskConv2d`'s arguments for an ``F.conv2d`` call on the CPU, else None:
-    on a GPU vmap's grouped convolution stays, one kernel launch instead of T
-    (the loop is measured faster on the CPU only)."""
-    if input.device.type != "cpu":
+    """:class:`_TaskConv2d`'s arguments for an ``F.conv2d`` call on the CPU with at least
+    :data:`LOOPED_CONV_MIN_EXAMPLES` examples per task, else None: on a GPU vmap's
+    grouped convolution stays, one kernel launch instead of T (the loop is measured
+    faster on the CPU only)."""
+    if input.device.type != "cpu" or (input.dim() == 4 and input.shape[0] < LOOPED_CONV_MIN_EXAMPLES):
         return None
     return input, weight, bias, stride, padding, dilation, groups
 

@@ -244,6 +244,7 @@ def test_folded_layers_run_under_vmap_and_equal_the_generic_rules(monkeypatch):
     (counted); outputs, gradients and second derivatives equal those of vmap's own
     batching rules (the table switched off)."""
     model, (xs, ys, _, _) = make("conv4-maxpool")
+    monkeypatch.setattr(batching, "LOOPED_CONV_MIN_EXAMPLES", 0)  # the support set is small
     used = []
     for cls in (batching._TaskBatchNorm, batching._TaskMaxPool2d, batching._TaskConv2d):
         monkeypatch.setattr(cls, "vmap", staticmethod(
@@ -268,10 +269,14 @@ def test_folded_layers_run_under_vmap_and_equal_the_generic_rules(monkeypatch):
 
 
 @pytest.mark.parametrize("shared", ["none", "input", "weight", "weight-and-bias"])
-def test_task_conv2d_equals_per_task_convolutions(shared):
+def test_task_conv2d_equals_per_task_convolutions(shared, monkeypatch):
     """``_TaskConv2d`` under vmap: any of input, weight, bias shared by the tasks or
     per task, unbatched [C, H, W] inputs, strides and groups; values, first and second
     derivatives equal T separate F.conv2d calls (float64)."""
+    monkeypatch.setattr(batching, "LOOPED_CONV_MIN_EXAMPLES", 0)
+    calls = []
+    monkeypatch.setattr(batching._TaskConv2d, "vmap", staticmethod(
+        lambda *a, _orig=batching._TaskConv2d.vmap: calls.append(1) or _orig(*a)))
     torch.manual_seed(3)
     T = 3
     for x_shape, kwargs in (((2, 4, 7, 7), dict(stride=2, padding=1)), ((4, 6, 6), dict(padding="same", groups=2))):
@@ -304,6 +309,23 @@ def test_task_conv2d_equals_per_task_convolutions(shared):
 
         for got, want in zip(derivatives(batched), derivatives(naive)):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert calls
+
+
+def test_convolutions_loop_over_tasks_from_the_example_threshold(monkeypatch):
+    """Per-task batches of fewer than LOOPED_CONV_MIN_EXAMPLES keep vmap's grouped
+    convolution; from the threshold on, the tasks are looped."""
+    calls = []
+    monkeypatch.setattr(batching._TaskConv2d, "vmap", staticmethod(
+        lambda *a, _orig=batching._TaskConv2d.vmap: calls.append(a[2].shape) or _orig(*a)))
+    conv = lambda x_, w_: F.conv2d(x_, w_, padding=1)  # noqa: E731
+    w = torch.randn(3, 4, 2, 3, 3)
+    for n in (batching.LOOPED_CONV_MIN_EXAMPLES - 1, batching.LOOPED_CONV_MIN_EXAMPLES):
+        x = torch.randn(3, n, 2, 5, 5)
+        with batching._BatchedLayers():
+            out = torch.func.vmap(conv)(x, w)
+        torch.testing.assert_close(out, torch.stack([conv(a, b) for a, b in zip(x, w)]))
+    assert len(calls) == 1 and calls[0][1] == batching.LOOPED_CONV_MIN_EXAMPLES
 
 
 def test_auto_inside_a_torch_func_transform_is_vmap():
