@@ -9,13 +9,8 @@ reported with its ratio to the per-task loop:
   (``create_graph=True``), first-order MAML takes the query gradient at φ_K,
   iMAML runs GD on the regularised support loss, then CG on (I + H/λ) with
   Hessian-vector products through one retained gradient graph per task.
-* ``imaml_ext-vmap``: ``batching="vmap"`` (batch-norm and max-pooling folded,
-  convolutions of 16 or more examples per task looped over the tasks: the default);
-* ``imaml_ext-vmap-grouped-conv``: the same with convolutions left to vmap's
-  grouped convolution;
-* ``imaml_ext-vmap-looped-conv``: the same with convolutions looped over the
-  tasks at any batch size (``batching.LOOPED_CONV_MIN_EXAMPLES`` = 0);
-* ``imaml_ext-vmap-generic``: the same with all of that switched off (vmap's own rules);
+* ``imaml_ext-vmap``: ``batching="vmap"`` (batch-norm and max-pooling folded, the default);
+* ``imaml_ext-vmap-generic``: the same with the folding switched off (vmap's own rules);
 * ``imaml_ext-loop``: ``batching="loop"``.
 
 Networks: ``conv4-28`` (max-pool Conv-4, 1×28×28), ``conv4-84`` (3×84×84),
@@ -44,10 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_imaml import standard_models  # noqa: E402
 
 METHODS = ("full", "first_order", "imaml")
-VARIANTS = ("loop-baseline", "imaml_ext-vmap", "imaml_ext-vmap-grouped-conv", "imaml_ext-vmap-looped-conv",
-            "imaml_ext-vmap-generic", "imaml_ext-loop")
-# The layers each variant leaves to vmap's own batching rules (the rest of batching._FOLDED stays).
-UNFOLDED = {"imaml_ext-vmap-grouped-conv": (F.conv2d,), "imaml_ext-vmap-generic": tuple(batching._FOLDED)}
+VARIANTS = ("loop-baseline", "imaml_ext-vmap", "imaml_ext-vmap-generic", "imaml_ext-loop")
 
 
 def loop_baseline(model, xs, ys, xq, yq, method, a):
@@ -120,12 +112,11 @@ def ours(model, xs, ys, xq, yq, method, a, mode):
 
 def runner(variant, model, data, method, a):
     folded = dict(batching._FOLDED)
-    min_examples = batching.LOOPED_CONV_MIN_EXAMPLES
 
     def run():
         batching._FOLDED.clear()
-        batching._FOLDED.update({f: v for f, v in folded.items() if f not in UNFOLDED.get(variant, ())})
-        batching.LOOPED_CONV_MIN_EXAMPLES = 0 if variant == "imaml_ext-vmap-looped-conv" else min_examples
+        if variant != "imaml_ext-vmap-generic":
+            batching._FOLDED.update(folded)
         try:
             if variant == "loop-baseline":
                 return loop_baseline(model, *data, method, a)
@@ -133,7 +124,6 @@ def runner(variant, model, data, method, a):
         finally:
             batching._FOLDED.clear()
             batching._FOLDED.update(folded)
-            batching.LOOPED_CONV_MIN_EXAMPLES = min_examples
 
     return run
 

@@ -9,10 +9,7 @@
   Python control flow, ``.item()``) raises :class:`BatchingError`.
   Batch-norm with batch statistics and 2-d max-pooling are run folded: one
   ordinary call on ``[n, T·C, ...]`` (:class:`_TaskBatchNorm`,
-  :class:`_TaskMaxPool2d`), cheaper than vmap's generic rules; 2-d
-  convolutions with per-task weights on batches of 16 or more examples run
-  on the CPU as T ordinary calls (:class:`_TaskConv2d`), cheaper there than
-  vmap's grouped convolution.
+  :class:`_TaskMaxPool2d`), cheaper than vmap's generic rules.
 * ``"loop"``: a Python loop over the tasks, one ordinary call each, results
   stacked.  Runs any module that runs on one task; slower for small models.
 * ``"auto"``: :func:`choose` measures one gradient of the support loss both
@@ -124,42 +121,6 @@ class _TaskMaxPool2d(_UnderVmapOnly):
         return _unfold(out, T)
 
 
-class _TaskConv2d(_UnderVmapOnly):
-    """2-d convolution of per-task x_t ``[n, C, H, W]`` (or ``[C, H, W]``) with
-    per-task weight ``[C', C/groups, k, k]`` and bias ``[C']``.
-
-    vmap's rule folds per-task weights into one grouped convolution with T·groups
-    groups, whose backward and double backward PyTorch's CPU kernels run 1.1–3×
-    slower than T ordinary convolutions of the same total size
-    (benchmarks/RESULTS.md, "task-looped convolution").  So with weights batched
-    the tasks are looped here, and the outputs stacked beside the channels
-    (``[n, T, C', ...]``, which the folded batch-norm reads as a view); with
-    weight and bias shared by the tasks it is one call on ``[T·n, C, H, W]``.
-    CPU tensors with enough examples per task only (:func:`_conv2d_call`).
-    """
-
-    @staticmethod
-    def forward(x, weight, bias, stride, padding, dilation, groups):
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def vmap(info, in_dims, x, weight, bias, stride, padding, dilation, groups):
-        T = info.batch_size
-        x_dim, w_dim, b_dim = in_dims[:3]
-        if w_dim is None and b_dim is None and x.dim() == 5:
-            x = _task_dim(x, x_dim, T, 0)
-            out = F.conv2d(x.reshape(-1, *x.shape[2:]), weight, bias, stride, padding, dilation, groups)
-            return out.view(T, -1, *out.shape[1:]), 0
-
-        def per_task(t, d):
-            return [t] * T if t is None or d is None else t.unbind(d)
-
-        outs = [F.conv2d(x_t, w_t, b_t, stride, padding, dilation, groups)
-                for x_t, w_t, b_t in zip(per_task(x, x_dim), per_task(weight, w_dim), per_task(bias, b_dim))]
-        at = 1 if outs[0].dim() == 4 else 0
-        return torch.stack(outs, dim=at), at
-
-
 def _directly_under_vmap(t: torch.Tensor) -> bool:
     """True if the innermost torch.func transform running is vmap and ``t`` is batched by it."""
     functorch = torch._C._functorch
@@ -188,38 +149,21 @@ def _max_pool2d_call(input, kernel_size, stride=None, padding=0, dilation=1, cei
     return input, kernel_size, stride, padding, dilation, ceil_mode
 
 
-# Per-task batches below this many examples keep vmap's grouped convolution: on the
-# CPU it is faster for a 5-example support set, the looped one for 75 queries
-# (benchmarks/RESULTS.md, "task-looped convolution").
-LOOPED_CONV_MIN_EXAMPLES = 16
-
-
-def _conv2d_call(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """:class:`_TaskConv2d`'s arguments for an ``F.conv2d`` call on the CPU with at least
-    :data:`LOOPED_CONV_MIN_EXAMPLES` examples per task, else None: on a GPU vmap's
-    grouped convolution stays, one kernel launch instead of T (the loop is measured
-    faster on the CPU only)."""
-    if input.device.type != "cpu" or (input.dim() == 4 and input.shape[0] < LOOPED_CONV_MIN_EXAMPLES):
-        return None
-    return input, weight, bias, stride, padding, dilation, groups
-
-
 # F.<layer> -> (its Function, the arguments of that Function or None where it does not apply)
 _FOLDED = {F.batch_norm: (_TaskBatchNorm, _batch_norm_call),
-           F.max_pool2d: (_TaskMaxPool2d, _max_pool2d_call),
-           F.conv2d: (_TaskConv2d, _conv2d_call)}
+           F.max_pool2d: (_TaskMaxPool2d, _max_pool2d_call)}
 
 
 class _BatchedLayers(TorchFunctionMode):
-    """Inside :func:`_vmapped`: the layers in :data:`_FOLDED` called on tensors
+    """Inside :func:`_vmapped`: the layers in :data:`_FOLDED` called on a tensor
     batched by the innermost vmap run as their folded Function; every other
     call runs as it is."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         folded = _FOLDED.get(func)
-        if folded is not None and any(isinstance(a, torch.Tensor) and _directly_under_vmap(a)
-                                      for a in args[:2]):
+        if folded is not None and args and isinstance(args[0], torch.Tensor) \
+                and _directly_under_vmap(args[0]):
             call = folded[1](*args, **kwargs)
             if call is not None:
                 return folded[0].apply(*call)

@@ -236,17 +236,14 @@ def test_auto_times_both_and_picks_the_faster(monkeypatch):
     assert im.maml(model, x, y, inner_steps=1, batching="auto").info["batching"]["batching"] == "vmap"
 
 
-# --- the folded layers: batch-norm and max-pooling as one call on [n, T·C, ...] under vmap,
-# convolution as a loop over the tasks --
+# --- the folded layers: batch-norm and max-pooling as one call on [n, T·C, ...] under vmap --
 
 def test_folded_layers_run_under_vmap_and_equal_the_generic_rules(monkeypatch):
-    """Under vmap, batch-norm, max-pool and convolution run as imaml_ext's Functions
-    (counted); outputs, gradients and second derivatives equal those of vmap's own
-    batching rules (the table switched off)."""
+    """Under vmap, batch-norm and max-pool run folded (counted); outputs, gradients and
+    second derivatives equal those of vmap's own batching rules (folding switched off)."""
     model, (xs, ys, _, _) = make("conv4-maxpool")
-    monkeypatch.setattr(batching, "LOOPED_CONV_MIN_EXAMPLES", 0)  # the support set is small
     used = []
-    for cls in (batching._TaskBatchNorm, batching._TaskMaxPool2d, batching._TaskConv2d):
+    for cls in (batching._TaskBatchNorm, batching._TaskMaxPool2d):
         monkeypatch.setattr(cls, "vmap", staticmethod(
             lambda info, dims, *a, _orig=cls.vmap, _name=cls.__name__: used.append(_name) or _orig(info, dims, *a)))
 
@@ -260,72 +257,11 @@ def test_folded_layers_run_under_vmap_and_equal_the_generic_rules(monkeypatch):
 
     folded = derivatives()
     assert used.count("_TaskBatchNorm") == 4 and used.count("_TaskMaxPool2d") == 4
-    assert used.count("_TaskConv2d") == 4
     monkeypatch.setattr(batching, "_FOLDED", {})
     generic = derivatives()
-    assert len(used) == 12  # not used with the table empty
+    assert used.count("_TaskBatchNorm") == 4  # not used with the table empty
     for a, b in zip(folded, generic):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
-
-
-@pytest.mark.parametrize("shared", ["none", "input", "weight", "weight-and-bias"])
-def test_task_conv2d_equals_per_task_convolutions(shared, monkeypatch):
-    """``_TaskConv2d`` under vmap: any of input, weight, bias shared by the tasks or
-    per task, unbatched [C, H, W] inputs, strides and groups; values, first and second
-    derivatives equal T separate F.conv2d calls (float64)."""
-    monkeypatch.setattr(batching, "LOOPED_CONV_MIN_EXAMPLES", 0)
-    calls = []
-    monkeypatch.setattr(batching._TaskConv2d, "vmap", staticmethod(
-        lambda *a, _orig=batching._TaskConv2d.vmap: calls.append(1) or _orig(*a)))
-    torch.manual_seed(3)
-    T = 3
-    for x_shape, kwargs in (((2, 4, 7, 7), dict(stride=2, padding=1)), ((4, 6, 6), dict(padding="same", groups=2))):
-        groups = kwargs.get("groups", 1)
-        x = torch.randn(T, *x_shape, dtype=torch.double)
-        w = torch.randn(T, 6, 4 // groups, 3, 3, dtype=torch.double)
-        b = torch.randn(T, 6, dtype=torch.double)
-        if shared in ("input",):
-            x = x[0]
-        if shared.startswith("weight"):
-            w = w[0]
-        if shared == "weight-and-bias":
-            b = b[0]
-        leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
-        dims = [None if t.dim() == d else 0 for t, d in zip(leaves, (len(x_shape), 4, 1))]
-
-        def derivatives(run):
-            out = run(*leaves)
-            grads = torch.autograd.grad((out ** 2).sum(), leaves, create_graph=True)
-            second = torch.autograd.grad(sum((g ** 3).sum() for g in grads), leaves)
-            return (out.detach(), *(g.detach() for g in grads), *second)
-
-        def batched(*a):
-            with batching._BatchedLayers():
-                return torch.func.vmap(lambda x_, w_, b_: F.conv2d(x_, w_, b_, **kwargs), in_dims=tuple(dims))(*a)
-
-        def naive(*a):
-            per = [t.unbind(0) if d == 0 else [t] * T for t, d in zip(a, dims)]
-            return torch.stack([F.conv2d(*args, **kwargs) for args in zip(*per)])
-
-        for got, want in zip(derivatives(batched), derivatives(naive)):
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    assert calls
-
-
-def test_convolutions_loop_over_tasks_from_the_example_threshold(monkeypatch):
-    """Per-task batches of fewer than LOOPED_CONV_MIN_EXAMPLES keep vmap's grouped
-    convolution; from the threshold on, the tasks are looped."""
-    calls = []
-    monkeypatch.setattr(batching._TaskConv2d, "vmap", staticmethod(
-        lambda *a, _orig=batching._TaskConv2d.vmap: calls.append(a[2].shape) or _orig(*a)))
-    conv = lambda x_, w_: F.conv2d(x_, w_, padding=1)  # noqa: E731
-    w = torch.randn(3, 4, 2, 3, 3)
-    for n in (batching.LOOPED_CONV_MIN_EXAMPLES - 1, batching.LOOPED_CONV_MIN_EXAMPLES):
-        x = torch.randn(3, n, 2, 5, 5)
-        with batching._BatchedLayers():
-            out = torch.func.vmap(conv)(x, w)
-        torch.testing.assert_close(out, torch.stack([conv(a, b) for a, b in zip(x, w)]))
-    assert len(calls) == 1 and calls[0][1] == batching.LOOPED_CONV_MIN_EXAMPLES
 
 
 def test_auto_inside_a_torch_func_transform_is_vmap():
