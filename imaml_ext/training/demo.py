@@ -133,12 +133,13 @@ def _train_all(cfg: DemoConfig, out_dir: Path, device: str, progress: bool,
     threads, spawned, seeded alike: the same results as one after the other),
     with one progress bar over all their meta-steps, advanced at each metrics line."""
     threads = torch.get_num_threads()
-    if workers <= 1 or len(cfg.methods) <= 1:
+    processes = min(workers, len(cfg.methods))
+    if processes <= 1:
         return {m: _train_method(cfg.train_config(m), out_dir / m, device, progress, threads)
                 for m in cfg.methods}
     done: Dict[str, Tuple[Path, float]] = {}
-    with ProcessPoolExecutor(min(workers, len(cfg.methods)), multiprocessing.get_context("spawn")) as pool, \
-            tqdm(total=cfg.meta_steps * len(cfg.methods), desc=f"meta-training ({workers} processes)",
+    with ProcessPoolExecutor(processes, multiprocessing.get_context("spawn")) as pool, \
+            tqdm(total=cfg.meta_steps * len(cfg.methods), desc=f"meta-training ({processes} processes)",
                  unit="step", disable=not progress) as bar:
         futures = {pool.submit(_train_method, cfg.train_config(m), out_dir / m, device, False, threads): m
                    for m in cfg.methods}
