@@ -313,7 +313,7 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         if inner_solver != "nesterov":
             raise ValueError("inner_momentum is the momentum of inner_solver='nesterov'; "
                              f"inner_solver={inner_solver!r} does not use it")
-        check_nonnegative("inner_momentum", inner_momentum)
+        inner_momentum = check_nonnegative("inner_momentum", inner_momentum)
         if inner_momentum >= 1:
             raise ValueError(f"inner_momentum must be < 1 (β ≥ 1 diverges), got {inner_momentum!r}")
     if task_loss.dtype not in (torch.float32, torch.float64):
