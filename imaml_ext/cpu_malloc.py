@@ -12,8 +12,11 @@ glibc's defaults and 1.00–1.11× with the settings below
 (benchmarks/RESULTS.md, "malloc").
 
 :func:`reuse_freed_memory` sets ``M_MMAP_MAX = 0`` (large blocks come from
-the heap, where freed blocks are reused) and ``M_TRIM_THRESHOLD`` to 2 GiB
-(freed memory at the top of the heap is kept for reuse instead of returned).
+the heap, where freed blocks are reused) and ``M_TRIM_THRESHOLD = -1`` (freed
+memory at the top of the heap is kept for reuse instead of returned, however
+large: with a 2 GiB threshold, a full-MAML meta-batch of the Conv-4 at
+3×84×84, T = 4 (peak 6–7 GB), run after a per-task loop in the same process
+page-faulted 595,000 pages back in; with trimming off, 1).
 The cost is memory: the process's resident memory stays near its peak
 instead of falling after each meta-batch, and blocks that no longer fit the
 heap's free holes grow it, so the peak resident memory of a meta-batch was
@@ -33,7 +36,7 @@ __all__ = ["reuse_freed_memory", "DISABLE_ENV"]
 
 DISABLE_ENV = "IMAML_EXT_SYSTEM_MALLOC"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, <malloc.h>
-_TRIM_THRESHOLD_BYTES = 2 ** 31 - 1      # mallopt takes an int
+_NEVER_TRIM = -1                         # mallopt(M_TRIM_THRESHOLD, -1): trimming off
 
 _applied: Optional[bool] = None
 
@@ -61,5 +64,5 @@ def reuse_freed_memory() -> bool:
         else:
             libc = _glibc()
             _applied = bool(libc is not None and libc.mallopt(_M_MMAP_MAX, 0) == 1
-                            and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1)
+                            and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM) == 1)
     return _applied

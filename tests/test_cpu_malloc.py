@@ -12,8 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Allocates a 100 MiB tensor after building a CPU TaskLoss and prints whether the
-# C library is glibc, what reuse_freed_memory() returned, and the bytes that glibc
-# serves from mmap (mallinfo2's hblkhd) before and after the allocation.
+# C library is glibc, what reuse_freed_memory() returned, the bytes that glibc
+# serves from mmap (mallinfo2's hblkhd) before and after the allocation, and the
+# free bytes at the top of the heap (keepcost) after a 3 GiB block is freed
+# (torch.empty touches no page, so the block costs address space only).
 PROBE = textwrap.dedent("""
     import ctypes, torch
     from torch import nn
@@ -30,7 +32,10 @@ PROBE = textwrap.dedent("""
     TaskLoss(nn.Linear(2, 2), torch.nn.functional.mse_loss)
     before = libc.mallinfo2().hblkhd
     t = torch.ones(100 * 2 ** 20 // 4)
-    print(cpu_malloc.reuse_freed_memory(), libc.mallinfo2().hblkhd - before)
+    mmapped = libc.mallinfo2().hblkhd - before
+    big = torch.empty(3 * 2 ** 30, dtype=torch.uint8)
+    del big
+    print(cpu_malloc.reuse_freed_memory(), mmapped, libc.mallinfo2().keepcost)
 """)
 
 
@@ -45,13 +50,14 @@ def test_a_cpu_task_loss_makes_large_tensors_come_from_the_heap():
     result = probe(IMAML_EXT_SYSTEM_MALLOC="")
     if result == ["not-glibc"]:
         pytest.skip("the C library is not glibc: cpu_malloc does nothing there")
-    applied, mmapped = result
+    applied, mmapped, kept = result
     assert applied == "True" and int(mmapped) < 2 ** 20
+    assert int(kept) >= 3 * 2 ** 30  # not given back, however large
 
 
 def test_the_environment_variable_keeps_glibc_defaults():
     result = probe(IMAML_EXT_SYSTEM_MALLOC="1")
     if result == ["not-glibc"]:
         pytest.skip("the C library is not glibc: cpu_malloc does nothing there")
-    applied, mmapped = result
-    assert applied == "False" and int(mmapped) >= 100 * 2 ** 20
+    applied, mmapped, kept = result
+    assert applied == "False" and int(mmapped) >= 100 * 2 ** 20 and int(kept) < 2 ** 30
