@@ -30,6 +30,10 @@ difference printed; the run stops above ``--check-tol`` unless
 TorchOpt's does not, so where a task stops the iMAML gradients differ by
 definition; the check says so instead of failing.
 
+imaml_ext runs its tasks as ``--batching`` says (``vmap``, the library's
+default; ``loop``; ``auto``, which times both once and picks); the table names
+what it ran.
+
 Timing: ``--rounds`` rounds after one warm-up round; in each round every
 variant of a work runs once, the order rotating between rounds, all in this
 process.  Reported: the median seconds per meta-batch and the median (and
@@ -62,6 +66,7 @@ from typing import Callable, Dict, List, NamedTuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import peer_loops as pl  # noqa: E402
+from imaml_ext.batching import BATCHING_MODES  # noqa: E402
 
 MB = 2.0 ** 20
 WORKS = ("imaml", "full", "first_order", "checkpointed")
@@ -82,25 +87,29 @@ class Variant(NamedTuple):
     options: Dict[str, object]
 
 
-def variants(work: str, steps: int, task_chunk: int, budget_mb: float = 0.0) -> List[Variant]:
-    """imaml_ext first, then the peers that implement ``work`` (and, for checkpointed MAML
-    with ``budget_mb``, imaml_ext with that memory_budget)."""
+def variants(work: str, steps: int, task_chunk: int, budget_mb: float = 0.0,
+             batching: str = "vmap") -> List[Variant]:
+    """imaml_ext first (its tasks run as ``batching`` says), then the peers that
+    implement ``work`` (and, for checkpointed MAML with ``budget_mb``, imaml_ext
+    with that memory_budget)."""
     every = max(1, round(steps ** 0.5))
     chunk = {"task_chunk": task_chunk} if task_chunk else {}
     if work == "imaml":
-        return [Variant("imaml_ext", "", pl.imaml_ext_imaml, chunk),
+        return [Variant("imaml_ext", "", pl.imaml_ext_imaml, dict(chunk, batching=batching)),
                 Variant("torchopt-flat", "torchopt", pl.torchopt_imaml_flat, {}),
                 Variant("torchopt-example", "torchopt", pl.torchopt_imaml_example, {})]
     if work == "full":
-        return [Variant("imaml_ext", "", pl.imaml_ext_maml, dict(mode="full")),
+        return [Variant("imaml_ext", "", pl.imaml_ext_maml, dict(mode="full", batching=batching)),
                 Variant("higher", "higher", pl.higher_maml, {}),
                 Variant("torchopt-MetaSGD", "torchopt", pl.torchopt_metasgd_maml, {})]
     if work == "first_order":
-        return [Variant("imaml_ext", "", pl.imaml_ext_maml, dict(mode="first_order")),
+        return [Variant("imaml_ext", "", pl.imaml_ext_maml, dict(mode="first_order", batching=batching)),
                 Variant("higher", "higher", pl.higher_maml, dict(first_order=True))]
     budget = [Variant(f"imaml_ext budget {budget_mb:g} MB", "", pl.imaml_ext_maml,
-                      dict(mode="checkpointed", memory_budget=int(budget_mb * MB)))] if budget_mb else []
-    return [Variant("imaml_ext", "", pl.imaml_ext_maml, dict(mode="checkpointed", checkpoint_every=every)),
+                      dict(mode="checkpointed", memory_budget=int(budget_mb * MB), batching=batching))
+              ] if budget_mb else []
+    return [Variant("imaml_ext", "", pl.imaml_ext_maml,
+                    dict(mode="checkpointed", checkpoint_every=every, batching=batching)),
             *budget,
             Variant("torch_maml", "torch_maml", pl.torch_maml_checkpointed, dict(checkpoint_steps=every))]
 
@@ -135,8 +144,9 @@ def _resized(images, side: int, channels: int):
     return out.expand(-1, channels, -1, -1).reshape(T, n, channels, side, side).contiguous()
 
 
-def run_variant(v: Variant, model, batch, settings) -> None:
-    v.fn(model, *batch, **settings, **v.options)
+def run_variant(v: Variant, model, batch, settings):
+    """One meta-gradient of ``v``; imaml_ext's variants return their ``adapted.info``."""
+    return v.fn(model, *batch, **settings, **v.options)
 
 
 def sync(device: str) -> None:
@@ -181,19 +191,23 @@ def check(work: str, model_name: str, vs: List[Variant], settings, args) -> Dict
 
 # --- timing, interleaved -------------------------------------------------------------------------
 
-def time_work(vs: List[Variant], model, batch, settings, args) -> Dict[str, List[float]]:
+def time_work(vs: List[Variant], model, batch, settings, args):
+    """Seconds of each variant per round, and the last ``adapted.info`` of imaml_ext's."""
     times: Dict[str, List[float]] = {v.name: [] for v in vs}
+    info = {}
     for r in range(args.rounds + 1):  # round 0 warms up
         shift = r % len(vs)
         for v in vs[shift:] + vs[:shift]:
             sync(args.device)
             t0 = time.perf_counter()
-            run_variant(v, model, batch, settings)
+            out = run_variant(v, model, batch, settings)
             sync(args.device)
             if r:
                 times[v.name].append(time.perf_counter() - t0)
+            if v.name == "imaml_ext":
+                info = out
             model.zero_grad(set_to_none=True)
-    return times
+    return times, info
 
 
 def profile(vs: List[Variant], model, batch, settings, args) -> str:
@@ -232,7 +246,8 @@ def run_point(args) -> dict:
     work, model_name, name = args.point.split(":")
     settings = dict(SETTINGS[work], steps=args.steps.get(work, SETTINGS[work]["steps"]))
     model, batch = build_problem(model_name, args.tasks_of[work], args)
-    v = next(v for v in variants(work, settings["steps"], args.task_chunk, args.budget_mb) if v.name == name)
+    v = next(v for v in variants(work, settings["steps"], args.task_chunk, args.budget_mb, args.batching)
+             if v.name == name)
     cuda = args.device == "cuda"
     gc.collect()
     if cuda:
@@ -285,7 +300,7 @@ def table(rows: List[dict], args) -> str:
             "| peak memory MB | float64 rel. diff |")
     lines = [head, "|---|---|---:|---|---:|---|---:|---|"]
     for r in rows:
-        ratio = ("1" if r["variant"] == "imaml_ext" else
+        ratio = (f"1 ({r.get('batching', '?')})" if r["variant"] == "imaml_ext" else
                  f"{r['ratio']:.2f}× ({r['ratio_min']:.2f}–{r['ratio_max']:.2f})" if "ratio" in r else "-")
         mem = r.get("memory_mb", "-")
         mem = f"{mem:.0f}" if isinstance(mem, float) else mem
@@ -307,7 +322,7 @@ def compare(args) -> List[dict]:
                 print(f"[compare_peers] {model_name}: imaml_ext.models has no Conv4 here; skipped", flush=True)
                 continue
             vs = []
-            for v in variants(work, settings["steps"], args.task_chunk, args.budget_mb):
+            for v in variants(work, settings["steps"], args.task_chunk, args.budget_mb, args.batching):
                 if args.variants and v.name not in args.variants:
                     continue
                 why = v.peer and pl.peer_status(v.peer)
@@ -320,13 +335,17 @@ def compare(args) -> List[dict]:
             checks = {} if args.no_check else check(work, model_name, vs, settings, args)
             print(f"[compare_peers]   float64 check on {args.check_tasks} tasks: {checks}", flush=True)
             model, batch = problem
-            times = time_work(vs, model, batch, settings, args) if args.rounds else {}
+            times, info = time_work(vs, model, batch, settings, args) if args.rounds else ({}, {})
+            if "batching" in info:
+                print(f"[compare_peers]   imaml_ext batching: {info['batching']}", flush=True)
             mem = memory(work, model_name, vs, args) if args.memory else {}
             if args.profile:
                 print(profile(vs, model, batch, settings, args), flush=True)
             base = times.get("imaml_ext")
             for v in vs:
                 row = dict(work=work, model=model_name, tasks=tasks, variant=v.name, check=checks.get(v.name, "-"))
+                if v.name == "imaml_ext" and "batching" in info:
+                    row["batching"] = info["batching"]["batching"]
                 if v.name in times:
                     row["seconds"] = statistics.median(times[v.name])
                     row["times_s"] = times[v.name]
@@ -359,6 +378,9 @@ def parse(argv):
     ap.add_argument("--budget-mb", type=float, default=0.0,
                     help="also time checkpointed MAML with memory_budget of this many MB (0: not)")
     ap.add_argument("--task-chunk", type=int, default=0, help="imaml_ext iMAML's task_chunk (0: none)")
+    ap.add_argument("--batching", default="vmap", choices=BATCHING_MODES,
+                    help="how imaml_ext runs the tasks (imaml_ext.batching; 'auto' measures and picks, "
+                         "the table says what it picked)")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds after one warm-up (0: no timing)")
     ap.add_argument("--memory", action="store_true", help="peak memory, a fresh process per variant")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table per variant")

@@ -199,24 +199,27 @@ def torchopt_imaml_flat(model: nn.Module, xs, ys, xq, yq, *, steps: int, lr: flo
 
 # --- imaml_ext, on the same problems -----------------------------------------------------------
 
-def imaml_ext_maml(model, xs, ys, xq, yq, *, steps: int, lr: float, mode: str, **maml_options) -> None:
-    """imaml_ext.maml (mode "full", "first_order" or "checkpointed"), all tasks at once."""
+def imaml_ext_maml(model, xs, ys, xq, yq, *, steps: int, lr: float, mode: str, **maml_options) -> Dict:
+    """imaml_ext.maml (mode "full", "first_order" or "checkpointed"), all tasks at
+    once; returns ``adapted.info`` (how the tasks were batched, ...)."""
     import imaml_ext as im
     adapted = im.maml(model, xs, ys, F.cross_entropy, inner_steps=steps, inner_lr=lr, mode=mode,
                       **maml_options)
     adapted.loss(xq, yq).sum().backward()
+    return adapted.info
 
 
 def imaml_ext_imaml(model, xs, ys, xq, yq, *, steps: int, lr: float, lam: float, cg_steps: int,
-                    **imaml_options) -> None:
-    """imaml_ext.imaml with GD inner steps and CG, all tasks at once."""
+                    **imaml_options) -> Dict:
+    """imaml_ext.imaml with GD inner steps and CG, all tasks at once; returns ``adapted.info``."""
     import imaml_ext as im
     adapted = im.imaml(model, xs, ys, F.cross_entropy, lam=lam, inner_steps=steps, inner_lr=lr,
                        cg_steps=cg_steps, **imaml_options)
     adapted.loss(xq, yq).sum().backward()
+    return adapted.info
 
 
-MetaGradient = Callable[..., None]
+MetaGradient = Callable[..., object]
 
 
 def meta_gradient(fn: MetaGradient, model: nn.Module, batch, **kwargs) -> torch.Tensor:
