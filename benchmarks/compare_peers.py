@@ -39,11 +39,14 @@ variant of a work runs once, the order rotating between rounds, all in this
 process.  Reported: the median seconds per meta-batch and the median (and
 range) of the per-round ratio peer / imaml_ext.
 
-Memory (``--memory``): each variant runs one meta-batch in a fresh process
-that first builds the model and data; reported is the peak above what the
-process held then: on the CPU the peak RSS (Linux VmHWM, reset through
-/proc/self/clear_refs just before), on CUDA ``torch.cuda.max_memory_allocated``
-minus what was allocated before.
+Memory (``--memory``): each variant runs in a fresh process that first
+builds the model and data; reported is the peak above what the process held
+then: on the CPU the peak RSS of a first meta-batch (Linux VmHWM, reset
+through /proc/self/clear_refs just before) and, with glibc, the peak of the
+bytes malloc holds for the program during a second one, sampled after every
+PyTorch operator (``imaml_ext.cpu_malloc.heap_stats``: it leaves out
+freed memory that malloc keeps, which the RSS counts); on CUDA
+``torch.cuda.max_memory_allocated`` minus what was allocated before.
 
 Profile (``--profile``): ``torch.profiler`` over one meta-batch of each
 variant, the ops with the most self time.
@@ -235,10 +238,33 @@ def _vm(field: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
+class _HeapPeak:
+    """The most bytes malloc held for the program (:func:`imaml_ext.cpu_malloc.heap_stats`)
+    after any PyTorch operator run inside it, forward or backward."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from imaml_ext.cpu_malloc import heap_stats
+        peak = self
+
+        class Sample(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                peak.bytes = max(peak.bytes, heap_stats()["in_use"])
+                return out
+
+        self.start = self.bytes = heap_stats()["in_use"]
+        self.mode = Sample()
+
+
 def run_point(args) -> dict:
     """One meta-batch of one variant in this (fresh) process; its peak memory above what
-    the process held before it: on the CPU the peak RSS (VmHWM, reset just before), on
-    CUDA the peak allocation."""
+    the process held before it: on the CPU the peak RSS (VmHWM, reset just before) and,
+    with glibc, the peak of the bytes malloc holds for the program during a second
+    meta-batch, sampled after every operator (freed memory that malloc keeps is in the
+    first and not in the second; one-time allocations of a first run are in neither:
+    sampling the first run changed the order of allocations and with it the RSS);
+    on CUDA the peak allocation."""
     import gc
     import torch
     if args.threads:
@@ -264,7 +290,16 @@ def run_point(args) -> dict:
     seconds = time.perf_counter() - t0
     if cuda:
         return dict(seconds=seconds, memory_mb=(torch.cuda.max_memory_allocated() - start) / MB)
-    return dict(seconds=seconds, memory_mb=_vm("VmHWM") - start)
+    out = dict(seconds=seconds, memory_mb=_vm("VmHWM") - start)
+    from imaml_ext.cpu_malloc import heap_stats
+    if heap_stats() is not None:  # a second meta-batch, sampled: the steady state
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        heap = _HeapPeak()
+        with heap.mode:
+            run_variant(v, model, batch, settings)
+        out["heap_mb"] = (heap.bytes - heap.start) / MB
+    return out
 
 
 def child(args, point: str) -> dict:
@@ -277,11 +312,12 @@ def child(args, point: str) -> dict:
     return dict(error=f"exit {res.returncode}: {' | '.join(tail)}")
 
 
-def memory(work: str, model_name: str, vs: List[Variant], args) -> Dict[str, object]:
+def memory(work: str, model_name: str, vs: List[Variant], args) -> Dict[str, dict]:
+    """Per variant ``{"memory_mb": ..., "heap_mb": ...}`` (or ``{"memory_mb": error}``)."""
     out = {}
     for v in vs:
         r = child(args, f"{work}:{model_name}:{v.name}")
-        out[v.name] = r.get("memory_mb", r.get("error"))
+        out[v.name] = {k: r[k] for k in ("memory_mb", "heap_mb") if k in r} or {"memory_mb": r.get("error")}
     return out
 
 
@@ -297,16 +333,16 @@ def machine(args) -> str:
 
 def table(rows: List[dict], args) -> str:
     head = ("| work | model | T | variant | median s / meta-batch | peer / imaml_ext: median (min–max) "
-            "| peak memory MB | float64 rel. diff |")
-    lines = [head, "|---|---|---:|---|---:|---|---:|---|"]
+            "| peak RSS MB | peak malloc'd MB | float64 rel. diff |")
+    lines = [head, "|---|---|---:|---|---:|---|---:|---:|---|"]
     for r in rows:
-        ratio = (f"1 ({r.get('batching', '?')})" if r["variant"] == "imaml_ext" else
+        ratio = ((f"1 ({r['batching']})" if "batching" in r else "1") if r["variant"] == "imaml_ext" else
                  f"{r['ratio']:.2f}× ({r['ratio_min']:.2f}–{r['ratio_max']:.2f})" if "ratio" in r else "-")
-        mem = r.get("memory_mb", "-")
-        mem = f"{mem:.0f}" if isinstance(mem, float) else mem
+        mem, heap = (f"{r[k]:.0f}" if isinstance(r.get(k), float) else r.get(k, "-")
+                     for k in ("memory_mb", "heap_mb"))
         secs = f"{r['seconds']:.3f}" if "seconds" in r else r.get("error", "-")
         lines.append(f"| {r['work']} | {r['model']} | {r['tasks']} | {r['variant']} | {secs} | {ratio} | {mem} "
-                     f"| {r.get('check', '-')} |")
+                     f"| {heap} | {r.get('check', '-')} |")
     return "\n".join(lines)
 
 
@@ -352,12 +388,12 @@ def compare(args) -> List[dict]:
                     if base and v.name != "imaml_ext":
                         ratios = [p / b for p, b in zip(times[v.name], base)]
                         row.update(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
-                if v.name in mem:
-                    row["memory_mb"] = mem[v.name]
+                row.update(mem.get(v.name, {}))
                 rows.append(row)
                 print(f"[compare_peers]   {v.name:>18}: {row.get('seconds', float('nan')):.3f} s"
                       + (f"  ratio {row['ratio']:.2f}" if "ratio" in row else "")
-                      + (f"  {row['memory_mb']} MB" if "memory_mb" in row else ""), flush=True)
+                      + (f"  RSS {row['memory_mb']} MB" if "memory_mb" in row else "")
+                      + (f"  malloc'd {row['heap_mb']:.1f} MB" if "heap_mb" in row else ""), flush=True)
             del problem, model, batch
             if args.device == "cuda":
                 torch.cuda.empty_cache()

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 from typing import Optional
 
-__all__ = ["reuse_freed_memory", "DISABLE_ENV"]
+__all__ = ["reuse_freed_memory", "heap_stats", "DISABLE_ENV"]
 
 DISABLE_ENV = "IMAML_EXT_SYSTEM_MALLOC"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, <malloc.h>
@@ -41,6 +42,14 @@ _NEVER_TRIM = -1                         # mallopt(M_TRIM_THRESHOLD, -1): trimmi
 _applied: Optional[bool] = None
 
 
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (<malloc.h>, glibc ≥ 2.33), in bytes."""
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                 "uordblks", "fordblks", "keepcost")]
+
+
+@functools.lru_cache(maxsize=None)
 def _glibc() -> Optional[ctypes.CDLL]:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -66,3 +75,18 @@ def reuse_freed_memory() -> bool:
             _applied = bool(libc is not None and libc.mallopt(_M_MMAP_MAX, 0) == 1
                             and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM) == 1)
     return _applied
+
+
+def heap_stats() -> Optional[dict]:
+    """glibc's ``mallinfo2()`` as a dict of bytes, with ``"in_use"``: the bytes the
+    program holds (``uordblks`` from the heap + ``hblkhd`` from mmap), which,
+    unlike the resident set, does not count freed memory malloc keeps.
+    None without glibc ≥ 2.33."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    stats = {name: int(getattr(info, name)) for name, _ in _MallInfo2._fields_}
+    stats["in_use"] = stats["uordblks"] + stats["hblkhd"]
+    return stats

@@ -15,27 +15,23 @@ ROOT = Path(__file__).resolve().parents[1]
 # C library is glibc, what reuse_freed_memory() returned, the bytes that glibc
 # serves from mmap (mallinfo2's hblkhd) before and after the allocation, and the
 # free bytes at the top of the heap (keepcost) after a 3 GiB block is freed
-# (torch.empty touches no page, so the block costs address space only).
+# (torch.empty touches no page, so the block costs address space only), and the
+# bytes in use that the 100 MiB tensor added.
 PROBE = textwrap.dedent("""
-    import ctypes, torch
+    import torch
     from torch import nn
     from imaml_ext import cpu_malloc
     from imaml_ext.functional import TaskLoss
-    class Info(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                     "uordblks", "fordblks", "keepcost")]
-    libc = cpu_malloc._glibc()
-    if libc is None or not hasattr(libc, "mallinfo2"):
+    if cpu_malloc.heap_stats() is None:
         print("not-glibc"); raise SystemExit
-    libc.mallinfo2.restype = Info
     TaskLoss(nn.Linear(2, 2), torch.nn.functional.mse_loss)
-    before = libc.mallinfo2().hblkhd
+    before = cpu_malloc.heap_stats()
     t = torch.ones(100 * 2 ** 20 // 4)
-    mmapped = libc.mallinfo2().hblkhd - before
+    after = cpu_malloc.heap_stats()
     big = torch.empty(3 * 2 ** 30, dtype=torch.uint8)
     del big
-    print(cpu_malloc.reuse_freed_memory(), mmapped, libc.mallinfo2().keepcost)
+    print(cpu_malloc.reuse_freed_memory(), after["hblkhd"] - before["hblkhd"],
+          cpu_malloc.heap_stats()["keepcost"], after["in_use"] - before["in_use"])
 """)
 
 
@@ -50,14 +46,16 @@ def test_a_cpu_task_loss_makes_large_tensors_come_from_the_heap():
     result = probe(IMAML_EXT_SYSTEM_MALLOC="")
     if result == ["not-glibc"]:
         pytest.skip("the C library is not glibc: cpu_malloc does nothing there")
-    applied, mmapped, kept = result
+    applied, mmapped, kept, in_use = result
     assert applied == "True" and int(mmapped) < 2 ** 20
     assert int(kept) >= 3 * 2 ** 30  # not given back, however large
+    assert 100 * 2 ** 20 <= int(in_use) < 101 * 2 ** 20  # the tensor, wherever it came from
 
 
 def test_the_environment_variable_keeps_glibc_defaults():
     result = probe(IMAML_EXT_SYSTEM_MALLOC="1")
     if result == ["not-glibc"]:
         pytest.skip("the C library is not glibc: cpu_malloc does nothing there")
-    applied, mmapped, kept = result
+    applied, mmapped, kept, in_use = result
     assert applied == "False" and int(mmapped) >= 100 * 2 ** 20 and int(kept) < 2 ** 30
+    assert 100 * 2 ** 20 <= int(in_use) < 101 * 2 ** 20
