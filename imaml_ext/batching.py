@@ -7,9 +7,10 @@
   values for every task.  Fast where PyTorch has batching rules for the
   model's operators; a model it cannot batch (an LSTM, data-dependent
   Python control flow, ``.item()``) raises :class:`BatchingError`.
-  Batch-norm with batch statistics and 2-d max-pooling are run folded: one
-  ordinary call on ``[n, T·C, ...]`` (:class:`_TaskBatchNorm`,
-  :class:`_TaskMaxPool2d`), cheaper than vmap's generic rules.
+  Batch-norm with batch statistics, 2-d max-pooling and 2-d convolutions
+  with per-task weights are run folded: one ordinary call on
+  ``[n, T·C, ...]`` (:class:`_TaskBatchNorm`, :class:`_TaskMaxPool2d`,
+  :class:`_TaskConv2d`), cheaper than vmap's generic rules.
 * ``"loop"``: a Python loop over the tasks, one ordinary call each, results
   stacked.  Runs any module that runs on one task; slower for small models.
 * ``"auto"``: :func:`choose` measures one gradient of the support loss both
@@ -121,6 +122,28 @@ class _TaskMaxPool2d(_UnderVmapOnly):
         return _unfold(out, T)
 
 
+class _TaskConv2d(_UnderVmapOnly):
+    """2-d convolution of per-task x_t ``[n, C_in, H, W]`` with per-task weight
+    ``[C_out, C_in/g, k, k]`` and bias ``[C_out]``: one grouped convolution on
+    ``[n, T·C_in, H, W]`` with weight ``[T·C_out, ...]``, bias ``[T·C_out]`` and
+    T·g groups.  vmap's rule forms the same grouped convolution without the
+    bias and adds it afterwards (a pass over the output forward, a strided
+    reduction for its gradient); here the convolution adds it."""
+
+    @staticmethod
+    def forward(x, weight, bias, stride, padding, dilation, groups):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, stride, padding, dilation, groups):
+        T = info.batch_size
+        w = _task_dim(weight, in_dims[1], T, 0)
+        b = _task_dim(bias, in_dims[2], T, 0)
+        out = F.conv2d(_fold(x, in_dims[0], T), w.reshape(-1, *w.shape[2:]),
+                       None if b is None else b.reshape(-1), stride, padding, dilation, groups * T)
+        return _unfold(out, T)
+
+
 def _directly_under_vmap(t: torch.Tensor) -> bool:
     """True if the innermost torch.func transform running is vmap and ``t`` is batched by it."""
     functorch = torch._C._functorch
@@ -149,9 +172,18 @@ def _max_pool2d_call(input, kernel_size, stride=None, padding=0, dilation=1, cei
     return input, kernel_size, stride, padding, dilation, ceil_mode
 
 
+def _conv2d_call(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """:class:`_TaskConv2d`'s arguments for an ``F.conv2d`` call on ``[n, C, H, W]``
+    whose weight is per task (batched by the innermost vmap), else None."""
+    if input.dim() != 4 or not _directly_under_vmap(weight):
+        return None
+    return input, weight, bias, stride, padding, dilation, groups
+
+
 # F.<layer> -> (its Function, the arguments of that Function or None where it does not apply)
 _FOLDED = {F.batch_norm: (_TaskBatchNorm, _batch_norm_call),
-           F.max_pool2d: (_TaskMaxPool2d, _max_pool2d_call)}
+           F.max_pool2d: (_TaskMaxPool2d, _max_pool2d_call),
+           F.conv2d: (_TaskConv2d, _conv2d_call)}
 
 
 class _BatchedLayers(TorchFunctionMode):

@@ -236,14 +236,15 @@ def test_auto_times_both_and_picks_the_faster(monkeypatch):
     assert im.maml(model, x, y, inner_steps=1, batching="auto").info["batching"]["batching"] == "vmap"
 
 
-# --- the folded layers: batch-norm and max-pooling as one call on [n, T·C, ...] under vmap --
+# --- the folded layers: batch-norm, max-pooling and convolution as one call on [n, T·C, ...] --
 
 def test_folded_layers_run_under_vmap_and_equal_the_generic_rules(monkeypatch):
-    """Under vmap, batch-norm and max-pool run folded (counted); outputs, gradients and
-    second derivatives equal those of vmap's own batching rules (folding switched off)."""
+    """Under vmap, batch-norm, max-pool and convolution run folded (counted); outputs,
+    gradients and second derivatives equal those of vmap's own batching rules (folding
+    switched off)."""
     model, (xs, ys, _, _) = make("conv4-maxpool")
     used = []
-    for cls in (batching._TaskBatchNorm, batching._TaskMaxPool2d):
+    for cls in (batching._TaskBatchNorm, batching._TaskMaxPool2d, batching._TaskConv2d):
         monkeypatch.setattr(cls, "vmap", staticmethod(
             lambda info, dims, *a, _orig=cls.vmap, _name=cls.__name__: used.append(_name) or _orig(info, dims, *a)))
 
@@ -257,11 +258,35 @@ def test_folded_layers_run_under_vmap_and_equal_the_generic_rules(monkeypatch):
 
     folded = derivatives()
     assert used.count("_TaskBatchNorm") == 4 and used.count("_TaskMaxPool2d") == 4
+    assert used.count("_TaskConv2d") == 4
     monkeypatch.setattr(batching, "_FOLDED", {})
     generic = derivatives()
     assert used.count("_TaskBatchNorm") == 4  # not used with the table empty
     for a, b in zip(folded, generic):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_folded_convolution_equals_one_convolution_per_task(bias):
+    """Per-task weights with stride, padding, dilation and groups: the folded grouped
+    convolution under vmap gives each task's own F.conv2d output and gradients."""
+    g = torch.Generator().manual_seed(3)
+    T, n = 3, 2
+    x = torch.randn(T, n, 4, 9, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(T, 6, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(T, 6, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    options = dict(stride=2, padding=1, dilation=2, groups=2)
+    args = (x, w) + ((b,) if bias else ())
+
+    def conv(x_t, w_t, b_t=None):
+        return F.conv2d(x_t, w_t, b_t, **options)
+
+    folded = batching.over_tasks(conv, "vmap")(*args)
+    looped = torch.stack([conv(*(a[t] for a in args)) for t in range(T)])
+    torch.testing.assert_close(folded, looped, rtol=1e-12, atol=1e-12)
+    v = torch.randn(looped.shape, generator=g, dtype=torch.float64)
+    for a, c in zip(torch.autograd.grad(folded, args, v), torch.autograd.grad(looped, args, v)):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
 
 
 def test_auto_inside_a_torch_func_transform_is_vmap():
