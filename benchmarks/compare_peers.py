@@ -261,10 +261,10 @@ def run_point(args) -> dict:
     """One meta-batch of one variant in this (fresh) process; its peak memory above what
     the process held before it: on the CPU the peak RSS (VmHWM, reset just before) and,
     with glibc, the peak of the bytes malloc holds for the program during a second
-    meta-batch, sampled after every operator (freed memory that malloc keeps is in the
-    first and not in the second; one-time allocations of a first run are in neither:
-    sampling the first run changed the order of allocations and with it the RSS);
-    on CUDA the peak allocation."""
+    meta-batch, sampled after every operator (freed memory that malloc keeps and the
+    first run's one-time allocations are in the first and not in the second; the second
+    is sampled, not the first, because sampling changed the order of allocations and
+    with it the RSS); on CUDA the peak allocation."""
     import gc
     import torch
     if args.threads:
