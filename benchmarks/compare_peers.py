@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -194,23 +195,32 @@ def check(work: str, model_name: str, vs: List[Variant], settings, args) -> Dict
 
 # --- timing, interleaved -------------------------------------------------------------------------
 
+def _minor_faults() -> int:
+    """Page faults of this process served without I/O so far (fresh pages, zeroed)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_work(vs: List[Variant], model, batch, settings, args):
-    """Seconds of each variant per round, and the last ``adapted.info`` of imaml_ext's."""
+    """Seconds and page faults of each variant per round, and the last ``adapted.info``
+    of imaml_ext's.  The faults show where a variant paid for fresh memory: one whose
+    large blocks no longer fit the heap's holes after the others ran grows the heap."""
     times: Dict[str, List[float]] = {v.name: [] for v in vs}
+    faults: Dict[str, List[int]] = {v.name: [] for v in vs}
     info = {}
     for r in range(args.rounds + 1):  # round 0 warms up
         shift = r % len(vs)
         for v in vs[shift:] + vs[:shift]:
             sync(args.device)
-            t0 = time.perf_counter()
+            f0, t0 = _minor_faults(), time.perf_counter()
             out = run_variant(v, model, batch, settings)
             sync(args.device)
             if r:
                 times[v.name].append(time.perf_counter() - t0)
+                faults[v.name].append(_minor_faults() - f0)
             if v.name == "imaml_ext":
                 info = out
             model.zero_grad(set_to_none=True)
-    return times, info
+    return times, faults, info
 
 
 def profile(vs: List[Variant], model, batch, settings, args) -> str:
@@ -371,7 +381,7 @@ def compare(args) -> List[dict]:
             checks = {} if args.no_check else check(work, model_name, vs, settings, args)
             print(f"[compare_peers]   float64 check on {args.check_tasks} tasks: {checks}", flush=True)
             model, batch = problem
-            times, info = time_work(vs, model, batch, settings, args) if args.rounds else ({}, {})
+            times, faults, info = time_work(vs, model, batch, settings, args) if args.rounds else ({}, {}, {})
             if "batching" in info:
                 print(f"[compare_peers]   imaml_ext batching: {info['batching']}", flush=True)
             mem = memory(work, model_name, vs, args) if args.memory else {}
@@ -385,6 +395,7 @@ def compare(args) -> List[dict]:
                 if v.name in times:
                     row["seconds"] = statistics.median(times[v.name])
                     row["times_s"] = times[v.name]
+                    row["minor_faults"] = faults[v.name]
                     if base and v.name != "imaml_ext":
                         ratios = [p / b for p, b in zip(times[v.name], base)]
                         row.update(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
@@ -392,6 +403,7 @@ def compare(args) -> List[dict]:
                 rows.append(row)
                 print(f"[compare_peers]   {v.name:>18}: {row.get('seconds', float('nan')):.3f} s"
                       + (f"  ratio {row['ratio']:.2f}" if "ratio" in row else "")
+                      + (f"  page faults per round {row['minor_faults']}" if "minor_faults" in row else "")
                       + (f"  RSS {row['memory_mb']} MB" if "memory_mb" in row else "")
                       + (f"  malloc'd {row['heap_mb']:.1f} MB" if "heap_mb" in row else ""), flush=True)
             del problem, model, batch
