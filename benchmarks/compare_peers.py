@@ -70,7 +70,9 @@ from typing import Callable, Dict, List, NamedTuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import peer_loops as pl  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from imaml_ext.batching import BATCHING_MODES  # noqa: E402
+from imaml_ext.cpu_malloc import heap_stats  # noqa: E402
 
 MB = 2.0 ** 20
 WORKS = ("imaml", "full", "first_order", "checkpointed")
@@ -97,23 +99,23 @@ def variants(work: str, steps: int, task_chunk: int, budget_mb: float = 0.0,
     implement ``work`` (and, for checkpointed MAML with ``budget_mb``, imaml_ext
     with that memory_budget)."""
     every = max(1, round(steps ** 0.5))
-    chunk = {"task_chunk": task_chunk} if task_chunk else {}
+    ours = {"batching": batching}
     if work == "imaml":
-        return [Variant("imaml_ext", "", pl.imaml_ext_imaml, dict(chunk, batching=batching)),
+        chunk = {"task_chunk": task_chunk} if task_chunk else {}
+        return [Variant("imaml_ext", "", pl.imaml_ext_imaml, dict(ours, **chunk)),
                 Variant("torchopt-flat", "torchopt", pl.torchopt_imaml_flat, {}),
                 Variant("torchopt-example", "torchopt", pl.torchopt_imaml_example, {})]
+    maml = dict(ours, mode=work)
     if work == "full":
-        return [Variant("imaml_ext", "", pl.imaml_ext_maml, dict(mode="full", batching=batching)),
+        return [Variant("imaml_ext", "", pl.imaml_ext_maml, maml),
                 Variant("higher", "higher", pl.higher_maml, {}),
                 Variant("torchopt-MetaSGD", "torchopt", pl.torchopt_metasgd_maml, {})]
     if work == "first_order":
-        return [Variant("imaml_ext", "", pl.imaml_ext_maml, dict(mode="first_order", batching=batching)),
+        return [Variant("imaml_ext", "", pl.imaml_ext_maml, maml),
                 Variant("higher", "higher", pl.higher_maml, dict(first_order=True))]
     budget = [Variant(f"imaml_ext budget {budget_mb:g} MB", "", pl.imaml_ext_maml,
-                      dict(mode="checkpointed", memory_budget=int(budget_mb * MB), batching=batching))
-              ] if budget_mb else []
-    return [Variant("imaml_ext", "", pl.imaml_ext_maml,
-                    dict(mode="checkpointed", checkpoint_every=every, batching=batching)),
+                      dict(maml, memory_budget=int(budget_mb * MB)))] if budget_mb else []
+    return [Variant("imaml_ext", "", pl.imaml_ext_maml, dict(maml, checkpoint_every=every)),
             *budget,
             Variant("torch_maml", "torch_maml", pl.torch_maml_checkpointed, dict(checkpoint_steps=every))]
 
@@ -248,23 +250,19 @@ def _vm(field: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
-class _HeapPeak:
-    """The most bytes malloc held for the program (:func:`imaml_ext.cpu_malloc.heap_stats`)
-    after any PyTorch operator run inside it, forward or backward."""
+class _HeapPeak(TorchDispatchMode):
+    """Inside it, ``bytes`` is the most that malloc held for the program
+    (:func:`imaml_ext.cpu_malloc.heap_stats`) after any PyTorch operator, forward or
+    backward; ``start`` what it held on entry."""
 
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from imaml_ext.cpu_malloc import heap_stats
-        peak = self
-
-        class Sample(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                peak.bytes = max(peak.bytes, heap_stats()["in_use"])
-                return out
-
+    def __enter__(self):
         self.start = self.bytes = heap_stats()["in_use"]
-        self.mode = Sample()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.bytes = max(self.bytes, heap_stats()["in_use"])
+        return out
 
 
 def run_point(args) -> dict:
@@ -301,12 +299,10 @@ def run_point(args) -> dict:
     if cuda:
         return dict(seconds=seconds, memory_mb=(torch.cuda.max_memory_allocated() - start) / MB)
     out = dict(seconds=seconds, memory_mb=_vm("VmHWM") - start)
-    from imaml_ext.cpu_malloc import heap_stats
     if heap_stats() is not None:  # a second meta-batch, sampled: the steady state
         model.zero_grad(set_to_none=True)
         gc.collect()
-        heap = _HeapPeak()
-        with heap.mode:
+        with _HeapPeak() as heap:
             run_variant(v, model, batch, settings)
         out["heap_mb"] = (heap.bytes - heap.start) / MB
     return out

@@ -57,6 +57,8 @@ def _glibc() -> Optional[ctypes.CDLL]:
         libc.mallopt  # noqa: B018
     except (OSError, AttributeError):
         return None
+    if hasattr(libc, "mallinfo2"):  # glibc ≥ 2.33
+        libc.mallinfo2.restype = _MallInfo2
     return libc
 
 
@@ -85,7 +87,6 @@ def heap_stats() -> Optional[dict]:
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return None
-    libc.mallinfo2.restype = _MallInfo2
     info = libc.mallinfo2()
     stats = {name: int(getattr(info, name)) for name, _ in _MallInfo2._fields_}
     stats["in_use"] = stats["uordblks"] + stats["hblkhd"]
