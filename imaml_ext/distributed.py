@@ -31,6 +31,7 @@ group they raise instead of silently training N independent models.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -40,7 +41,10 @@ from torch import nn
 
 from .flat import ParamLayout
 
-__all__ = ["TaskShard", "split_tasks", "task_shard", "world", "all_reduce_meta_grad"]
+__all__ = ["TaskShard", "split_tasks", "task_shard", "world", "all_reduce_sum", "all_reduce_meta_grad"]
+
+# How long all_reduce_sum waits for gloo's worker thread to let go of a buffer (seconds).
+_RELEASE_TIMEOUT = 10.0
 
 
 def world(group: Optional["dist.ProcessGroup"] = None) -> Tuple[int, int]:
@@ -112,6 +116,27 @@ def task_shard(total: int, group: Optional["dist.ProcessGroup"] = None) -> TaskS
     return split_tasks(total, rank, size)
 
 
+def all_reduce_sum(buffer: torch.Tensor, group: Optional["dist.ProcessGroup"] = None) -> torch.Tensor:
+    """Sum ``buffer`` over the ranks in place (``dist.all_reduce``); returns ``buffer``.
+
+    For a CPU tensor (gloo) it returns only once the backend's worker thread
+    has dropped its references to ``buffer``.  gloo marks a collective done
+    a moment before its worker releases the tensors, and that release takes
+    the GIL: when it comes after the interpreter began to shut down (the last
+    collective of a run, on a rank with nothing left to do), the process
+    aborts with "terminate called without an active exception" at exit.
+    Waiting here (at most ``_RELEASE_TIMEOUT`` s, normally microseconds)
+    makes every collective end before the caller goes on.
+    """
+    held = buffer._use_count()
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    if buffer.device.type == "cpu":
+        deadline = time.monotonic() + _RELEASE_TIMEOUT
+        while buffer._use_count() > held and time.monotonic() < deadline:
+            time.sleep(1e-5)
+    return buffer
+
+
 def all_reduce_meta_grad(model: nn.Module, weight: Optional[float] = None, *metrics: torch.Tensor,
                          group: Optional["dist.ProcessGroup"] = None) -> Tuple[torch.Tensor, ...]:
     """Replace each trainable parameter's ``.grad`` by Σ_ranks weight · grad, in one collective.
@@ -143,7 +168,7 @@ def all_reduce_meta_grad(model: nn.Module, weight: Optional[float] = None, *metr
     pieces += [torch.as_tensor(m, dtype=like.dtype, device=like.device).detach().reshape(1) for m in metrics]
     buffer = torch.cat(pieces).mul_(weight)
     if size > 1:
-        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+        all_reduce_sum(buffer, group)
     flat, reduced = buffer[:layout.numel], buffer[layout.numel:]
     for p, g in zip(params, layout.split(flat)):
         p.grad = g.view_as(p).clone() if p.grad is None else p.grad.copy_(g.view_as(p))

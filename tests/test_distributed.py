@@ -103,6 +103,27 @@ def test_all_reduce_meta_grad_in_one_process_applies_the_weight_and_returns_the_
     assert model[1].bias.grad is None
 
 
+def test_a_gloo_sum_returns_after_the_worker_thread_let_go_of_the_buffer():
+    """gloo's worker drops its references to a collective's tensors just after the
+    result is ready; a release still pending when the interpreter shuts down aborts
+    the process.  all_reduce_sum returns only after the release: over 2000 sums in a
+    1-rank group none comes back with the buffer still held (plain ``dist.all_reduce``
+    came back held about 1 time in 100 here) and every sum is right."""
+    dist = torch.distributed
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        held_after = 0
+        for i in range(2000):
+            buffer = torch.full((1000,), float(i))
+            before = buffer._use_count()
+            assert im.distributed.all_reduce_sum(buffer) is buffer
+            held_after += buffer._use_count() > before
+            assert torch.equal(buffer, torch.full((1000,), float(i)))
+        assert held_after == 0
+    finally:
+        dist.destroy_process_group()
+
+
 def test_too_few_tasks_for_the_processes_and_more_ranks_than_gpus_are_clear_errors(monkeypatch):
     monkeypatch.setattr(im.distributed, "world", lambda group=None: (1, 4))
     with pytest.raises(ValueError, match="a meta-batch of 3 tasks cannot be split over 4 processes"):

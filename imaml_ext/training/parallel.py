@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..distributed import all_reduce_meta_grad, task_shard, world
+from ..distributed import all_reduce_meta_grad, all_reduce_sum, task_shard, world
 from .metrics import MetricsLogger
 
 __all__ = ["Ranks", "process_group", "rank_device", "cuda_device_for", "GradientSync", "SilentMetricsLogger",
@@ -161,6 +161,4 @@ def sum_over_ranks(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     ``values`` itself in one process."""
     if world()[1] == 1:
         return values
-    buffer = values.to(device)
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-    return buffer.to(values.device)
+    return all_reduce_sum(values.to(device)).to(values.device)
