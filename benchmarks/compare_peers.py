@@ -334,7 +334,10 @@ def machine(args) -> str:
     if args.device == "cuda":
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     from imaml_ext._build import _cpu_name
-    return f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    from imaml_ext.cpu_malloc import exact_fit_allocator
+    allocator = "imaml_ext's exact-fit" if exact_fit_allocator() else "PyTorch's"
+    return (f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, {allocator} CPU allocator")
 
 
 def table(rows: List[dict], args) -> str:
@@ -425,6 +428,9 @@ def parse(argv):
     ap.add_argument("--batching", default="vmap", choices=BATCHING_MODES,
                     help="how imaml_ext runs the tasks (imaml_ext.batching; 'auto' measures and picks, "
                          "the table says what it picked)")
+    ap.add_argument("--pytorch-allocator", action="store_true",
+                    help="keep PyTorch's CPU allocator instead of imaml_ext's exact-fit one (A/B of "
+                         "imaml_ext.cpu_malloc.exact_fit_allocator; the malloc settings stay)")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds after one warm-up (0: no timing)")
     ap.add_argument("--memory", action="store_true", help="peak memory, a fresh process per variant")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table per variant")
@@ -446,9 +452,18 @@ def parse(argv):
     return args
 
 
+def choose_allocator(args) -> None:
+    """The CPU memory settings of imaml_ext.cpu_malloc now, not at the first TaskLoss,
+    with PyTorch's allocator put back under ``--pytorch-allocator``."""
+    from imaml_ext import cpu_malloc
+    if args.device == "cpu" and cpu_malloc.reuse_freed_memory() and args.pytorch_allocator:
+        cpu_malloc.exact_fit_allocator(False)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
+    choose_allocator(args)
     if args.point:
         print("RESULT " + json.dumps(run_point(args)), flush=True)
         return 0

@@ -67,6 +67,7 @@ class Backend:
     source: where the CPU library came from: "aot" (installed ahead-of-time
     build), "jit" (compiled on first use) or None.
     reason: how the backend was chosen, and what is missing if anything.
+    cpu_library: the path of the loaded CPU library, or None.
     """
 
     name: str
@@ -74,6 +75,7 @@ class Backend:
     cuda: bool
     source: Optional[str]
     reason: str
+    cpu_library: Optional[str] = None
 
     def __str__(self) -> str:
         source = f" ({self.source})" if self.source else ""
@@ -143,7 +145,7 @@ def _load() -> Backend:
         return Backend("pytorch", False, False, None,
                        "IMAML_EXT_NO_EXT=1 is set: using the PyTorch reference ops")
     try:
-        cpu_source, cpu_note = _load_library("cpu")
+        cpu_source, cpu_note, cpu_library = _load_library("cpu")
     except _Unavailable as e:
         reason = f"compiled ops unavailable: {e}"
         _fallback(
@@ -171,7 +173,7 @@ def _load() -> Backend:
                 f"(CUDA {torch.version.cuda}), set CUDA_HOME, and reinstall with "
                 "`pip install --no-build-isolation .` (or let the ops compile on first use).")
     name = "compiled-cuda+cpu" if cuda else "compiled-cpu"
-    return Backend(name, True, cuda, cpu_source, "; ".join(notes))
+    return Backend(name, True, cuda, cpu_source, "; ".join(notes), cpu_library)
 
 
 def _fallback(message: str) -> None:
@@ -180,10 +182,10 @@ def _fallback(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _load_library(device: str) -> tuple[str, str]:
+def _load_library(device: str) -> tuple[str, str, str]:
     """Loads the ``"cpu"`` or ``"cuda"`` kernels: the ahead-of-time build, else a
     just-in-time one.  Returns (source: ``"aot"`` or ``"jit"``, a note on where
-    they came from)."""
+    they came from, the library's path)."""
     label, module = {"cpu": ("CPU", "_kernels"), "cuda": ("CUDA", "_kernels_cuda")}[device]
 
     def verify(kind: str) -> None:
@@ -196,22 +198,23 @@ def _load_library(device: str) -> tuple[str, str]:
         problems.append("IMAML_EXT_JIT=1 skips the ahead-of-time build")
     else:
         try:
-            _load_aot(module)
+            path = _load_aot(module)
         except _Unavailable as e:
             problems.append(str(e))
         else:
             verify("ahead-of-time")
-            return "aot", f"{label} ops from the ahead-of-time build"
+            return "aot", f"{label} ops from the ahead-of-time build", path
     try:
-        where = _load_jit(device)
+        path = _load_jit(device)
     except _Unavailable as e:
         problems.append(str(e))
         raise _Unavailable("; ".join(problems)) from None
     verify("just-in-time")
-    return "jit", f"{'; '.join(problems)}; {label} ops compiled just in time in {where}"
+    return "jit", f"{'; '.join(problems)}; {label} ops compiled just in time in {Path(path).parent}", path
 
 
-def _load_aot(module: str) -> None:
+def _load_aot(module: str) -> str:
+    """Loads ``imaml_ext.<module>``; returns its path."""
     spec = importlib.util.find_spec(f"imaml_ext.{module}")
     if spec is None or not spec.origin:
         raise _Unavailable(f"no ahead-of-time build installed (imaml_ext.{module})")
@@ -222,6 +225,7 @@ def _load_aot(module: str) -> None:
             f"the ahead-of-time build {Path(spec.origin).name} does not load ({e}); "
             "it was probably built against another torch: reinstall with "
             "`pip install --no-build-isolation .`") from None
+    return spec.origin
 
 
 def _check_kernels(dispatch_key: str, kind: str) -> None:
@@ -263,7 +267,7 @@ def _source_dir() -> Path:
 
 
 def _load_jit(kind: str) -> str:
-    """Compiles and loads the CPU or CUDA library; returns its build directory."""
+    """Compiles and loads the CPU or CUDA library; returns its path."""
     from torch.utils import cpp_extension
 
     src = _source_dir()
@@ -302,7 +306,7 @@ def _load_jit(kind: str) -> str:
         raise _Unavailable(
             f"the just-in-time {kind.upper()} build failed: {_first_lines(str(e), 8)}"
         ) from None
-    return str(Path(path).parent)
+    return str(path)
 
 
 def _openmp_flags() -> list[str]:

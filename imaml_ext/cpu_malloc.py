@@ -1,4 +1,4 @@
-"""glibc ``malloc`` settings under which large freed CPU tensors are reused, not unmapped.
+"""CPU memory settings under which large freed CPU tensors are reused, not unmapped or re-faulted.
 
 PyTorch allocates CPU tensors with ``malloc``.  glibc serves every block above
 its mmap threshold (32 MiB at most) with a fresh ``mmap`` and gives it back
@@ -17,13 +17,24 @@ memory at the top of the heap is kept for reuse instead of returned, however
 large: with a 2 GiB threshold, a full-MAML meta-batch of the Conv-4 at
 3×84×84, T = 4 (peak 6–7 GB), run after a per-task loop in the same process
 page-faulted 595,000 pages back in; with trimming off, 1).
+
+It also makes the compiled library's exact-fit allocator PyTorch's CPU
+allocator (csrc/exact_fit_allocator.cpp; :func:`exact_fit_allocator`).
+PyTorch's own takes blocks from ``posix_memalign``, and glibc's memalign
+asks its heap for more than the block it keeps, so a freed block is a hole
+too small for the next request of the same size: the heap grew by one
+activation's worth and page-faulted it in every other meta-batch (the
+Conv-4 at 28×28, T = 32, first-order MAML: 117,600 faults of its 481 MB
+query activation).  The exact-fit allocator mallocs the block with room to
+align it inside, so its hole fits the next request of that size: no faults
+after the first meta-batch, and a heap 38 % smaller (RESULTS.md,
+"exact-fit").  Without the compiled CPU ops only the malloc settings apply.
+
 The cost is memory: the process's resident memory stays near its peak
-instead of falling after each meta-batch, and blocks that no longer fit the
-heap's free holes grow it, so the peak resident memory of a meta-batch was
-measured 9–35 % higher (same section).  :class:`imaml_ext.functional.TaskLoss` calls it
-once per process for models on the CPU; setting the environment variable
-``IMAML_EXT_SYSTEM_MALLOC=1`` keeps glibc's defaults.  On a C library other
-than glibc it does nothing.
+instead of falling after each meta-batch.  :class:`imaml_ext.functional.TaskLoss`
+calls it once per process for models on the CPU; setting the environment
+variable ``IMAML_EXT_SYSTEM_MALLOC=1`` keeps glibc's defaults and PyTorch's
+allocator.  On a C library other than glibc it does nothing.
 """
 from __future__ import annotations
 
@@ -33,7 +44,7 @@ import functools
 import os
 from typing import Optional
 
-__all__ = ["reuse_freed_memory", "heap_stats", "DISABLE_ENV"]
+__all__ = ["reuse_freed_memory", "exact_fit_allocator", "heap_stats", "DISABLE_ENV"]
 
 DISABLE_ENV = "IMAML_EXT_SYSTEM_MALLOC"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, <malloc.h>
@@ -63,7 +74,8 @@ def _glibc() -> Optional[ctypes.CDLL]:
 
 
 def reuse_freed_memory() -> bool:
-    """Apply the settings above once per process; True if they are in effect.
+    """Apply the settings above once per process; True if the malloc settings
+    are in effect (:func:`exact_fit_allocator` says whether the allocator is).
 
     False where the C library is not glibc, where ``mallopt`` refuses, or where
     ``IMAML_EXT_SYSTEM_MALLOC`` is set to anything but ``""`` or ``"0"``.
@@ -76,7 +88,24 @@ def reuse_freed_memory() -> bool:
             libc = _glibc()
             _applied = bool(libc is not None and libc.mallopt(_M_MMAP_MAX, 0) == 1
                             and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM) == 1)
+            if _applied:
+                exact_fit_allocator(True)
     return _applied
+
+
+def exact_fit_allocator(on: Optional[bool] = None) -> bool:
+    """Whether the exact-fit allocator is PyTorch's CPU allocator, after making it
+    so (``on=True``) or putting back the one it replaced (``on=False``); None only
+    asks.  False without the compiled CPU ops (:func:`imaml_ext.backend`), whose
+    library holds it.  Tensors keep the allocator that made them, so switching
+    at any time is safe (benchmarks switch it for an A/B)."""
+    from . import _build
+    path = _build.backend().cpu_library
+    if path is None:
+        return False
+    switch = ctypes.CDLL(path).imaml_ext_exact_fit_cpu_allocator
+    switch.argtypes, switch.restype = [ctypes.c_int], ctypes.c_int
+    return bool(switch(-1 if on is None else int(on)))
 
 
 def heap_stats() -> Optional[dict]:
