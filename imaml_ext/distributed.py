@@ -125,14 +125,16 @@ def all_reduce_sum(buffer: torch.Tensor, group: Optional["dist.ProcessGroup"] = 
     the GIL: when it comes after the interpreter began to shut down (the last
     collective of a run, on a rank with nothing left to do), the process
     aborts with "terminate called without an active exception" at exit.
-    Waiting here (at most ``_RELEASE_TIMEOUT`` s, normally microseconds)
-    makes every collective end before the caller goes on.
+    Waiting here (at most ``_RELEASE_TIMEOUT`` s, normally microseconds;
+    by ``Tensor._use_count``, where torch has it) makes every collective end
+    before the caller goes on.
     """
-    held = buffer._use_count()
+    use_count = getattr(buffer, "_use_count", None) if buffer.device.type == "cpu" else None
+    held = use_count() if use_count else 0
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
-    if buffer.device.type == "cpu":
+    if use_count:
         deadline = time.monotonic() + _RELEASE_TIMEOUT
-        while buffer._use_count() > held and time.monotonic() < deadline:
+        while use_count() > held and time.monotonic() < deadline:
             time.sleep(1e-5)
     return buffer
 
