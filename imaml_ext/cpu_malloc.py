@@ -23,12 +23,13 @@ allocator (csrc/exact_fit_allocator.cpp; :func:`exact_fit_allocator`).
 PyTorch's own takes blocks from ``posix_memalign``, and glibc's memalign
 asks its heap for more than the block it keeps, so a freed block is a hole
 too small for the next request of the same size: the heap grew by one
-activation's worth and page-faulted it in every other meta-batch (the
-Conv-4 at 28×28, T = 32, first-order MAML: 117,600 faults of its 481 MB
-query activation).  The exact-fit allocator mallocs the block with room to
-align it inside, so its hole fits the next request of that size: no faults
-after the first meta-batch, and a heap 38 % smaller (RESULTS.md,
-"exact-fit").  Without the compiled CPU ops only the malloc settings apply.
+activation's worth and page-faulted it in (the Conv-4 at 28×28, T = 32,
+first-order MAML: 117,600 faults of its 481 MB query activation, in
+meta-batches after the first).  The exact-fit allocator mallocs the block
+with room to align it inside, so its hole fits the next request of that
+size: the heap grows more rarely and the peak resident memory of a Conv-4
+meta-batch was 28–44 % lower (RESULTS.md, "exact-fit").  Without the
+compiled CPU ops only the malloc settings apply.
 
 The cost is memory: the process's resident memory stays near its peak
 instead of falling after each meta-batch.  :class:`imaml_ext.functional.TaskLoss`
