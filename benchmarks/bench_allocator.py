@@ -1,0 +1,75 @@
+"""imaml_ext's meta-gradients under the exact-fit CPU allocator and under PyTorch's.
+
+One process, the malloc settings of ``imaml_ext.cpu_malloc`` applied, the
+allocator switched (``cpu_malloc.exact_fit_allocator``) before every
+meta-batch, the two settings alternated round by round (their order swapped
+every other round); prints the median seconds of each after a warm-up round
+and PyTorch's / exact-fit.  The problems are ``compare_peers.py``'s (real
+Omniglot, 5-way 1-shot, 15 queries per class).
+
+    python benchmarks/bench_allocator.py --models omniglot conv4 --threads 2 --rounds 7
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import compare_peers as cp  # noqa: E402
+import peer_loops as pl  # noqa: E402
+
+WORKS = ("first_order", "full", "imaml")
+
+
+def meta_gradient(work: str, model, batch):
+    """One imaml_ext meta-gradient of ``work`` with compare_peers' settings."""
+    if work == "imaml":
+        return pl.imaml_ext_imaml(model, *batch, **cp.SETTINGS[work], batching="vmap")
+    return pl.imaml_ext_maml(model, *batch, **cp.SETTINGS[work], mode=work, batching="vmap")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["omniglot"], choices=cp.MODELS)
+    ap.add_argument("--works", nargs="+", default=list(WORKS), choices=WORKS)
+    ap.add_argument("--tasks", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds after one warm-up round")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    import torch
+    from imaml_ext import cpu_malloc
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (cpu_malloc.reuse_freed_memory() and cpu_malloc.exact_fit_allocator()):
+        print("the exact-fit allocator is not available here (not glibc, IMAML_EXT_SYSTEM_MALLOC "
+              "set, or no compiled CPU ops)", file=sys.stderr)
+        return 1
+    problem = cp.parse(["--models", *args.models, "--tasks", str(args.tasks)])
+    print(f"{cp.machine(problem)}; T = {args.tasks}; medians of {args.rounds} rounds after a warm-up")
+    print("| model | work | exact-fit s | PyTorch's s | PyTorch's / exact-fit |\n|---|---|---:|---:|---:|")
+    for model_name in args.models:
+        model, batch = cp.build_problem(model_name, args.tasks, problem)
+        for work in args.works:
+            seconds = {True: [], False: []}
+            for r in range(args.rounds + 1):
+                for exact in ((True, False) if r % 2 == 0 else (False, True)):
+                    cpu_malloc.exact_fit_allocator(exact)
+                    start = time.perf_counter()
+                    meta_gradient(work, model, batch)
+                    elapsed = time.perf_counter() - start
+                    model.zero_grad(set_to_none=True)
+                    if r:
+                        seconds[exact].append(elapsed)
+            exact_s, pytorch_s = (statistics.median(seconds[k]) for k in (True, False))
+            print(f"| {model_name} | {work} | {exact_s:.3f} | {pytorch_s:.3f} | {pytorch_s / exact_s:.3f} |",
+                  flush=True)
+    cpu_malloc.exact_fit_allocator(True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
