@@ -20,16 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compare_peers as cp  # noqa: E402
-import peer_loops as pl  # noqa: E402
 
 WORKS = ("first_order", "full", "imaml")
-
-
-def meta_gradient(work: str, model, batch):
-    """One imaml_ext meta-gradient of ``work`` with compare_peers' settings."""
-    if work == "imaml":
-        return pl.imaml_ext_imaml(model, *batch, **cp.SETTINGS[work], batching="vmap")
-    return pl.imaml_ext_maml(model, *batch, **cp.SETTINGS[work], mode=work, batching="vmap")
 
 
 def main(argv=None) -> int:
@@ -54,12 +46,14 @@ def main(argv=None) -> int:
     for model_name in args.models:
         model, batch = cp.build_problem(model_name, args.tasks, problem)
         for work in args.works:
+            settings = cp.SETTINGS[work]
+            ours = cp.variants(work, settings["steps"], task_chunk=0)[0]  # imaml_ext, batching="vmap"
             seconds = {True: [], False: []}
             for r in range(args.rounds + 1):
                 for exact in ((True, False) if r % 2 == 0 else (False, True)):
                     cpu_malloc.exact_fit_allocator(exact)
                     start = time.perf_counter()
-                    meta_gradient(work, model, batch)
+                    cp.run_variant(ours, model, batch, settings)
                     elapsed = time.perf_counter() - start
                     model.zero_grad(set_to_none=True)
                     if r:

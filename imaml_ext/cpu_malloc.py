@@ -100,13 +100,20 @@ def exact_fit_allocator(on: Optional[bool] = None) -> bool:
     asks.  False without the compiled CPU ops (:func:`imaml_ext.backend`), whose
     library holds it.  Tensors keep the allocator that made them, so switching
     at any time is safe (benchmarks switch it for an A/B)."""
+    switch = _exact_fit_switch()
+    return switch is not None and bool(switch(-1 if on is None else int(on)))
+
+
+@functools.lru_cache(maxsize=None)
+def _exact_fit_switch():
+    """The compiled CPU library's ``imaml_ext_exact_fit_cpu_allocator``, or None without it."""
     from . import _build
     path = _build.backend().cpu_library
     if path is None:
-        return False
+        return None
     switch = ctypes.CDLL(path).imaml_ext_exact_fit_cpu_allocator
     switch.argtypes, switch.restype = [ctypes.c_int], ctypes.c_int
-    return bool(switch(-1 if on is None else int(on)))
+    return switch
 
 
 def heap_stats() -> Optional[dict]:
