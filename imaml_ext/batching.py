@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["BATCHING_MODES", "BatchingError", "over_tasks", "choose"]
+__all__ = ["BATCHING_MODES", "BatchingError", "over_tasks", "choose", "under_transform"]
 
 BATCHING_MODES = ("vmap", "loop", "auto")
 _VMAP_FAILURE_MARKS = ("vmap", "batching rule", "batched tensor", "functorch")
@@ -142,6 +142,12 @@ class _TaskConv2d(_UnderVmapOnly):
         out = F.conv2d(_fold(x, in_dims[0], T), w.reshape(-1, *w.shape[2:]),
                        None if b is None else b.reshape(-1), stride, padding, dilation, groups * T)
         return _unfold(out, T)
+
+
+def under_transform(t: torch.Tensor) -> bool:
+    """True if ``t`` is wrapped by a ``torch.func`` transform being computed."""
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check is not None and check(t))
 
 
 def _directly_under_vmap(t: torch.Tensor) -> bool:

@@ -22,9 +22,10 @@ from torch import nn
 from torch.func import functional_call
 
 from . import batching as _batching
+from .batching import under_transform
 from .cpu_malloc import reuse_freed_memory
 from .flat import ParamLayout
-from .hvp import under_transform
+from .fused_layers import fused_for
 
 __all__ = ["TaskLoss", "check_module"]
 
@@ -75,6 +76,8 @@ class TaskLoss:
         self.device = params[0].device
         if self.device.type == "cpu":
             reuse_freed_memory()
+        # the module tree that runs: batch-norm, ReLU and max-pool fused (fused_layers)
+        self.runner = fused_for(model, self.device)
         trainable = set(self.layout.names)
         self.constants: Dict[str, torch.Tensor] = {
             n: p for n, p in model.named_parameters() if n not in trainable}
@@ -87,7 +90,7 @@ class TaskLoss:
     def _call(self, phi_t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         tensors = self.layout.unflatten(phi_t)
         tensors.update(self.constants)
-        return functional_call(self.model, tensors, (x_t,))
+        return functional_call(self.runner, tensors, (x_t,))
 
     def per_task_outputs(self, phi_t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         """One task's model outputs ``model_phi_t(x_t)``, a pure function of ``phi_t`` [P]."""

@@ -32,7 +32,8 @@ from typing import Callable, Dict, Tuple, Union
 import torch
 from torch.func import grad, jvp, vjp
 
-from .batching import over_tasks
+from .batching import over_tasks, under_transform
+from .fused_layers import unfused
 
 __all__ = ["make_hvp", "hvp", "grad_and_hvp", "HVP_MODES", "DEFAULT_MODES", "default_mode", "make_gnvp", "make_curvature",
            "CURVATURES"]
@@ -56,12 +57,6 @@ def default_mode(device: Union[torch.device, str]) -> str:
     return DEFAULT_MODES.get(torch.device(device).type, FALLBACK_MODE)
 
 
-def under_transform(t: torch.Tensor) -> bool:
-    """True if ``t`` is wrapped by a ``torch.func`` transform being computed."""
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(check is not None and check(t))
-
-
 def grad_and_hvp(f: PerTaskLoss, phi, x, y, batching: str = "vmap") -> Tuple[torch.Tensor, Matvec]:
     """The per-task gradients ``[T, P]`` at ``phi`` (detached) and the reverse-mode
     ``matvec`` that reuses their graph: one forward and backward pass for both."""
@@ -74,7 +69,7 @@ def _reverse(f: PerTaskLoss, phi, x, y, batching: str) -> Matvec:
 
 
 def _reverse_graph(f: PerTaskLoss, phi, x, y, batching: str):
-    with torch.enable_grad():
+    with torch.enable_grad(), unfused():  # differentiated twice: fusion would only recompute
         p = phi.detach().requires_grad_(True)
         total = over_tasks(f, batching)(p, x, y).sum()
         (g,) = torch.autograd.grad(total, p, create_graph=True, allow_unused=True)

@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 import imaml_ext as im
-from imaml_ext import batching
+from imaml_ext import batching, fused_layers
 from imaml_ext.models import Conv4, OmniglotConvNet
 
 INNER_LR, LAM, STEPS, CG_STEPS = 0.3, 2.0, 3, 4
@@ -241,7 +241,9 @@ def test_auto_times_both_and_picks_the_faster(monkeypatch):
 def test_folded_layers_run_under_vmap_and_equal_the_generic_rules(monkeypatch):
     """Under vmap, batch-norm, max-pool and convolution run folded (counted); outputs,
     gradients and second derivatives equal those of vmap's own batching rules (folding
-    switched off)."""
+    switched off).  The fused batch-norm → ReLU → max-pool layer is off here: it
+    would run these layers itself (tests/test_fused_layers.py)."""
+    monkeypatch.setenv(fused_layers.DISABLE_ENV, "1")
     model, (xs, ys, _, _) = make("conv4-maxpool")
     used = []
     for cls in (batching._TaskBatchNorm, batching._TaskMaxPool2d, batching._TaskConv2d):

@@ -1,0 +1,351 @@
+// CPU kernels of imaml_ext_layers::bn_relu_pool and its backward (the
+// contract is in imaml_ext/fused_layers.py): batch-norm with batch statistics,
+// ReLU and a k x k max-pool of stride k, in two passes over the activation.
+//
+// x is [N, C, H, W]; the statistics of channel c run over its N planes of
+// H x W (M = N*H*W values).  Every pass walks x in memory order (example by
+// example, the channels of one example spread over the threads), which keeps
+// the reads sequential; per-channel results are merged in example order, so
+// no result depends on the number of threads.
+//   pass 1: each plane's mean and sum of squared deviations (two sweeps over
+//           the plane, in cache), merged per channel in double (Chan et al.);
+//   pass 2: with a = weight*invstd and b = bias - mean*a, for every k x k
+//           window the ReLU of max(a*x + b), the window position
+//           (row*k + col) of that maximum in `index` (uint8; kInactive where
+//           the maximum is <= 0, so ReLU passes no gradient) and, for k > 1,
+//           the x at the maximum in `xmax`.
+//
+// Backward, with g = dL/dy at the active window maxima and 0 elsewhere
+// (y = a*x + b, before ReLU):
+//   dx = weight*invstd*(g - sum(g)/M - xhat*sum(g*xhat)/M),
+//   dweight = sum(g*xhat),  dbias = sum(g);
+// the sums need only the pooled gradient and xmax, then one pass over x
+// writes dx.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+
+namespace imaml_ext {
+
+namespace {
+
+constexpr uint8_t kInactive = 255;
+constexpr int64_t kMaxKernel = 15;  // k*k window positions must fit below kInactive
+
+struct Dims {
+  int64_t N, C, H, W, k, Ho, Wo;
+  int64_t plane() const { return H * W; }
+  int64_t pooled() const { return Ho * Wo; }
+  int64_t count() const { return N * H * W; }
+};
+
+Dims check_forward(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                   const std::optional<at::Tensor>& bias, double eps, int64_t k) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "bn_relu_pool: x must be [N, C, H, W], got ",
+                    x.dim(), " dimensions");
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                    "bn_relu_pool: x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxKernel, "bn_relu_pool: kernel must be in 1..",
+                    kMaxKernel, ", got ", k);
+  TORCH_CHECK_VALUE(eps >= 0, "bn_relu_pool: eps must be >= 0, got ", eps);
+  Dims d{x.size(0), x.size(1), x.size(2), x.size(3), k, x.size(2) / k, x.size(3) / k};
+  TORCH_CHECK_VALUE(d.Ho >= 1 && d.Wo >= 1, "bn_relu_pool: the ", k, "x", k,
+                    " pooling window does not fit in ", d.H, "x", d.W);
+  TORCH_CHECK_VALUE(d.count() > 1, "bn_relu_pool: batch statistics need more than 1 value "
+                    "per channel, got N*H*W = ", d.count());
+  for (const auto* t : {&weight, &bias}) {
+    if (t->has_value()) {
+      const at::Tensor& v = **t;
+      TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == d.C, "bn_relu_pool: weight and bias "
+                        "must be [C] = [", d.C, "]");
+      TORCH_CHECK_VALUE(v.scalar_type() == x.scalar_type() && v.device() == x.device(),
+                        "bn_relu_pool: weight and bias must match x's dtype and device");
+    }
+  }
+  return d;
+}
+
+template <typename scalar_t>
+scalar_t value_or(const std::optional<at::Tensor>& t, int64_t c, scalar_t fallback) {
+  return t.has_value() ? t->const_data_ptr<scalar_t>()[c] : fallback;
+}
+
+// The loops below are written for the compiler's auto-vectorizer: eight
+// independent partial sums over a plane, branch-free element-wise passes.
+constexpr int64_t kLanes = 8;
+
+template <typename scalar_t, typename F>
+double plane_sum(int64_t n, const F& term) {
+  scalar_t acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += term(i + j);
+  }
+  double sum = 0;
+  for (; i < n; ++i) sum += term(i);
+  for (int64_t j = 0; j < kLanes; ++j) sum += acc[j];
+  return sum;
+}
+
+// Calls f(c, n*C + c) for every plane (n, c), example by example, the
+// channels of an example spread over the threads.
+template <typename F>
+void for_each_plane(const Dims& d, const F& f) {
+  for (int64_t n = 0; n < d.N; ++n) {
+    at::parallel_for(0, d.C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) f(c, n * d.C + c);
+    });
+  }
+}
+
+// max-pool's rule: a larger value or a NaN takes the window.  Written as
+// selects, so that the loops over a row's windows vectorize.
+template <typename scalar_t>
+inline void take(scalar_t y, scalar_t x, int32_t position, scalar_t& best, scalar_t& at,
+                 int32_t& where) {
+  const bool larger = y > best || y != y;
+  best = larger ? y : best;
+  at = larger ? x : at;
+  where = larger ? position : where;
+}
+
+// ReLU of a window maximum: (output, index entry).
+template <typename scalar_t>
+inline scalar_t relu_of(scalar_t best, int32_t where, int32_t& entry) {
+  const bool active = !(best <= 0);
+  entry = active ? where : kInactive;
+  return active ? best : scalar_t(0);
+}
+
+// One plane p [H, W] -> out, index, xmax [Ho, Wo] (xmax for k > 1), with
+// y = a*x + b.  `entries` is scratch for one row of index entries.
+template <typename scalar_t>
+void pool_plane(const Dims& d, const scalar_t* p, scalar_t a, scalar_t b, scalar_t* out,
+                uint8_t* index, scalar_t* xmax, int32_t* entries) {
+  const int64_t k = d.k, W = d.W;
+  for (int64_t ho = 0; ho < d.Ho; ++ho) {
+    const scalar_t* row = p + ho * k * W;
+    scalar_t* o = out + ho * d.Wo;
+    scalar_t* xm = k == 1 ? nullptr : xmax + ho * d.Wo;
+    if (k == 1) {
+      for (int64_t wo = 0; wo < d.Wo; ++wo) {
+        o[wo] = relu_of<scalar_t>(a * row[wo] + b, 0, entries[wo]);
+      }
+    } else if (k == 2) {
+      const scalar_t* next = row + W;
+      for (int64_t wo = 0; wo < d.Wo; ++wo) {
+        const scalar_t v0 = row[2 * wo], v1 = row[2 * wo + 1];
+        const scalar_t v2 = next[2 * wo], v3 = next[2 * wo + 1];
+        scalar_t best = a * v0 + b, at = v0;
+        int32_t where = 0;
+        take<scalar_t>(a * v1 + b, v1, 1, best, at, where);
+        take<scalar_t>(a * v2 + b, v2, 2, best, at, where);
+        take<scalar_t>(a * v3 + b, v3, 3, best, at, where);
+        o[wo] = relu_of<scalar_t>(best, where, entries[wo]);
+        xm[wo] = at;
+      }
+    } else {
+      for (int64_t wo = 0; wo < d.Wo; ++wo) {
+        const scalar_t* w0 = row + wo * k;
+        scalar_t best = a * w0[0] + b, at = w0[0];
+        int32_t where = 0;
+        for (int64_t r = 0; r < k; ++r) {
+          for (int64_t s = 0; s < k; ++s) {
+            const scalar_t v = w0[r * W + s];
+            take<scalar_t>(a * v + b, v, static_cast<int32_t>(r * k + s), best, at, where);
+          }
+        }
+        o[wo] = relu_of<scalar_t>(best, where, entries[wo]);
+        xm[wo] = at;
+      }
+    }
+    uint8_t* ix = index + ho * d.Wo;
+    for (int64_t wo = 0; wo < d.Wo; ++wo) ix[wo] = static_cast<uint8_t>(entries[wo]);
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const Dims& d, const scalar_t* x, const std::optional<at::Tensor>& weight,
+                    const std::optional<at::Tensor>& bias, double eps, scalar_t* out,
+                    scalar_t* mean_out, scalar_t* invstd_out, uint8_t* index, scalar_t* xmax) {
+  const int64_t HW = d.plane();
+  // Per channel: mean and sum of squared deviations of the planes seen so far.
+  std::vector<double> mean(d.C, 0.0), m2(d.C, 0.0);
+  for_each_plane(d, [&](int64_t c, int64_t plane) {
+    const int64_t seen = plane / d.C * HW;  // values of channel c before this plane
+    const scalar_t* p = x + plane * HW;
+    const double pm = plane_sum<scalar_t>(HW, [&](int64_t i) { return p[i]; }) / HW;
+    const scalar_t spm = static_cast<scalar_t>(pm);
+    // deviations from the rounded plane mean, corrected for its rounding
+    const double dm = pm - spm;
+    const double pm2 = plane_sum<scalar_t>(HW, [&](int64_t i) {
+      const scalar_t dev = p[i] - spm;
+      return dev * dev;
+    }) - HW * dm * dm;
+    // Chan et al.'s merge of (seen, mean, m2) with the plane's (HW, pm, pm2)
+    const double delta = pm - mean[c], total = static_cast<double>(seen + HW);
+    mean[c] += delta * HW / total;
+    m2[c] += pm2 + delta * delta * (static_cast<double>(seen) * HW / total);
+  });
+  std::vector<scalar_t> a(d.C), b(d.C);
+  for (int64_t c = 0; c < d.C; ++c) {
+    const double invstd = 1.0 / std::sqrt(m2[c] / d.count() + eps);
+    mean_out[c] = static_cast<scalar_t>(mean[c]);
+    invstd_out[c] = static_cast<scalar_t>(invstd);
+    a[c] = static_cast<scalar_t>(value_or<scalar_t>(weight, c, 1) * invstd);
+    b[c] = static_cast<scalar_t>(value_or<scalar_t>(bias, c, 0) - mean[c] * a[c]);
+  }
+  for (int64_t n = 0; n < d.N; ++n) {
+    at::parallel_for(0, d.C, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<int32_t> entries(d.Wo);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t plane = n * d.C + c;
+        pool_plane(d, x + plane * HW, a[c], b[c], out + plane * d.pooled(), index + plane * d.pooled(),
+                   d.k == 1 ? nullptr : xmax + plane * d.pooled(), entries.data());
+      }
+    });
+  }
+}
+
+// gx += k1*g at the active window maxima of one plane (gx, x-shaped plane;
+// grad, index: its pooled plane).
+template <typename scalar_t>
+void add_at_maxima(const Dims& d, const scalar_t* grad, const uint8_t* index, scalar_t k1,
+                   scalar_t* gx) {
+  const int64_t k = d.k, W = d.W;
+  if (k == 1) {
+    for (int64_t i = 0; i < d.plane(); ++i) gx[i] += index[i] == kInactive ? scalar_t(0) : k1 * grad[i];
+    return;
+  }
+  for (int64_t ho = 0; ho < d.Ho; ++ho) {
+    const scalar_t* g = grad + ho * d.Wo;
+    const uint8_t* ix = index + ho * d.Wo;
+    scalar_t* row = gx + ho * k * W;
+    if (k == 2) {
+      scalar_t* next = row + W;
+      for (int64_t wo = 0; wo < d.Wo; ++wo) {
+        const scalar_t v = k1 * g[wo];
+        const uint8_t where = ix[wo];
+        row[2 * wo] += where == 0 ? v : scalar_t(0);
+        row[2 * wo + 1] += where == 1 ? v : scalar_t(0);
+        next[2 * wo] += where == 2 ? v : scalar_t(0);
+        next[2 * wo + 1] += where == 3 ? v : scalar_t(0);
+      }
+      continue;
+    }
+    for (int64_t wo = 0; wo < d.Wo; ++wo) {
+      if (ix[wo] == kInactive) continue;
+      row[(ix[wo] / k) * W + wo * k + ix[wo] % k] += k1 * g[wo];
+    }
+  }
+}
+
+template <typename scalar_t>
+void backward_kernel(const Dims& d, const scalar_t* grad, const scalar_t* x,
+                     const std::optional<at::Tensor>& weight, const scalar_t* mean,
+                     const scalar_t* invstd, const uint8_t* index, const scalar_t* xmax,
+                     scalar_t* grad_x, scalar_t* grad_weight, scalar_t* grad_bias) {
+  const int64_t HW = d.plane(), M = d.count();
+  // the x at each window's maximum: xmax, or x itself without pooling
+  const scalar_t* at_max = d.k == 1 ? x : xmax;
+  std::vector<double> sum_g(d.C, 0.0), sum_gd(d.C, 0.0);  // sums of g and g*(x - mean)
+  for_each_plane(d, [&](int64_t c, int64_t plane) {
+    const int64_t at = plane * d.pooled();
+    const scalar_t m = mean[c];
+    auto g = [&](int64_t j) { return index[at + j] == kInactive ? scalar_t(0) : grad[at + j]; };
+    sum_g[c] += plane_sum<scalar_t>(d.pooled(), g);
+    sum_gd[c] += plane_sum<scalar_t>(d.pooled(), [&](int64_t j) { return g(j) * (at_max[at + j] - m); });
+  });
+  std::vector<scalar_t> A(d.C), B(d.C), k1(d.C);
+  for (int64_t c = 0; c < d.C; ++c) {
+    const double is = invstd[c], gain = value_or<scalar_t>(weight, c, 1) * is;
+    const double sum_gx = sum_gd[c] * is;  // sum of g*xhat
+    grad_weight[c] = static_cast<scalar_t>(sum_gx);
+    grad_bias[c] = static_cast<scalar_t>(sum_g[c]);
+    // dx = k1*(g - sum_g/M - xhat*sum_gx/M) = k1*g + A + B*x
+    const double slope = -gain * (sum_gx / M) * is;
+    k1[c] = static_cast<scalar_t>(gain);
+    B[c] = static_cast<scalar_t>(slope);
+    A[c] = static_cast<scalar_t>(-gain * (sum_g[c] / M) - slope * mean[c]);
+  }
+  for_each_plane(d, [&](int64_t c, int64_t plane) {
+    const scalar_t* p = x + plane * HW;
+    scalar_t* gx = grad_x + plane * HW;
+    const scalar_t a0 = A[c], b0 = B[c];
+    for (int64_t i = 0; i < HW; ++i) gx[i] = a0 + b0 * p[i];
+    add_at_maxima<scalar_t>(d, grad + plane * d.pooled(), index + plane * d.pooled(), k1[c], gx);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& weight_in,
+    const std::optional<at::Tensor>& bias_in, double eps, int64_t kernel) {
+  const Dims d = check_forward(x_in, weight_in, bias_in, eps, kernel);
+  const at::Tensor x = x_in.contiguous();
+  std::optional<at::Tensor> weight, bias;
+  if (weight_in.has_value()) weight = weight_in->contiguous();
+  if (bias_in.has_value()) bias = bias_in->contiguous();
+  at::Tensor out = at::empty({d.N, d.C, d.Ho, d.Wo}, x.options());
+  at::Tensor mean = at::empty({d.C}, x.options());
+  at::Tensor invstd = at::empty({d.C}, x.options());
+  at::Tensor index = at::empty({d.N, d.C, d.Ho, d.Wo}, x.options().dtype(at::kByte));
+  at::Tensor xmax = at::empty({d.k == 1 ? 0 : d.N, d.C, d.Ho, d.Wo}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool", [&] {
+    forward_kernel<scalar_t>(d, x.const_data_ptr<scalar_t>(), weight, bias, eps,
+                             out.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+                             invstd.data_ptr<scalar_t>(), index.data_ptr<uint8_t>(),
+                             xmax.data_ptr<scalar_t>());
+  });
+  return {out, mean, invstd, index, xmax};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const std::optional<at::Tensor>& weight_in,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& index_in,
+    const at::Tensor& xmax_in, int64_t kernel) {
+  const Dims d = check_forward(x_in, weight_in, std::nullopt, 0.0, kernel);
+  TORCH_CHECK_VALUE(grad_in.sizes() == at::IntArrayRef({d.N, d.C, d.Ho, d.Wo}) &&
+                        index_in.sizes() == grad_in.sizes() && index_in.scalar_type() == at::kByte &&
+                        grad_in.scalar_type() == x_in.scalar_type() && mean.numel() == d.C &&
+                        invstd.numel() == d.C,
+                    "bn_relu_pool_backward: the gradient, index, mean and invstd do not match x");
+  TORCH_CHECK_VALUE(kernel == 1 || (xmax_in.sizes() == grad_in.sizes() &&
+                                     xmax_in.scalar_type() == x_in.scalar_type()),
+                    "bn_relu_pool_backward: xmax does not match the gradient");
+  const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous(), index = index_in.contiguous();
+  const at::Tensor xmax = xmax_in.contiguous();
+  std::optional<at::Tensor> weight;
+  if (weight_in.has_value()) weight = weight_in->contiguous();
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_weight = at::empty({d.C}, x.options());
+  at::Tensor grad_bias = at::empty({d.C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_backward", [&] {
+    backward_kernel<scalar_t>(
+        d, grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight,
+        mean.contiguous().const_data_ptr<scalar_t>(), invstd.contiguous().const_data_ptr<scalar_t>(),
+        index.const_data_ptr<uint8_t>(), xmax.const_data_ptr<scalar_t>(),
+        grad_x.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(),
+        grad_bias.data_ptr<scalar_t>());
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(imaml_ext_layers, CPU, m) {
+  m.impl("bn_relu_pool", &bn_relu_pool_cpu);
+  m.impl("bn_relu_pool_backward", &bn_relu_pool_backward_cpu);
+}
+
+}  // namespace imaml_ext

@@ -1,0 +1,321 @@
+"""Batch-norm, ReLU and max-pooling as one layer: the block of MAML's conv nets.
+
+``BatchNorm2d`` with batch statistics, ``ReLU`` and a k×k ``MaxPool2d`` of
+stride k in a row (k = 1: no pooling) run as the operator
+``torch.ops.imaml_ext_layers.bn_relu_pool``.  Per channel c of x ``[N, C, H, W]``,
+with μ_c, σ²_c the mean and biased variance over its N·H·W values,
+
+    y = γ_c (x − μ_c)/√(σ²_c + ε) + β_c,     out = relu(maxpool_k(y))  ``[N, C, H/k, W/k]``,
+
+the numbers of the three PyTorch layers (max-pool's rule: the first maximum of
+a window, or a NaN, wins).  The compiled CPU kernel (csrc/bn_relu_pool.cpp)
+reads x three times and writes the pooled output and a one-byte window index,
+where the three layers write and keep two full-size activations and int64
+indices; its backward needs the batch-norm sums only at the window maxima.
+Other devices, or a missing build, run the same operator in PyTorch ops.
+
+Autograd: first derivatives come from the operator's backward; a backward
+taken with ``create_graph=True`` differentiates the three layers recomputed
+in PyTorch ops, so higher derivatives are PyTorch's own.  Under ``vmap`` the
+layer runs folded over the tasks (one call on ``[n, T·C, H, W]``, as
+:mod:`imaml_ext.batching` folds batch-norm); under any other ``torch.func``
+transform it runs as the three layers.
+
+:func:`fuse` is where the layer comes from: a copy of a model's module tree in
+which every such run with a pool (k ≥ 2) inside an ``nn.Sequential`` is one
+:class:`BnReluPool`, with the same parameter names and objects.  Without a
+pool the operator's backward was measured slower than PyTorch's batch-norm
+and ReLU, so :func:`fuse` leaves those runs alone.  :func:`unfused` turns the
+layer back into the three layers inside a ``with`` block (the forward passes
+that will be differentiated twice, where the fused layer would only add a
+recomputation); ``IMAML_EXT_NO_FUSION=1`` turns it off everywhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import threading
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _build
+from .batching import _directly_under_vmap, _fold, _task_dim, _unfold, _UnderVmapOnly, under_transform
+
+__all__ = ["BnReluPool", "bn_relu_pool", "fuse", "fused_for", "unfused", "fusion_enabled",
+           "reference_forward", "reference_backward", "DISABLE_ENV", "MAX_KERNEL", "INACTIVE"]
+
+NAMESPACE = "imaml_ext_layers"
+DISABLE_ENV = "IMAML_EXT_NO_FUSION"
+#: The largest pooling window; k·k positions fit below :data:`INACTIVE` in a byte.
+MAX_KERNEL = 15
+#: ``index`` value of a window whose maximum is ≤ 0 (ReLU passes no gradient).
+INACTIVE = 255
+
+_state = threading.local()
+
+
+def fusion_enabled() -> bool:
+    """False inside :func:`unfused` and when ``IMAML_EXT_NO_FUSION`` is set (not "" or "0")."""
+    return getattr(_state, "enabled", True) and os.environ.get(DISABLE_ENV, "") in ("", "0")
+
+
+@contextlib.contextmanager
+def unfused() -> Iterator[None]:
+    """Inside the block, :class:`BnReluPool` runs as its three PyTorch layers (this thread)."""
+    before = getattr(_state, "enabled", True)
+    _state.enabled = False
+    try:
+        yield
+    finally:
+        _state.enabled = before
+
+
+def _check(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, kernel: int) -> None:
+    """The argument rules of the operator (csrc/bn_relu_pool.cpp's check_forward)."""
+    if x.dim() != 4:
+        raise ValueError(f"bn_relu_pool: x must be [N, C, H, W], got {x.dim()} dimensions")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"bn_relu_pool: x must be float32 or float64, got {x.dtype}")
+    if not 1 <= kernel <= MAX_KERNEL:
+        raise ValueError(f"bn_relu_pool: kernel must be in 1..{MAX_KERNEL}, got {kernel}")
+    if eps < 0:
+        raise ValueError(f"bn_relu_pool: eps must be >= 0, got {eps}")
+    n, c, h, w = x.shape
+    if h < kernel or w < kernel:
+        raise ValueError(f"bn_relu_pool: the {kernel}x{kernel} pooling window does not fit in {h}x{w}")
+    if n * h * w <= 1:
+        raise ValueError(f"bn_relu_pool: batch statistics need more than 1 value per channel, "
+                         f"got N*H*W = {n * h * w}")
+    for t in (weight, bias):
+        if t is not None and (t.shape != (c,) or t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"bn_relu_pool: weight and bias must be [C] = [{c}] of x's dtype and device")
+
+
+def _affine(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor):
+    """(a, b) ``[C, 1, 1]`` with y = a·x + b."""
+    a = invstd if weight is None else invstd * weight
+    b = -mean * a if bias is None else bias - mean * a
+    return a[:, None, None], b[:, None, None]
+
+
+def reference_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+        kernel: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out ``[N, C, H/k, W/k]``, mean ``[C]``, invstd ``[C]``, index uint8 and xmax
+    ``[N, C, H/k, W/k]``): the reference kernel, in PyTorch ops.  ``index`` holds
+    the window position (row·k + column) of each maximum, :data:`INACTIVE` where
+    it is ≤ 0; ``xmax`` the x there (for k = 1 it is empty: x itself)."""
+    _check(x, weight, bias, eps, kernel)
+    x = x.contiguous()
+    var, mean = torch.var_mean(x, (0, 2, 3), correction=0)
+    invstd = torch.rsqrt(var + eps)
+    a, b = _affine(x, weight, bias, mean, invstd)
+    pooled, flat = F.max_pool2d(x * a + b, kernel, kernel, return_indices=True)
+    w = x.shape[3]
+    position = (flat // w % kernel) * kernel + flat % w % kernel
+    active = ~(pooled <= 0)
+    n, c = x.shape[:2]
+    xmax = x.new_empty(0, *pooled.shape[1:]) if kernel == 1 else \
+        x.view(n, c, -1).gather(2, flat.view(n, c, -1)).view_as(pooled)
+    return (torch.where(active, pooled, 0.0), mean, invstd,
+            torch.where(active, position, INACTIVE).to(torch.uint8), xmax)
+
+
+def reference_backward(grad: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, invstd: Tensor,
+                 index: Tensor, xmax: Tensor, kernel: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dL/dx, dL/dweight, dL/dbias) from dL/dout: the reference kernel."""
+    _check(x, weight, None, 0.0, kernel)
+    n, c, h, w = x.shape
+    ho, wo = grad.shape[2:]
+    active = index != INACTIVE
+    position = torch.where(active, index, 0).long()
+    rows = torch.arange(ho, device=x.device)[:, None] * kernel + position // kernel
+    cols = torch.arange(wo, device=x.device)[None, :] * kernel + position % kernel
+    # dL/dy: the pooled gradient at each window's maximum (windows do not overlap)
+    g = x.new_zeros(n, c, h * w).scatter_(2, (rows * w + cols).view(n, c, -1),
+                                         torch.where(active, grad, 0.0).view(n, c, -1)).view_as(x)
+    xhat = (x - mean[:, None, None]) * invstd[:, None, None]
+    count = n * h * w
+    sum_g, sum_gx = g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
+    k1 = invstd if weight is None else invstd * weight
+    grad_x = k1[:, None, None] * (g - (sum_g / count)[:, None, None] - xhat * (sum_gx / count)[:, None, None])
+    return grad_x, sum_gx, sum_g
+
+
+# The operators, with the reference kernels as their default; csrc/bn_relu_pool.cpp
+# registers the CPU kernels when the compiled library loads.
+_op = torch.library.custom_op(f"{NAMESPACE}::bn_relu_pool", reference_forward, mutates_args=())
+_backward_op = torch.library.custom_op(f"{NAMESPACE}::bn_relu_pool_backward", reference_backward,
+                                       mutates_args=())
+
+
+@_op.register_fake
+def _(x, weight, bias, eps, kernel):
+    _check(x, weight, bias, eps, kernel)
+    n, c, h, w = x.shape
+    pooled = (n, c, h // kernel, w // kernel)
+    return (x.new_empty(pooled), x.new_empty(c), x.new_empty(c),
+            x.new_empty(pooled, dtype=torch.uint8), x.new_empty((0 if kernel == 1 else n,) + pooled[1:]))
+
+
+@_backward_op.register_fake
+def _(grad, x, weight, mean, invstd, index, xmax, kernel):
+    _check(x, weight, None, 0.0, kernel)
+    return torch.empty_like(x), x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
+
+
+def _unfused(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, kernel: int) -> Tensor:
+    """The three PyTorch layers the operator replaces."""
+    out = F.relu(F.batch_norm(x, None, None, weight, bias, True, 0.0, eps))
+    return out if kernel == 1 else F.max_pool2d(out, kernel, kernel)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, eps, kernel = inputs
+    _, mean, invstd, index, xmax = output
+    ctx.save_for_backward(x, weight, bias, mean, invstd, index, xmax)
+    ctx.eps, ctx.kernel = eps, kernel
+
+
+def _autograd_backward(ctx, grad, *_unused):
+    x, weight, bias, mean, invstd, index, xmax = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True: the three layers recomputed, so that this gradient
+        # is itself differentiable with PyTorch's formulas.
+        wrt = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+        found = iter(torch.autograd.grad(_unfused(x, weight, bias, ctx.eps, ctx.kernel), wrt, grad,
+                                         create_graph=True, allow_unused=True) if wrt else ())
+        grads = [next(found) if t is not None and t.requires_grad else None for t in (x, weight, bias)]
+        return (*grads, None, None)
+    grad_x, grad_w, grad_b = _backward_op(grad.contiguous(), x, weight, mean, invstd, index, xmax,
+                                          ctx.kernel)
+    return (grad_x, None if weight is None else grad_w, None if bias is None else grad_b, None, None)
+
+
+_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+class _TaskBnReluPool(_UnderVmapOnly):
+    """The layer under vmap: one operator call on the folded ``[n, T·C, H, W]``
+    with weight and bias ``[T·C]`` (per-task statistics, as T separate calls)."""
+
+    @staticmethod
+    def forward(x, weight, bias, eps, kernel):
+        return _op(x, weight, bias, eps, kernel)[0]
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, eps, kernel):
+        T = info.batch_size
+        w = _task_dim(weight, in_dims[1], T, 0)
+        b = _task_dim(bias, in_dims[2], T, 0)
+        out = _op(_fold(x, in_dims[0], T), None if w is None else w.reshape(-1),
+                  None if b is None else b.reshape(-1), eps, kernel)[0]
+        return _unfold(out, T)
+
+
+def bn_relu_pool(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5,
+                 kernel: int = 2) -> Tensor:
+    """relu(maxpool_k(batch_norm(x))) of x ``[N, C, H, W]`` with batch statistics,
+    weight/bias ``[C]`` or None (module docstring); ``[N, C, H/k, W/k]``."""
+    if not fusion_enabled():
+        return _unfused(x, weight, bias, eps, kernel)
+    if not under_transform(x):
+        _build.backend()  # loads the compiled kernels on first use
+        return _op(x, weight, bias, eps, kernel)[0]
+    if _directly_under_vmap(x) and not under_transform(torch._C._functorch.get_unwrapped(x)):
+        _build.backend()
+        return _TaskBnReluPool.apply(x, weight, bias, eps, kernel)
+    return _unfused(x, weight, bias, eps, kernel)
+
+
+class BnReluPool(nn.Module):
+    """``BatchNorm2d`` (batch statistics) → ``ReLU`` → ``MaxPool2d(k)`` as one layer.
+
+    Holds the batch-norm's own ``weight`` and ``bias`` parameters (or none),
+    so that a module tree keeps its parameter names when :func:`fuse` puts
+    this layer where the batch-norm was.
+    """
+
+    def __init__(self, norm: nn.BatchNorm2d, kernel: int = 1):
+        super().__init__()
+        self.weight, self.bias = norm.weight, norm.bias
+        self.eps, self.kernel = float(norm.eps), int(kernel)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return bn_relu_pool(x, self.weight, self.bias, self.eps, self.kernel)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, kernel={self.kernel}"
+
+
+def _pool_kernel(m: nn.Module) -> Optional[int]:
+    """k for a ``MaxPool2d`` of k×k windows at stride k, no padding or dilation; else None."""
+    if type(m) is not nn.MaxPool2d or m.return_indices or m.ceil_mode:
+        return None
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    k, s = pair(m.kernel_size), pair(m.stride if m.stride is not None else m.kernel_size)
+    if k[0] != k[1] or s != k or pair(m.padding) != (0, 0) or pair(m.dilation) != (1, 1):
+        return None
+    return k[0] if 1 <= k[0] <= MAX_KERNEL else None
+
+
+def _batch_statistics(m: nn.Module) -> bool:
+    """A plain ``BatchNorm2d`` that always normalises with the batch's statistics."""
+    return type(m) is nn.BatchNorm2d and m.running_mean is None and m.running_var is None
+
+
+def _fuse_sequence(children: dict) -> bool:
+    """Replaces the runs in an ``nn.Sequential``'s children in place; True if any."""
+    names = list(children)
+    found, i = False, 0
+    while i + 1 < len(names):
+        norm, act = children[names[i]], children[names[i + 1]]
+        if not (_batch_statistics(norm) and type(act) is nn.ReLU):
+            i += 1
+            continue
+        k = _pool_kernel(children[names[i + 2]]) if i + 2 < len(names) else None
+        if k is None or k == 1:
+            i += 1
+            continue
+        children[names[i]] = BnReluPool(norm, k)
+        children[names[i + 1]] = children[names[i + 2]] = nn.Identity()
+        found, i = True, i + 3
+    return found
+
+
+def _fused_tree(module: nn.Module) -> nn.Module:
+    children = {name: (None if child is None else _fused_tree(child))
+                for name, child in module._modules.items()}
+    changed = any(children[name] is not child for name, child in module._modules.items())
+    if isinstance(module, nn.Sequential):
+        changed = _fuse_sequence(children) or changed
+    if not changed:
+        return module
+    twin = copy.copy(module)
+    twin._modules = children
+    twin._parameters, twin._buffers = dict(module._parameters), dict(module._buffers)
+    return twin
+
+
+def fuse(model: nn.Module) -> nn.Module:
+    """``model`` with every ``BatchNorm2d`` (batch statistics) → ``ReLU`` → ``MaxPool2d(k)``
+    run (k ≥ 2) inside an ``nn.Sequential`` as one :class:`BnReluPool`; the modules on
+    the way to a run are shallow copies, everything else is ``model``'s own
+    (same parameters, same names; ``model`` is not changed).  ``model`` itself
+    when there is no such run or the tree cannot be copied (a ScriptModule)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return model
+    return _fused_tree(model)
+
+
+def fused_for(model: nn.Module, device: torch.device) -> nn.Module:
+    """What to run ``model``'s computation on ``device`` with: :func:`fuse` (model) where
+    the compiled CPU kernel serves (a CPU device and a loaded CPU build), else
+    ``model`` (the operator's PyTorch reference would only be slower than the
+    three layers)."""
+    if device.type != "cpu" or not _build.backend().cpu:
+        return model
+    return fuse(model)

@@ -1,0 +1,231 @@
+"""The fused batch-norm → ReLU → max-pool layer (imaml_ext.fused_layers).
+
+Checked against PyTorch's three layers (an independent implementation) in
+float64, against finite differences (gradcheck), the compiled CPU kernel
+against the reference kernel, the operator's registration (opcheck), the
+module rewrite (:func:`fuse`), and whole meta-gradients with and without
+fusion for every MAML mode and iMAML, vmap and loop batching.
+"""
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import imaml_ext as im
+from imaml_ext import _build, fused_layers as fl, models
+
+NO_EXT = os.environ.get("IMAML_EXT_NO_EXT", "") not in ("", "0")
+compiled = pytest.mark.skipif(NO_EXT, reason="IMAML_EXT_NO_EXT=1: no compiled kernels to test")
+
+# (N, C, H, W, k): pooled evenly, with leftover rows/columns, k = 1 and 3, one example
+CASES = [(4, 3, 8, 8, 2), (5, 6, 7, 9, 2), (3, 2, 3, 3, 2), (2, 4, 7, 7, 3), (1, 2, 4, 6, 2),
+         (3, 5, 6, 5, 1)]
+
+
+def _inputs(n, c, h, w, dtype=torch.float64, affine=True):
+    x = torch.randn(n, c, h, w, dtype=dtype, requires_grad=True)
+    if not affine:
+        return x, None, None
+    weight = torch.randn(c, dtype=dtype).requires_grad_()
+    bias = torch.randn(c, dtype=dtype).requires_grad_()
+    return x, weight, bias
+
+
+def _layers(x, weight, bias, k, eps=1e-5):
+    """The three PyTorch layers, written out here."""
+    y = F.relu(F.batch_norm(x, None, None, weight, bias, True, 0.0, eps))
+    return y if k == 1 else F.max_pool2d(y, k, k)
+
+
+@compiled
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_output_and_gradients_equal_the_three_pytorch_layers_in_float64(case, affine):
+    *shape, k = case
+    x, w, b = _inputs(*shape, affine=affine)
+    out = fl.bn_relu_pool(x, w, b, 1e-5, k)
+    expected = _layers(x, w, b, k)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    wrt = [t for t in (x, w, b) if t is not None]
+    got = torch.autograd.grad(out, wrt, grad)
+    want = torch.autograd.grad(expected, wrt, grad)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12)
+
+
+@compiled
+def test_float32_agrees_with_the_three_layers_to_float32_rounding():
+    x, w, b = _inputs(6, 8, 14, 14, torch.float32)
+    out = fl.bn_relu_pool(x, w, b, 1e-5, 2)
+    expected = _layers(x, w, b, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    for g, e in zip(torch.autograd.grad(out, (x, w, b), grad), torch.autograd.grad(expected, (x, w, b), grad)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+@compiled
+def test_gradients_pass_finite_differences():
+    x, w, b = _inputs(3, 2, 5, 4)
+    assert torch.autograd.gradcheck(lambda *a: fl.bn_relu_pool(*a, 1e-3, 2), (x, w, b))
+
+
+@compiled
+def test_second_derivatives_equal_those_of_the_three_layers():
+    """create_graph=True: the gradient of the gradient (full MAML, reverse HVPs)."""
+    x, w, b = _inputs(4, 3, 6, 6)
+    grad = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    first = torch.autograd.grad(fl.bn_relu_pool(x, w, b, 1e-5, 2), (x, w, b), grad, create_graph=True)
+    first_ref = torch.autograd.grad(_layers(x, w, b, 2), (x, w, b), grad, create_graph=True)
+    v = [torch.randn_like(t) for t in first]
+    for g, e in zip(torch.autograd.grad(first, (x, w, b), v), torch.autograd.grad(first_ref, (x, w, b), v)):
+        torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12)
+
+
+@compiled
+@pytest.mark.parametrize("case", CASES)
+def test_compiled_kernels_equal_the_reference_kernels(case):
+    *shape, k = case
+    x, w, b = (t.detach() for t in _inputs(*shape))
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{fl.NAMESPACE}::bn_relu_pool", "CPU")
+    _build.backend()
+    got = torch.ops.imaml_ext_layers.bn_relu_pool(x, w, b, 1e-5, k)
+    want = fl.reference_forward(x, w, b, 1e-5, k)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+    grad = torch.randn_like(got[0])
+    got_b = torch.ops.imaml_ext_layers.bn_relu_pool_backward(grad, x, w, *got[1:], k)
+    want_b = fl.reference_backward(grad, x, w, *want[1:], k)
+    for g, e in zip(got_b, want_b):
+        torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12)
+
+
+def test_reference_kernels_equal_the_three_layers():
+    x, w, b = _inputs(3, 4, 6, 7)
+    out, mean, invstd, index, xmax = fl.reference_forward(x.detach(), w.detach(), b.detach(), 1e-5, 2)
+    torch.testing.assert_close(out, _layers(x, w, b, 2).detach(), rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    got = fl.reference_backward(grad, x.detach(), w.detach(), mean, invstd, index, xmax, 2)
+    want = torch.autograd.grad(_layers(x, w, b, 2), (x, w, b), grad)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12)
+
+
+@compiled
+def test_nan_propagates_as_through_the_three_layers():
+    x, w, b = (t.detach() for t in _inputs(2, 3, 4, 4))
+    x[0, 1, 2, 3] = float("nan")
+    out = fl.bn_relu_pool(x, w, b, 1e-5, 2)
+    expected = _layers(x, w, b, 2)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert out.isnan().any()
+
+
+@pytest.mark.parametrize("args, message", [
+    ((torch.randn(2, 3, 4), None, None, 1e-5, 2), "must be \\[N, C, H, W\\]"),
+    ((torch.randn(2, 3, 4, 4), None, None, 1e-5, 16), "kernel must be in 1..15"),
+    ((torch.randn(2, 3, 4, 4), None, None, 1e-5, 5), "does not fit in 4x4"),
+    ((torch.randn(2, 3, 4, 4), torch.randn(2), None, 1e-5, 2), "must be \\[C\\] = \\[3\\]"),
+    ((torch.randn(1, 3, 1, 1), None, None, 1e-5, 1), "more than 1 value per channel"),
+    ((torch.randn(2, 3, 4, 4).half(), None, None, 1e-5, 2), "float32 or float64"),
+])
+@pytest.mark.parametrize("path", ["operator", "reference"])
+def test_bad_arguments_raise_value_errors_that_name_the_problem(args, message, path):
+    _build.backend()
+    fn = torch.ops.imaml_ext_layers.bn_relu_pool if path == "operator" else fl.reference_forward
+    with pytest.raises(ValueError, match=message):
+        fn(*args)
+
+
+@compiled
+def test_opcheck():
+    x, w, b = _inputs(3, 4, 6, 6)
+    _build.backend()
+    torch.library.opcheck(torch.ops.imaml_ext_layers.bn_relu_pool.default, (x, w, b, 1e-5, 2))
+
+
+def test_fuse_keeps_parameter_names_and_objects_and_leaves_the_model_alone():
+    model = models.Conv4(ways=5)
+    before = repr(model)
+    fused = fl.fuse(model)
+    assert sum(isinstance(m, fl.BnReluPool) for m in fused.modules()) == 4
+    assert dict(fused.named_parameters()).keys() == dict(model.named_parameters()).keys()
+    assert all(p is q for p, q in zip(fused.parameters(), model.parameters()))
+    assert repr(model) == before and not any(isinstance(m, fl.BnReluPool) for m in model.modules())
+
+
+@pytest.mark.parametrize("block", [
+    [nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2)],  # running statistics
+    [nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2, padding=1)],
+    [nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(3, stride=2)],
+    [nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)],
+    [nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU()],  # no pooling: not fused
+    [nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU6(), nn.MaxPool2d(2)],
+    [nn.BatchNorm2d(3, track_running_stats=False), nn.AvgPool2d(2), nn.ReLU()],
+])
+def test_fuse_leaves_other_blocks_as_they_are(block):
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), *block)
+    assert fl.fuse(model) is model
+
+
+def test_fused_model_computes_what_the_model_computes():
+    model = models.Conv4(ways=5).double()
+    x = torch.randn(6, 1, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(fl.fuse(model)(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_unfused_and_the_environment_switch_turn_fusion_off(monkeypatch):
+    assert fl.fusion_enabled()
+    with fl.unfused():
+        assert not fl.fusion_enabled()
+    assert fl.fusion_enabled()
+    monkeypatch.setenv(fl.DISABLE_ENV, "1")
+    assert not fl.fusion_enabled()
+    calls = []
+    monkeypatch.setattr(fl, "_op", lambda *a: calls.append(a))
+    x, w, b = _inputs(2, 3, 4, 4)
+    torch.testing.assert_close(fl.bn_relu_pool(x, w, b, 1e-5, 2), _layers(x, w, b, 2))
+    assert not calls
+
+
+@compiled
+def test_task_loss_runs_the_fused_layer_on_the_cpu():
+    task_loss = im.functional.TaskLoss(models.Conv4(ways=5), F.cross_entropy)
+    assert any(isinstance(m, fl.BnReluPool) for m in task_loss.runner.modules())
+
+
+def _meta_gradient(model, batch, kind, batching):
+    xs, ys, xq, yq = batch
+    model.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "imaml":
+            adapted = im.imaml(model, xs, ys, F.cross_entropy, inner_steps=3, cg_steps=3, batching=batching)
+        else:
+            adapted = im.maml(model, xs, ys, F.cross_entropy, inner_steps=2, inner_lr=0.1, mode=kind,
+                              batching=batching)
+        adapted.loss(xq, yq).sum().backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@compiled
+@pytest.mark.parametrize("kind", ["first_order", "full", "checkpointed", "imaml"])
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_meta_gradients_with_fusion_equal_those_without(kind, batching, monkeypatch):
+    model = models.Conv4(ways=5).double()
+    T = 3
+    batch = (torch.randn(T, 5, 1, 28, 28, dtype=torch.float64), torch.randint(0, 5, (T, 5)),
+             torch.randn(T, 6, 1, 28, 28, dtype=torch.float64), torch.randint(0, 5, (T, 6)))
+    calls = []
+    op = fl._op
+    monkeypatch.setattr(fl, "_op", lambda *a: calls.append(1) or op(*a))
+    fused = _meta_gradient(model, batch, kind, batching)
+    assert calls, "the fused layer did not run"
+    monkeypatch.setenv(fl.DISABLE_ENV, "1")
+    plain = _meta_gradient(model, batch, kind, batching)
+    torch.testing.assert_close(fused, plain, rtol=1e-11, atol=1e-13)
