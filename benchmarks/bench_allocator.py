@@ -12,9 +12,7 @@ Omniglot, 5-way 1-shot, 15 queries per class).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,19 +44,8 @@ def main(argv=None) -> int:
     for model_name in args.models:
         model, batch = cp.build_problem(model_name, args.tasks, problem)
         for work in args.works:
-            settings = cp.SETTINGS[work]
-            ours = cp.variants(work, settings["steps"], task_chunk=0)[0]  # imaml_ext, batching="vmap"
-            seconds = {True: [], False: []}
-            for r in range(args.rounds + 1):
-                for exact in ((True, False) if r % 2 == 0 else (False, True)):
-                    cpu_malloc.exact_fit_allocator(exact)
-                    start = time.perf_counter()
-                    cp.run_variant(ours, model, batch, settings)
-                    elapsed = time.perf_counter() - start
-                    model.zero_grad(set_to_none=True)
-                    if r:
-                        seconds[exact].append(elapsed)
-            exact_s, pytorch_s = (statistics.median(seconds[k]) for k in (True, False))
+            median = cp.alternate(cpu_malloc.exact_fit_allocator, model, batch, work, args.rounds)
+            exact_s, pytorch_s = median[True], median[False]
             print(f"| {model_name} | {work} | {exact_s:.3f} | {pytorch_s:.3f} | {pytorch_s / exact_s:.3f} |",
                   flush=True)
     cpu_malloc.exact_fit_allocator(True)

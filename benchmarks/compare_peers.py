@@ -225,6 +225,26 @@ def time_work(vs: List[Variant], model, batch, settings, args):
     return times, faults, info
 
 
+def alternate(switch: Callable[[bool], None], model, batch, work: str, rounds: int) -> Dict[bool, float]:
+    """imaml_ext's meta-gradient of ``work`` with ``switch(True)`` and with ``switch(False)``
+    called before every meta-batch, the two alternated round by round (their order
+    swapped every other round), all in this process; the median seconds of each
+    over ``rounds`` rounds after a warm-up round."""
+    settings = SETTINGS[work]
+    ours = variants(work, settings["steps"], task_chunk=0)[0]  # imaml_ext, batching="vmap"
+    seconds: Dict[bool, List[float]] = {True: [], False: []}
+    for r in range(rounds + 1):
+        for on in ((True, False) if r % 2 == 0 else (False, True)):
+            switch(on)
+            start = time.perf_counter()
+            run_variant(ours, model, batch, settings)
+            elapsed = time.perf_counter() - start
+            model.zero_grad(set_to_none=True)
+            if r:
+                seconds[on].append(elapsed)
+    return {on: statistics.median(s) for on, s in seconds.items()}
+
+
 def profile(vs: List[Variant], model, batch, settings, args) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile as prof

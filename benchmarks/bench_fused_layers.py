@@ -1,0 +1,107 @@
+"""The fused batch-norm → ReLU → max-pool layer (``imaml_ext.fused_layers``) against
+PyTorch's three layers.
+
+1. The layer alone, forward and backward, on the activations of the max-pool
+   Conv-4 at T = 32 tasks folded into one call (``[n, 32·64, H, W]``, n = 5
+   support or 75 query images per task, H = 28, 14, 7, 3; k = 2) and, without
+   pooling (k = 1, which ``fused_layers.fuse`` does not use), on those of the
+   stride-2 net (H = 14, 7, 4, 2): the fused operator (compiled CPU kernel) and
+   the three (two) layers alternated, medians.
+2. imaml_ext's whole meta-gradients (``compare_peers.py``'s problems) with
+   fusion on and off (``IMAML_EXT_NO_FUSION``) before every meta-batch,
+   alternated round by round in one process (``compare_peers.alternate``).
+
+    python benchmarks/bench_fused_layers.py --threads 2 --rounds 5 --models conv4 omniglot
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import compare_peers as cp  # noqa: E402
+
+WORKS = ("first_order", "full", "imaml")
+# pooling window k -> the sides H = W of the activations: Conv-4's, the stride-2 net's
+SIDES = {2: (28, 14, 7, 3), 1: (14, 7, 4, 2)}
+
+
+def layer_seconds(n: int, side: int, k: int, tasks: int, rounds: int):
+    """Median seconds of forward + backward, (fused, three layers), alternated."""
+    import torch
+    from imaml_ext import fused_layers as fl
+    channels = tasks * 64
+    x = torch.randn(n, channels, side, side, requires_grad=True)
+    weight = torch.randn(channels, requires_grad=True)
+    bias = torch.randn(channels, requires_grad=True)
+
+    def run(fused: bool) -> float:
+        start = time.perf_counter()
+        if fused:
+            out = fl.bn_relu_pool(x, weight, bias, 1e-5, k)
+        else:
+            with fl.unfused():
+                out = fl.bn_relu_pool(x, weight, bias, 1e-5, k)
+        torch.autograd.grad(out, (x, weight, bias), torch.ones_like(out))
+        return time.perf_counter() - start
+
+    seconds = {True: [], False: []}
+    for r in range(rounds + 1):
+        for fused in ((True, False) if r % 2 == 0 else (False, True)):
+            elapsed = run(fused)
+            if r:
+                seconds[fused].append(elapsed)
+    return statistics.median(seconds[True]), statistics.median(seconds[False])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["conv4"], choices=cp.MODELS)
+    ap.add_argument("--works", nargs="+", default=list(WORKS), choices=WORKS)
+    ap.add_argument("--tasks", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds after one warm-up round")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--no-layers", action="store_true", help="skip part 1 (the layer alone)")
+    args = ap.parse_args(argv)
+    import torch
+    from imaml_ext import _build, cpu_malloc
+    from imaml_ext import fused_layers as fl
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu_malloc.reuse_freed_memory()
+    if not _build.backend().cpu:
+        print(f"no compiled CPU kernels, so nothing is fused here ({_build.describe()})", file=sys.stderr)
+        return 1
+    problem = cp.parse(["--models", *args.models, "--tasks", str(args.tasks)])
+    print(f"{cp.machine(problem)}; T = {args.tasks}; medians of {args.rounds} rounds after a warm-up")
+    if not args.no_layers:
+        print("\n| k | input [n, T·64, H, W] | fused s | PyTorch's layers s | layers / fused |\n"
+              "|---:|---|---:|---:|---:|")
+        for k, sides in SIDES.items():
+            for n in (5, 75):
+                for side in sides:
+                    fused_s, plain_s = layer_seconds(n, side, k, args.tasks, args.rounds)
+                    print(f"| {k} | [{n}, {args.tasks * 64}, {side}, {side}] | {fused_s:.4f} | "
+                          f"{plain_s:.4f} | {plain_s / fused_s:.2f} |", flush=True)
+
+    def switch(on: bool) -> None:
+        os.environ[fl.DISABLE_ENV] = "0" if on else "1"
+
+    print("\n| model | work | fused s | unfused s | unfused / fused |\n|---|---|---:|---:|---:|")
+    for model_name in args.models:
+        model, batch = cp.build_problem(model_name, args.tasks, problem)
+        for work in args.works:
+            median = cp.alternate(switch, model, batch, work, args.rounds)
+            print(f"| {model_name} | {work} | {median[True]:.3f} | {median[False]:.3f} | "
+                  f"{median[False] / median[True]:.3f} |", flush=True)
+    switch(True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
