@@ -28,7 +28,13 @@ first ``--check-tasks`` tasks and compared with imaml_ext's (relative
 difference printed; the run stops above ``--check-tol`` unless
 ``--no-check``).  imaml_ext's CG stops a task at non-positive curvature and
 TorchOpt's does not, so where a task stops the iMAML gradients differ by
-definition; the check says so instead of failing.
+definition; the check says so instead of failing.  The peers run PyTorch's
+batch-norm, ReLU and max-pool, so they are compared with imaml_ext with its
+fused layer off (``imaml_ext.fused_layers``; the same arithmetic); the fused
+layer's own difference is printed in imaml_ext's row and not
+held to ``--check-tol``: its batch-norm statistics are more accurate than
+PyTorch's (benchmarks/RESULTS.md, "fused"), and an ill-conditioned iMAML
+system amplifies the difference.
 
 imaml_ext runs its tasks as ``--batching`` says (``vmap``, the library's
 default; ``loop``; ``auto``, which times both once and picks); the table names
@@ -164,10 +170,12 @@ def sync(device: str) -> None:
 # --- the float64 check -------------------------------------------------------------------------
 
 def check(work: str, model_name: str, vs: List[Variant], settings, args) -> Dict[str, str]:
-    """Relative difference of each peer's float64 meta-gradient to imaml_ext's, as text."""
+    """Relative difference of each peer's float64 meta-gradient to imaml_ext's with its
+    fused layer off, and of imaml_ext's with it to without it, as text."""
     import torch
     import imaml_ext as im
     import torch.nn.functional as F
+    from imaml_ext import fused_layers
     model, batch = build_problem(model_name, args.check_tasks, args, torch.float64)
     note = ""
     if work == "imaml":
@@ -184,8 +192,10 @@ def check(work: str, model_name: str, vs: List[Variant], settings, args) -> Dict
             if not len(full_run):
                 return {v.name: "not compared" + note for v in vs[1:]}
             batch = tuple(t[full_run] for t in batch)
-    base = pl.meta_gradient(vs[0].fn, model, batch, **settings, **vs[0].options)
-    out = {}
+    fused = pl.meta_gradient(vs[0].fn, model, batch, **settings, **vs[0].options)
+    with fused_layers.unfused():
+        base = pl.meta_gradient(vs[0].fn, model, batch, **settings, **vs[0].options)
+    out = {vs[0].name: f"fused layer vs unfused {pl.relative_difference(fused, base):.1e}"}
     for v in vs[1:]:
         diff = pl.relative_difference(pl.meta_gradient(v.fn, model, batch, **settings, **v.options), base)
         out[v.name] = f"{diff:.1e}" + note

@@ -10,6 +10,7 @@ fusion for every MAML mode and iMAML, vmap and loop batching.
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from imaml_ext import _build, fused_layers as fl, models
 
 NO_EXT = os.environ.get("IMAML_EXT_NO_EXT", "") not in ("", "0")
 compiled = pytest.mark.skipif(NO_EXT, reason="IMAML_EXT_NO_EXT=1: no compiled kernels to test")
+LONGDOUBLE_WIDER = np.finfo(np.longdouble).eps < np.finfo(np.float64).eps
 
 # (N, C, H, W, k): pooled evenly, with leftover rows/columns, k = 1 and 3, one example
 CASES = [(4, 3, 8, 8, 2), (5, 6, 7, 9, 2), (3, 2, 3, 3, 2), (2, 4, 7, 7, 3), (1, 2, 4, 6, 2),
@@ -229,3 +231,25 @@ def test_meta_gradients_with_fusion_equal_those_without(kind, batching, monkeypa
     monkeypatch.setenv(fl.DISABLE_ENV, "1")
     plain = _meta_gradient(model, batch, kind, batching)
     torch.testing.assert_close(fused, plain, rtol=1e-11, atol=1e-13)
+
+
+@compiled
+@pytest.mark.skipif(not LONGDOUBLE_WIDER, reason="numpy's longdouble is float64 here: no wider reference")
+@pytest.mark.parametrize("spread", [1e-3, 1.0])
+def test_statistics_are_at_least_as_accurate_as_pytorchs_batch_norm(spread):
+    """Against an extended-precision reference: a channel whose mean is far from zero
+    compared with its spread, half of it constant (as a convolution's output over blank
+    image borders)."""
+    x = 5.0 + spread * torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    x[:, :, :8] = 5.0
+    w, b = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    xl = x.numpy().astype(np.longdouble)
+    mean = xl.mean(axis=(0, 2, 3))[None, :, None, None]
+    var = ((xl - mean) ** 2).mean(axis=(0, 2, 3))[None, :, None, None]
+    y = (xl - mean) / np.sqrt(var + np.longdouble(1e-5)) * w.numpy()[None, :, None, None] + b.numpy()[None, :, None, None]
+    exact = F.max_pool2d(torch.relu(torch.from_numpy(y.astype(np.float64))), 2)
+    scale = exact.abs().max()
+    fused_error = ((fl.bn_relu_pool(x, w, b, 1e-5, 2) - exact).abs().max() / scale).item()
+    pytorch_error = ((_layers(x, w, b, 2) - exact).abs().max() / scale).item()
+    assert fused_error < 1e-12
+    assert fused_error <= max(pytorch_error, 1e-15)
