@@ -225,7 +225,10 @@ void add_at_maxima(const Dims& d, const scalar_t* grad, const uint8_t* index, sc
                    scalar_t* gx) {
   const int64_t k = d.k, W = d.W;
   if (k == 1) {
-    for (int64_t i = 0; i < d.plane(); ++i) gx[i] += index[i] == kInactive ? scalar_t(0) : k1 * grad[i];
+    for (int64_t i = 0; i < d.plane(); ++i) {
+      const scalar_t v = k1 * grad[i];  // loaded unconditionally: the select vectorizes
+      gx[i] += index[i] == kInactive ? scalar_t(0) : v;
+    }
     return;
   }
   for (int64_t ho = 0; ho < d.Ho; ++ho) {
@@ -236,7 +239,7 @@ void add_at_maxima(const Dims& d, const scalar_t* grad, const uint8_t* index, sc
       scalar_t* next = row + W;
       for (int64_t wo = 0; wo < d.Wo; ++wo) {
         const scalar_t v = k1 * g[wo];
-        const uint8_t where = ix[wo];
+        const int32_t where = ix[wo];
         row[2 * wo] += where == 0 ? v : scalar_t(0);
         row[2 * wo + 1] += where == 1 ? v : scalar_t(0);
         next[2 * wo] += where == 2 ? v : scalar_t(0);
@@ -263,9 +266,15 @@ void backward_kernel(const Dims& d, const scalar_t* grad, const scalar_t* x,
   for_each_plane(d, [&](int64_t c, int64_t plane) {
     const int64_t at = plane * d.pooled();
     const scalar_t m = mean[c];
-    auto g = [&](int64_t j) { return index[at + j] == kInactive ? scalar_t(0) : grad[at + j]; };
-    sum_g[c] += plane_sum<scalar_t>(d.pooled(), g);
-    sum_gd[c] += plane_sum<scalar_t>(d.pooled(), [&](int64_t j) { return g(j) * (at_max[at + j] - m); });
+    // g of this plane's windows: the pooled gradient where the window is active
+    thread_local std::vector<scalar_t> g;
+    g.resize(d.pooled());
+    for (int64_t j = 0; j < d.pooled(); ++j) {
+      const scalar_t v = grad[at + j];  // loaded unconditionally: the select vectorizes
+      g[j] = index[at + j] == kInactive ? scalar_t(0) : v;
+    }
+    sum_g[c] += plane_sum<scalar_t>(d.pooled(), [&](int64_t j) { return g[j]; });
+    sum_gd[c] += plane_sum<scalar_t>(d.pooled(), [&](int64_t j) { return g[j] * (at_max[at + j] - m); });
   });
   std::vector<scalar_t> A(d.C), B(d.C), k1(d.C);
   for (int64_t c = 0; c < d.C; ++c) {

@@ -283,7 +283,7 @@ def _load_jit(kind: str) -> str:
     kwargs = {}
     if kind == "cpu":
         kwargs["sources"] = sorted(glob.glob(str(src / "*.cpp")))
-        kwargs["extra_cflags"] = ["-O3", *_openmp_flags()]
+        kwargs["extra_cflags"] = ["-O3", "-fno-trapping-math", *_openmp_flags()]  # as setup.py
         kwargs["extra_ldflags"] = _openmp_flags()
     else:
         cuda_home = cpp_extension.CUDA_HOME
