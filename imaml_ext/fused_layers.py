@@ -9,9 +9,10 @@ with μ_c, σ²_c the mean and biased variance over its N·H·W values,
 
 the numbers of the three PyTorch layers (max-pool's rule: the first maximum of
 a window, or a NaN, wins).  The compiled CPU kernel (csrc/bn_relu_pool.cpp)
-reads x three times and writes the pooled output and a one-byte window index,
-where the three layers write and keep two full-size activations and int64
-indices; its backward needs the batch-norm sums only at the window maxima.
+reads x twice and writes the pooled output, a one-byte window index and the x
+at each window's maximum, where the three layers write and keep two full-size
+activations and int64 indices; its backward needs the batch-norm sums only at
+the window maxima.
 Other devices, or a missing build, run the same operator in PyTorch ops.
 
 Autograd: first derivatives come from the operator's backward; a backward
@@ -103,7 +104,7 @@ def _affine(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: T
 
 
 def reference_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-        kernel: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      kernel: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out ``[N, C, H/k, W/k]``, mean ``[C]``, invstd ``[C]``, index uint8 and xmax
     ``[N, C, H/k, W/k]``): the reference kernel, in PyTorch ops.  ``index`` holds
     the window position (row·k + column) of each maximum, :data:`INACTIVE` where
@@ -125,7 +126,7 @@ def reference_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
 
 
 def reference_backward(grad: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, invstd: Tensor,
-                 index: Tensor, xmax: Tensor, kernel: int) -> Tuple[Tensor, Tensor, Tensor]:
+                       index: Tensor, xmax: Tensor, kernel: int) -> Tuple[Tensor, Tensor, Tensor]:
     """(dL/dx, dL/dweight, dL/dbias) from dL/dout: the reference kernel."""
     _check(x, weight, None, 0.0, kernel)
     n, c, h, w = x.shape
@@ -313,9 +314,10 @@ def fuse(model: nn.Module) -> nn.Module:
 
 def fused_for(model: nn.Module, device: torch.device) -> nn.Module:
     """What to run ``model``'s computation on ``device`` with: :func:`fuse` (model) where
-    the compiled CPU kernel serves (a CPU device and a loaded CPU build), else
-    ``model`` (the operator's PyTorch reference would only be slower than the
-    three layers)."""
-    if device.type != "cpu" or not _build.backend().cpu:
+    the compiled CPU kernel serves (a CPU device, a loaded CPU build that has
+    the operator's kernel), else ``model`` (the operator's PyTorch reference
+    would only be slower than the three layers)."""
+    if device.type != "cpu" or not _build.backend().cpu or not torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"{NAMESPACE}::bn_relu_pool", "CPU"):
         return model
     return fuse(model)
