@@ -9,14 +9,14 @@
 // no result depends on the number of threads.
 //   pass 1: each plane's mean and sum of squared deviations (two sweeps over
 //           the plane, in cache), merged per channel in double (Chan et al.);
-//   pass 2: with a = weight*invstd and b = bias - mean*a, for every k x k
-//           window the ReLU of max(a*x + b), the window position
+//   pass 2: with a = weight*invstd, for every k x k window the ReLU of
+//           max(y), y = a*(x - mean) + bias, the window position
 //           (row*k + col) of that maximum in `index` (uint8; kInactive where
 //           the maximum is <= 0, so ReLU passes no gradient) and, for k > 1,
 //           the x at the maximum in `xmax`.
 //
 // Backward, with g = dL/dy at the active window maxima and 0 elsewhere
-// (y = a*x + b, before ReLU):
+// (y before ReLU):
 //   dx = weight*invstd*(g - sum(g)/M - xhat*sum(g*xhat)/M),
 //   dweight = sum(g*xhat),  dbias = sum(g);
 // the sums need only the pooled gradient and xmax, then one pass over x
@@ -50,15 +50,15 @@ struct Dims {
   int64_t count() const { return N * H * W; }
 };
 
+// The argument rules of both operators (the forward's eps is checked by the forward).
 Dims check_forward(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                   const std::optional<at::Tensor>& bias, double eps, int64_t k) {
+                   const std::optional<at::Tensor>& bias, int64_t k) {
   TORCH_CHECK_VALUE(x.dim() == 4, "bn_relu_pool: x must be [N, C, H, W], got ",
                     x.dim(), " dimensions");
   TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
                     "bn_relu_pool: x must be float32 or float64, got ", x.scalar_type());
   TORCH_CHECK_VALUE(k >= 1 && k <= kMaxKernel, "bn_relu_pool: kernel must be in 1..",
                     kMaxKernel, ", got ", k);
-  TORCH_CHECK_VALUE(eps >= 0, "bn_relu_pool: eps must be >= 0, got ", eps);
   Dims d{x.size(0), x.size(1), x.size(2), x.size(3), k, x.size(2) / k, x.size(3) / k};
   TORCH_CHECK_VALUE(d.Ho >= 1 && d.Wo >= 1, "bn_relu_pool: the ", k, "x", k,
                     " pooling window does not fit in ", d.H, "x", d.W);
@@ -129,9 +129,9 @@ inline scalar_t relu_of(scalar_t best, int32_t where, int32_t& entry) {
 }
 
 // One plane p [H, W] -> out, index, xmax [Ho, Wo] (xmax for k > 1), with
-// y = a*x + b.  `entries` is scratch for one row of index entries.
+// y = a*(x - m) + b.  `entries` is scratch for one row of index entries.
 template <typename scalar_t>
-void pool_plane(const Dims& d, const scalar_t* p, scalar_t a, scalar_t b, scalar_t* out,
+void pool_plane(const Dims& d, const scalar_t* p, scalar_t m, scalar_t a, scalar_t b, scalar_t* out,
                 uint8_t* index, scalar_t* xmax, int32_t* entries) {
   const int64_t k = d.k, W = d.W;
   for (int64_t ho = 0; ho < d.Ho; ++ho) {
@@ -140,30 +140,30 @@ void pool_plane(const Dims& d, const scalar_t* p, scalar_t a, scalar_t b, scalar
     scalar_t* xm = k == 1 ? nullptr : xmax + ho * d.Wo;
     if (k == 1) {
       for (int64_t wo = 0; wo < d.Wo; ++wo) {
-        o[wo] = relu_of<scalar_t>(a * row[wo] + b, 0, entries[wo]);
+        o[wo] = relu_of<scalar_t>(a * (row[wo] - m) + b, 0, entries[wo]);
       }
     } else if (k == 2) {
       const scalar_t* next = row + W;
       for (int64_t wo = 0; wo < d.Wo; ++wo) {
         const scalar_t v0 = row[2 * wo], v1 = row[2 * wo + 1];
         const scalar_t v2 = next[2 * wo], v3 = next[2 * wo + 1];
-        scalar_t best = a * v0 + b, at = v0;
+        scalar_t best = a * (v0 - m) + b, at = v0;
         int32_t where = 0;
-        take<scalar_t>(a * v1 + b, v1, 1, best, at, where);
-        take<scalar_t>(a * v2 + b, v2, 2, best, at, where);
-        take<scalar_t>(a * v3 + b, v3, 3, best, at, where);
+        take<scalar_t>(a * (v1 - m) + b, v1, 1, best, at, where);
+        take<scalar_t>(a * (v2 - m) + b, v2, 2, best, at, where);
+        take<scalar_t>(a * (v3 - m) + b, v3, 3, best, at, where);
         o[wo] = relu_of<scalar_t>(best, where, entries[wo]);
         xm[wo] = at;
       }
     } else {
       for (int64_t wo = 0; wo < d.Wo; ++wo) {
         const scalar_t* w0 = row + wo * k;
-        scalar_t best = a * w0[0] + b, at = w0[0];
+        scalar_t best = a * (w0[0] - m) + b, at = w0[0];
         int32_t where = 0;
         for (int64_t r = 0; r < k; ++r) {
           for (int64_t s = 0; s < k; ++s) {
             const scalar_t v = w0[r * W + s];
-            take<scalar_t>(a * v + b, v, static_cast<int32_t>(r * k + s), best, at, where);
+            take<scalar_t>(a * (v - m) + b, v, static_cast<int32_t>(r * k + s), best, at, where);
           }
         }
         o[wo] = relu_of<scalar_t>(best, where, entries[wo]);
@@ -204,14 +204,15 @@ void forward_kernel(const Dims& d, const scalar_t* x, const std::optional<at::Te
     mean_out[c] = static_cast<scalar_t>(mean[c]);
     invstd_out[c] = static_cast<scalar_t>(invstd);
     a[c] = static_cast<scalar_t>(value_or<scalar_t>(weight, c, 1) * invstd);
-    b[c] = static_cast<scalar_t>(value_or<scalar_t>(bias, c, 0) - mean[c] * a[c]);
+    b[c] = value_or<scalar_t>(bias, c, 0);
   }
   for (int64_t n = 0; n < d.N; ++n) {
     at::parallel_for(0, d.C, 1, [&](int64_t c0, int64_t c1) {
       std::vector<int32_t> entries(d.Wo);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t plane = n * d.C + c;
-        pool_plane(d, x + plane * HW, a[c], b[c], out + plane * d.pooled(), index + plane * d.pooled(),
+        pool_plane(d, x + plane * HW, mean_out[c], a[c], b[c], out + plane * d.pooled(),
+                   index + plane * d.pooled(),
                    d.k == 1 ? nullptr : xmax + plane * d.pooled(), entries.data());
       }
     });
@@ -248,7 +249,7 @@ void add_at_maxima(const Dims& d, const scalar_t* grad, const uint8_t* index, sc
       continue;
     }
     for (int64_t wo = 0; wo < d.Wo; ++wo) {
-      if (ix[wo] == kInactive) continue;
+      if (ix[wo] >= k * k) continue;  // kInactive (or no window position)
       row[(ix[wo] / k) * W + wo * k + ix[wo] % k] += k1 * g[wo];
     }
   }
@@ -282,17 +283,18 @@ void backward_kernel(const Dims& d, const scalar_t* grad, const scalar_t* x,
     const double sum_gx = sum_gd[c] * is;  // sum of g*xhat
     grad_weight[c] = static_cast<scalar_t>(sum_gx);
     grad_bias[c] = static_cast<scalar_t>(sum_g[c]);
-    // dx = k1*(g - sum_g/M - xhat*sum_gx/M) = k1*g + A + B*x
+    // dx = k1*(g - sum_g/M - xhat*sum_gx/M) = k1*g + A + B*(x - mean)
     const double slope = -gain * (sum_gx / M) * is;
     k1[c] = static_cast<scalar_t>(gain);
     B[c] = static_cast<scalar_t>(slope);
-    A[c] = static_cast<scalar_t>(-gain * (sum_g[c] / M) - slope * mean[c]);
+    A[c] = static_cast<scalar_t>(-gain * (sum_g[c] / M));
   }
   for_each_plane(d, [&](int64_t c, int64_t plane) {
     const scalar_t* p = x + plane * HW;
     scalar_t* gx = grad_x + plane * HW;
     const scalar_t a0 = A[c], b0 = B[c];
-    for (int64_t i = 0; i < HW; ++i) gx[i] = a0 + b0 * p[i];
+    const scalar_t m0 = mean[c];
+    for (int64_t i = 0; i < HW; ++i) gx[i] = a0 + b0 * (p[i] - m0);
     add_at_maxima<scalar_t>(d, grad + plane * d.pooled(), index + plane * d.pooled(), k1[c], gx);
   });
 }
@@ -300,7 +302,8 @@ void backward_kernel(const Dims& d, const scalar_t* grad, const scalar_t* x,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(
     const at::Tensor& x_in, const std::optional<at::Tensor>& weight_in,
     const std::optional<at::Tensor>& bias_in, double eps, int64_t kernel) {
-  const Dims d = check_forward(x_in, weight_in, bias_in, eps, kernel);
+  TORCH_CHECK_VALUE(eps > 0, "bn_relu_pool: eps must be positive, got ", eps);
+  const Dims d = check_forward(x_in, weight_in, bias_in, kernel);
   const at::Tensor x = x_in.contiguous();
   std::optional<at::Tensor> weight, bias;
   if (weight_in.has_value()) weight = weight_in->contiguous();
@@ -323,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& x_in, const std::optional<at::Tensor>& weight_in,
     const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& index_in,
     const at::Tensor& xmax_in, int64_t kernel) {
-  const Dims d = check_forward(x_in, weight_in, std::nullopt, 0.0, kernel);
+  const Dims d = check_forward(x_in, weight_in, std::nullopt, kernel);
   TORCH_CHECK_VALUE(grad_in.sizes() == at::IntArrayRef({d.N, d.C, d.Ho, d.Wo}) &&
                         index_in.sizes() == grad_in.sizes() && index_in.scalar_type() == at::kByte &&
                         grad_in.scalar_type() == x_in.scalar_type() && mean.numel() == d.C &&

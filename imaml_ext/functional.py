@@ -25,7 +25,7 @@ from . import batching as _batching
 from .batching import under_transform
 from .cpu_malloc import reuse_freed_memory
 from .flat import ParamLayout
-from .fused_layers import fused_for
+from .fused_layers import follow_modes, fused_for
 
 __all__ = ["TaskLoss", "check_module"]
 
@@ -90,6 +90,7 @@ class TaskLoss:
     def _call(self, phi_t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         tensors = self.layout.unflatten(phi_t)
         tensors.update(self.constants)
+        follow_modes(self.runner)
         return functional_call(self.runner, tensors, (x_t,))
 
     def per_task_outputs(self, phi_t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:

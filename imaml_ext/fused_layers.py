@@ -42,11 +42,12 @@ from typing import Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from . import _build
 from .batching import _directly_under_vmap, _fold, _task_dim, _unfold, _UnderVmapOnly, under_transform
 
-__all__ = ["BnReluPool", "bn_relu_pool", "fuse", "fused_for", "unfused", "fusion_enabled",
+__all__ = ["BnReluPool", "bn_relu_pool", "fuse", "fused_for", "follow_modes", "unfused", "fusion_enabled",
            "reference_forward", "reference_backward", "DISABLE_ENV", "MAX_KERNEL", "INACTIVE"]
 
 NAMESPACE = "imaml_ext_layers"
@@ -56,6 +57,7 @@ MAX_KERNEL = 15
 #: ``index`` value of a window whose maximum is ≤ 0 (ReLU passes no gradient).
 INACTIVE = 255
 
+_DTYPES = (torch.float32, torch.float64)  # what the operator takes; other dtypes run the three layers
 _state = threading.local()
 
 
@@ -75,16 +77,18 @@ def unfused() -> Iterator[None]:
         _state.enabled = before
 
 
-def _check(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, kernel: int) -> None:
-    """The argument rules of the operator (csrc/bn_relu_pool.cpp's check_forward)."""
+def _check(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: Optional[float],
+           kernel: int) -> None:
+    """The argument rules of the operators (csrc/bn_relu_pool.cpp's check_forward; ``eps``
+    None: the backward, which takes none)."""
     if x.dim() != 4:
         raise ValueError(f"bn_relu_pool: x must be [N, C, H, W], got {x.dim()} dimensions")
-    if x.dtype not in (torch.float32, torch.float64):
+    if x.dtype not in _DTYPES:
         raise ValueError(f"bn_relu_pool: x must be float32 or float64, got {x.dtype}")
     if not 1 <= kernel <= MAX_KERNEL:
         raise ValueError(f"bn_relu_pool: kernel must be in 1..{MAX_KERNEL}, got {kernel}")
-    if eps < 0:
-        raise ValueError(f"bn_relu_pool: eps must be >= 0, got {eps}")
+    if eps is not None and not eps > 0:
+        raise ValueError(f"bn_relu_pool: eps must be positive, got {eps}")
     n, c, h, w = x.shape
     if h < kernel or w < kernel:
         raise ValueError(f"bn_relu_pool: the {kernel}x{kernel} pooling window does not fit in {h}x{w}")
@@ -94,13 +98,6 @@ def _check(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: flo
     for t in (weight, bias):
         if t is not None and (t.shape != (c,) or t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"bn_relu_pool: weight and bias must be [C] = [{c}] of x's dtype and device")
-
-
-def _affine(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor):
-    """(a, b) ``[C, 1, 1]`` with y = a·x + b."""
-    a = invstd if weight is None else invstd * weight
-    b = -mean * a if bias is None else bias - mean * a
-    return a[:, None, None], b[:, None, None]
 
 
 def reference_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -113,8 +110,10 @@ def reference_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     x = x.contiguous()
     var, mean = torch.var_mean(x, (0, 2, 3), correction=0)
     invstd = torch.rsqrt(var + eps)
-    a, b = _affine(x, weight, bias, mean, invstd)
-    pooled, flat = F.max_pool2d(x * a + b, kernel, kernel, return_indices=True)
+    a = invstd if weight is None else invstd * weight
+    y = (x - mean[:, None, None]) * a[:, None, None]
+    pooled, flat = F.max_pool2d(y if bias is None else y + bias[:, None, None], kernel, kernel,
+                                return_indices=True)
     w = x.shape[3]
     position = (flat // w % kernel) * kernel + flat % w % kernel
     active = ~(pooled <= 0)
@@ -128,7 +127,7 @@ def reference_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
 def reference_backward(grad: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, invstd: Tensor,
                        index: Tensor, xmax: Tensor, kernel: int) -> Tuple[Tensor, Tensor, Tensor]:
     """(dL/dx, dL/dweight, dL/dbias) from dL/dout: the reference kernel."""
-    _check(x, weight, None, 0.0, kernel)
+    _check(x, weight, None, None, kernel)
     n, c, h, w = x.shape
     ho, wo = grad.shape[2:]
     active = index != INACTIVE
@@ -164,7 +163,7 @@ def _(x, weight, bias, eps, kernel):
 
 @_backward_op.register_fake
 def _(grad, x, weight, mean, invstd, index, xmax, kernel):
-    _check(x, weight, None, 0.0, kernel)
+    _check(x, weight, None, None, kernel)
     return torch.empty_like(x), x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
 
 
@@ -177,6 +176,7 @@ def _unfused(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: f
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, eps, kernel = inputs
     _, mean, invstd, index, xmax = output
+    ctx.mark_non_differentiable(mean, invstd, index, xmax)  # what the backward needs, not results
     ctx.save_for_backward(x, weight, bias, mean, invstd, index, xmax)
     ctx.eps, ctx.kernel = eps, kernel
 
@@ -217,19 +217,47 @@ class _TaskBnReluPool(_UnderVmapOnly):
         return _unfold(out, T)
 
 
+def _has_tangent(t: Optional[Tensor]) -> bool:
+    """A forward-mode AD tangent is attached to ``t`` (inside ``forward_ad.dual_level``)."""
+    return t is not None and forward_ad.unpack_dual(t).tangent is not None
+
+
+def _single_vmap_level(t: Optional[Tensor]) -> bool:
+    """``t`` is plain, or batched by the innermost vmap with nothing else around it."""
+    if t is None or not under_transform(t):
+        return True
+    return _directly_under_vmap(t) and not under_transform(torch._C._functorch.get_unwrapped(t))
+
+
+def _path(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> str:
+    """How :func:`bn_relu_pool` runs: ``"operator"`` (plain tensors), ``"folded"`` (x
+    batched by one vmap and nothing else) or ``"layers"`` (the three PyTorch layers:
+    fusion off, a dtype or size the operator does not take, forward-mode AD or
+    another torch.func transform, which the operator has no rules for)."""
+    if not fusion_enabled() or x.dtype not in _DTYPES or x.dim() != 4 \
+            or x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        return "layers"
+    tensors = (x, weight, bias)
+    if not any(t is not None and under_transform(t) for t in tensors):
+        return "layers" if any(_has_tangent(t) for t in tensors) else "operator"
+    if _directly_under_vmap(x) and all(_single_vmap_level(t) for t in tensors):
+        unwrapped = [None if t is None else torch._C._functorch.get_unwrapped(t) if under_transform(t) else t
+                     for t in tensors]
+        return "layers" if any(_has_tangent(t) for t in unwrapped) else "folded"
+    return "layers"
+
+
 def bn_relu_pool(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5,
                  kernel: int = 2) -> Tensor:
     """relu(maxpool_k(batch_norm(x))) of x ``[N, C, H, W]`` with batch statistics,
     weight/bias ``[C]`` or None (module docstring); ``[N, C, H/k, W/k]``."""
-    if not fusion_enabled():
+    path = _path(x, weight, bias)
+    if path == "layers":
         return _unfused(x, weight, bias, eps, kernel)
-    if not under_transform(x):
-        _build.backend()  # loads the compiled kernels on first use
+    _build.backend()  # loads the compiled kernels on first use
+    if path == "operator":
         return _op(x, weight, bias, eps, kernel)[0]
-    if _directly_under_vmap(x) and not under_transform(torch._C._functorch.get_unwrapped(x)):
-        _build.backend()
-        return _TaskBnReluPool.apply(x, weight, bias, eps, kernel)
-    return _unfused(x, weight, bias, eps, kernel)
+    return _TaskBnReluPool.apply(x, weight, bias, eps, kernel)
 
 
 class BnReluPool(nn.Module):
@@ -268,17 +296,20 @@ def _batch_statistics(m: nn.Module) -> bool:
     return type(m) is nn.BatchNorm2d and m.running_mean is None and m.running_var is None
 
 
+def _has_hooks(m: nn.Module) -> bool:
+    """Forward or backward hooks on ``m`` itself (a fused run would skip them)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
 def _fuse_sequence(children: dict) -> bool:
     """Replaces the runs in an ``nn.Sequential``'s children in place; True if any."""
     names = list(children)
     found, i = False, 0
-    while i + 1 < len(names):
-        norm, act = children[names[i]], children[names[i + 1]]
-        if not (_batch_statistics(norm) and type(act) is nn.ReLU):
-            i += 1
-            continue
-        k = _pool_kernel(children[names[i + 2]]) if i + 2 < len(names) else None
-        if k is None or k == 1:
+    while i + 2 < len(names):
+        norm, act, pool = (children[n] for n in names[i:i + 3])
+        k = _pool_kernel(pool)
+        if not (_batch_statistics(norm) and type(act) is nn.ReLU and k is not None and k > 1) \
+                or any(_has_hooks(m) for m in (norm, act, pool)):
             i += 1
             continue
         children[names[i]] = BnReluPool(norm, k)
@@ -287,8 +318,8 @@ def _fuse_sequence(children: dict) -> bool:
     return found
 
 
-def _fused_tree(module: nn.Module) -> nn.Module:
-    children = {name: (None if child is None else _fused_tree(child))
+def _fused_tree(module: nn.Module, twins: list) -> nn.Module:
+    children = {name: (None if child is None else _fused_tree(child, twins))
                 for name, child in module._modules.items()}
     changed = any(children[name] is not child for name, child in module._modules.items())
     if isinstance(module, nn.Sequential):
@@ -296,20 +327,35 @@ def _fused_tree(module: nn.Module) -> nn.Module:
     if not changed:
         return module
     twin = copy.copy(module)
+    # its own parameter, buffer and hook tables (a shallow copy would share them)
+    twin.__dict__.update({k: copy.copy(v) for k, v in module.__dict__.items() if isinstance(v, (dict, set))})
     twin._modules = children
-    twin._parameters, twin._buffers = dict(module._parameters), dict(module._buffers)
+    twins.append((twin, module))
     return twin
 
 
 def fuse(model: nn.Module) -> nn.Module:
     """``model`` with every ``BatchNorm2d`` (batch statistics) → ``ReLU`` → ``MaxPool2d(k)``
-    run (k ≥ 2) inside an ``nn.Sequential`` as one :class:`BnReluPool`; the modules on
-    the way to a run are shallow copies, everything else is ``model``'s own
-    (same parameters, same names; ``model`` is not changed).  ``model`` itself
-    when there is no such run or the tree cannot be copied (a ScriptModule)."""
+    run (k ≥ 2, no hooks on the three) inside an ``nn.Sequential`` as one
+    :class:`BnReluPool`; the modules on the way to a run are shallow copies
+    with their own tables (:func:`follow_modes` keeps their training flags
+    those of the originals), everything else is ``model``'s own (same
+    parameters, same names; ``model`` is not changed).  ``model`` itself when
+    there is no such run or the tree cannot be copied (a ScriptModule)."""
     if isinstance(model, torch.jit.ScriptModule):
         return model
-    return _fused_tree(model)
+    twins: list = []
+    fused = _fused_tree(model, twins)
+    if fused is not model:
+        fused.__dict__["_fused_twins"] = twins
+    return fused
+
+
+def follow_modes(fused: nn.Module) -> None:
+    """Sets the training flag of the copied modules of :func:`fuse` (fused) to their
+    originals' (``model.eval()`` after fusing reaches only the originals)."""
+    for twin, original in fused.__dict__.get("_fused_twins", ()):
+        twin.training = original.training
 
 
 def fused_for(model: nn.Module, device: torch.device) -> nn.Module:
