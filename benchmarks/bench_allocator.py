@@ -11,7 +11,6 @@ Omniglot, 5-way 1-shot, 15 queries per class).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,16 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compare_peers as cp  # noqa: E402
 
-WORKS = ("first_order", "full", "imaml")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["omniglot"], choices=cp.MODELS)
-    ap.add_argument("--works", nargs="+", default=list(WORKS), choices=WORKS)
-    ap.add_argument("--tasks", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=7, help="timed rounds after one warm-up round")
-    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap = cp.ab_parser(__doc__, ["omniglot"], rounds=7)
     args = ap.parse_args(argv)
     import torch
     from imaml_ext import cpu_malloc

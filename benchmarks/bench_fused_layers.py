@@ -15,7 +15,6 @@ PyTorch's three layers.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -26,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compare_peers as cp  # noqa: E402
 
-WORKS = ("first_order", "full", "imaml")
 # pooling window k -> the sides H = W of the activations: Conv-4's, the stride-2 net's
 SIDES = {2: (28, 14, 7, 3), 1: (14, 7, 4, 2)}
 
@@ -60,12 +58,7 @@ def layer_seconds(n: int, side: int, k: int, tasks: int, rounds: int):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["conv4"], choices=cp.MODELS)
-    ap.add_argument("--works", nargs="+", default=list(WORKS), choices=WORKS)
-    ap.add_argument("--tasks", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=5, help="timed rounds after one warm-up round")
-    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap = cp.ab_parser(__doc__, ["conv4"], rounds=5)
     ap.add_argument("--no-layers", action="store_true", help="skip part 1 (the layer alone)")
     args = ap.parse_args(argv)
     import torch

@@ -235,6 +235,21 @@ def time_work(vs: List[Variant], model, batch, settings, args):
     return times, faults, info
 
 
+#: The works an in-process A/B of imaml_ext (:func:`alternate`) times.
+AB_WORKS = ("first_order", "full", "imaml")
+
+
+def ab_parser(description: str, models: List[str], rounds: int) -> argparse.ArgumentParser:
+    """The command line of an A/B benchmark built on :func:`alternate`."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=models, choices=MODELS)
+    ap.add_argument("--works", nargs="+", default=list(AB_WORKS), choices=AB_WORKS)
+    ap.add_argument("--tasks", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=rounds, help="timed rounds after one warm-up round")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    return ap
+
+
 def alternate(switch: Callable[[bool], None], model, batch, work: str, rounds: int) -> Dict[bool, float]:
     """imaml_ext's meta-gradient of ``work`` with ``switch(True)`` and with ``switch(False)``
     called before every meta-batch, the two alternated round by round (their order
