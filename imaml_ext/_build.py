@@ -108,6 +108,8 @@ def describe() -> str:
         f"compiled CUDA ops: {'yes' if b.cuda else 'no'}",
         f"  CPU: {_cpu_name()}, {torch.get_num_threads()} threads",
     ]
+    from . import fused_layers  # imports this module
+    lines.append(f"  fused batch-norm → ReLU → max-pool layer: {fused_layers.status()}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)

@@ -47,7 +47,7 @@ from torch.autograd import forward_ad
 from . import _build
 from .batching import _directly_under_vmap, _fold, _task_dim, _unfold, _UnderVmapOnly, under_transform
 
-__all__ = ["BnReluPool", "bn_relu_pool", "fuse", "fused_for", "follow_modes", "unfused", "fusion_enabled",
+__all__ = ["BnReluPool", "bn_relu_pool", "fuse", "fused_for", "follow_modes", "unfused", "fusion_enabled", "status",
            "reference_forward", "reference_backward", "DISABLE_ENV", "MAX_KERNEL", "INACTIVE"]
 
 NAMESPACE = "imaml_ext_layers"
@@ -358,12 +358,25 @@ def follow_modes(fused: nn.Module) -> None:
         twin.training = original.training
 
 
+def _cpu_kernel_loaded() -> bool:
+    return _build.backend().cpu and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"{NAMESPACE}::bn_relu_pool", "CPU")
+
+
+def status() -> str:
+    """One line for ``imaml-ext info``: whether CPU models run the fused layer, and why not."""
+    if not _cpu_kernel_loaded():
+        return "off (no compiled CPU kernel for it)"
+    if not fusion_enabled():
+        return f"off ({DISABLE_ENV} is set)"
+    return "on for CPU models (BatchNorm2d → ReLU → MaxPool2d runs in nn.Sequential)"
+
+
 def fused_for(model: nn.Module, device: torch.device) -> nn.Module:
     """What to run ``model``'s computation on ``device`` with: :func:`fuse` (model) where
     the compiled CPU kernel serves (a CPU device, a loaded CPU build that has
     the operator's kernel), else ``model`` (the operator's PyTorch reference
     would only be slower than the three layers)."""
-    if device.type != "cpu" or not _build.backend().cpu or not torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"{NAMESPACE}::bn_relu_pool", "CPU"):
+    if device.type != "cpu" or not _cpu_kernel_loaded():
         return model
     return fuse(model)

@@ -341,3 +341,10 @@ def test_fused_copies_follow_the_models_training_flag():
     task_loss.per_task_outputs(task_loss.theta().detach(), torch.randn(4, 1, 28, 28))
     copies = [m for m in task_loss.runner.modules() if not isinstance(m, (fl.BnReluPool, nn.Identity))]
     assert not any(m.training for m in copies)
+
+
+def test_info_says_whether_the_fused_layer_runs(monkeypatch):
+    line = next(row for row in _build.describe().splitlines() if "fused batch-norm" in row)
+    assert ("on for CPU models" in line) == (not NO_EXT)
+    monkeypatch.setenv(fl.DISABLE_ENV, "1")
+    assert "off" in fl.status()
