@@ -24,7 +24,9 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 from torch.func import vmap
+from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["BATCHING_MODES", "BatchingError", "over_tasks", "choose", "under_transform"]
@@ -139,9 +141,77 @@ class _TaskConv2d(_UnderVmapOnly):
         T = info.batch_size
         w = _task_dim(weight, in_dims[1], T, 0)
         b = _task_dim(bias, in_dims[2], T, 0)
-        out = F.conv2d(_fold(x, in_dims[0], T), w.reshape(-1, *w.shape[2:]),
-                       None if b is None else b.reshape(-1), stride, padding, dilation, groups * T)
+        args = (_fold(x, in_dims[0], T), w.reshape(-1, *w.shape[2:]), None if b is None else b.reshape(-1))
+        if isinstance(padding, str) or any(t is not None and (under_transform(t) or _has_tangent(t))
+                                           for t in args):
+            out = F.conv2d(*args, stride, padding, dilation, groups * T)
+        else:
+            conf = (_pair(stride), _pair(padding), _pair(dilation), groups * T)
+            out = _GroupedConv2d.apply(*args, conf)
         return _unfold(out, T)
+
+
+def _has_tangent(t: torch.Tensor) -> bool:
+    return forward_ad.unpack_dual(t).tangent is not None
+
+
+class _GroupedConv2d(torch.autograd.Function):
+    """``F.conv2d`` (conf = stride, padding, dilation, groups) whose backward is
+    :class:`_GroupedConv2dGrad`, so that a second derivative (full MAML, the
+    reverse-mode HVP) takes three native grouped convolutions where PyTorch's
+    double backward of a grouped convolution loops over the groups."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conf):
+        ctx.save_for_backward(x, weight)
+        ctx.conf, ctx.has_bias = conf, bias is not None
+        return F.conv2d(x, weight, bias, *conf)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        gx, gw, gb = _GroupedConv2dGrad.apply(grad, x, weight, ctx.has_bias, mask, ctx.conf)
+        return gx, gw, gb, None
+
+
+class _GroupedConv2dGrad(torch.autograd.Function):
+    """(dL/dout, x, weight) -> (dL/dx, dL/dweight, dL/dbias) of a convolution, each
+    where ``mask`` asks for it.  Its backward, with (u, v, c) the gradients of
+    those three: dL/dout gets conv(u, W) + conv(x, v) + c, x gets the input
+    gradient of conv(x, v) at dL/dout, W the weight gradient of conv(u, W) at
+    dL/dout (the products are bilinear: ⟨u, ∂x⟨g, conv(x, W)⟩⟩ = ⟨g, conv(u, W)⟩).
+    Those are differentiable PyTorch ops, so higher derivatives follow from them."""
+
+    @staticmethod
+    def forward(ctx, grad, x, weight, has_bias, mask, conf):
+        ctx.save_for_backward(grad, x, weight)
+        ctx.conf, ctx.has_bias = conf, has_bias
+        stride, padding, dilation, groups = conf
+        return torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False,
+            [0, 0], groups, [mask[0], mask[1], mask[2] and has_bias])
+
+    @staticmethod
+    def backward(ctx, u, v, c):
+        grad, x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = conf = ctx.conf
+        need_grad, need_x, need_w = ctx.needs_input_grad[:3]
+        d_grad = d_x = d_w = None
+        if need_grad:
+            terms = [F.conv2d(u, weight, None, *conf) if u is not None else None,
+                     F.conv2d(x, v, None, *conf) if v is not None else None]
+            terms = [t for t in terms if t is not None]
+            d_grad = sum(terms[1:], terms[0]) if terms else torch.zeros_like(grad)
+            if c is not None:
+                d_grad = d_grad + c[:, None, None]
+        if need_x and v is not None:
+            d_x = torch.ops.aten.convolution_backward(grad, x, v, None, stride, padding, dilation, False,
+                                                      [0, 0], groups, [True, False, False])[0]
+        if need_w and u is not None:
+            d_w = torch.ops.aten.convolution_backward(grad, u, weight, None, stride, padding, dilation,
+                                                      False, [0, 0], groups, [False, True, False])[1]
+        return d_grad, d_x, d_w, None, None, None
 
 
 def under_transform(t: torch.Tensor) -> bool:

@@ -314,3 +314,39 @@ def test_auto_inside_a_torch_func_transform_is_vmap():
     meta().backward()
     for n, p in meta.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("conf", [((1, 1), (1, 1), (1, 1), 3), ((2, 2), (1, 1), (1, 1), 3), ((1, 1), (0, 0), (2, 2), 1)])
+def test_grouped_convolution_derivatives_up_to_third_order_equal_pytorchs(bias, conf):
+    """The folded convolution's own first and second derivatives (three native grouped
+    convolutions, no loop over groups) and its fallback for a third equal F.conv2d's."""
+    g = torch.Generator().manual_seed(5)
+    groups = conf[3]
+    x = torch.randn(2, 2 * groups, 7, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4 * groups, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4 * groups, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    wrt = [t for t in (x, w, b) if t is not None]
+
+    def derivatives(conv):
+        out = conv(x, w, b)
+        first = torch.autograd.grad((out ** 3).sum(), wrt, create_graph=True)
+        second = torch.autograd.grad(sum((f ** 2).sum() for f in first), wrt, create_graph=True)
+        third = torch.autograd.grad(sum((s ** 2).sum() for s in second), wrt)
+        return (out, *first, *second, *third)
+
+    ours = derivatives(lambda x, w, b: batching._GroupedConv2d.apply(x, w, b, conf))
+    pytorch = derivatives(lambda x, w, b: F.conv2d(x, w, b, *conf))
+    for a, e in zip(ours, pytorch):
+        torch.testing.assert_close(a, e, rtol=1e-11, atol=1e-11)
+
+
+def test_grouped_convolution_leaves_out_gradients_nobody_needs():
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)  # an input image: no gradient wanted
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    out = batching._GroupedConv2d.apply(x, w, None, ((1, 1), (1, 1), (1, 1), 3))
+    (gw,) = torch.autograd.grad((out ** 2).sum(), [w], create_graph=True)
+    (hw,) = torch.autograd.grad((gw ** 2).sum(), [w])
+    (ref,) = torch.autograd.grad((torch.autograd.grad((F.conv2d(x, w, None, 1, 1, 1, 3) ** 2).sum(), [w],
+                                                      create_graph=True)[0] ** 2).sum(), [w])
+    torch.testing.assert_close(hw, ref)
