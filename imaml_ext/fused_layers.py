@@ -184,13 +184,18 @@ def _setup_context(ctx, inputs, output) -> None:
 def _autograd_backward(ctx, grad, *_unused):
     x, weight, bias, mean, invstd, index, xmax = ctx.saved_tensors
     if torch.is_grad_enabled():
-        # create_graph=True: the three layers recomputed, so that this gradient
-        # is itself differentiable with PyTorch's formulas.
-        wrt = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
-        found = iter(torch.autograd.grad(_unfused(x, weight, bias, ctx.eps, ctx.kernel), wrt, grad,
-                                         create_graph=True, allow_unused=True) if wrt else ())
-        grads = [next(found) if t is not None and t.requires_grad else None for t in (x, weight, bias)]
-        return (*grads, None, None)
+        # create_graph=True: the vector-Jacobian product of the three layers,
+        # recomputed, so that this gradient has PyTorch's own derivatives.
+        # torch.func.vjp differentiates with respect to these tensors alone (not
+        # through one of them to another, as autograd.grad would).
+        given = [t for t in (x, weight, bias) if t is not None]
+
+        def layers(*tensors):
+            it = iter(tensors)
+            return _unfused(*(None if t is None else next(it) for t in (x, weight, bias)), ctx.eps, ctx.kernel)
+
+        found = iter(torch.func.vjp(layers, *given)[1](grad))
+        return (*(None if t is None else next(found) for t in (x, weight, bias)), None, None)
     grad_x, grad_w, grad_b = _backward_op(grad.contiguous(), x, weight, mean, invstd, index, xmax,
                                           ctx.kernel)
     return (grad_x, None if weight is None else grad_w, None if bias is None else grad_b, None, None)

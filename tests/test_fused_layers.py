@@ -348,3 +348,20 @@ def test_info_says_whether_the_fused_layer_runs(monkeypatch):
     assert ("on for CPU models" in line) == (not NO_EXT)
     monkeypatch.setenv(fl.DISABLE_ENV, "1")
     assert "off" in fl.status()
+
+
+@compiled
+def test_second_derivatives_of_a_layer_applied_twice_equal_those_of_the_three_layers():
+    """One batch-norm applied to its own (pooled) output: the input of the second call
+    depends on the weight, which a create_graph backward must not count twice."""
+    x, w, b = _inputs(4, 3, 8, 8)
+
+    def twice(layer):
+        return layer(layer(x, w, b, 2), w, b, 2)
+
+    got = torch.autograd.grad((twice(lambda *a: fl.bn_relu_pool(*a[:3], 1e-5, a[3])) ** 2).sum(),
+                              (x, w, b), create_graph=True)
+    want = torch.autograd.grad((twice(_layers) ** 2).sum(), (x, w, b), create_graph=True)
+    v = [torch.randn_like(t) for t in got]
+    for g, e in zip(torch.autograd.grad(got, (x, w, b), v), torch.autograd.grad(want, (x, w, b), v)):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
