@@ -33,14 +33,7 @@ def main(argv=None) -> int:
         return 1
     problem = cp.parse(["--models", *args.models, "--tasks", str(args.tasks)])
     print(f"{cp.machine(problem)}; T = {args.tasks}; medians of {args.rounds} rounds after a warm-up")
-    print("| model | work | exact-fit s | PyTorch's s | PyTorch's / exact-fit |\n|---|---|---:|---:|---:|")
-    for model_name in args.models:
-        model, batch = cp.build_problem(model_name, args.tasks, problem)
-        for work in args.works:
-            median = cp.alternate(cpu_malloc.exact_fit_allocator, model, batch, work, args.rounds)
-            exact_s, pytorch_s = median[True], median[False]
-            print(f"| {model_name} | {work} | {exact_s:.3f} | {pytorch_s:.3f} | {pytorch_s / exact_s:.3f} |",
-                  flush=True)
+    cp.ab_table(cpu_malloc.exact_fit_allocator, problem, args, "exact-fit", "PyTorch's")
     cpu_malloc.exact_fit_allocator(True)
     return 0
 

@@ -85,13 +85,8 @@ def main(argv=None) -> int:
     def switch(on: bool) -> None:
         os.environ[fl.DISABLE_ENV] = "0" if on else "1"
 
-    print("\n| model | work | fused s | unfused s | unfused / fused |\n|---|---|---:|---:|---:|")
-    for model_name in args.models:
-        model, batch = cp.build_problem(model_name, args.tasks, problem)
-        for work in args.works:
-            median = cp.alternate(switch, model, batch, work, args.rounds)
-            print(f"| {model_name} | {work} | {median[True]:.3f} | {median[False]:.3f} | "
-                  f"{median[False] / median[True]:.3f} |", flush=True)
+    print()
+    cp.ab_table(switch, problem, args, "fused", "unfused")
     switch(True)
     return 0
 
