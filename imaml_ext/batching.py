@@ -62,6 +62,12 @@ def _fold(x: torch.Tensor, dim: Optional[int], tasks: int) -> torch.Tensor:
     return x.reshape(x.shape[0], tasks * x.shape[2], *x.shape[3:])
 
 
+def _per_task_vector(t: Optional[torch.Tensor], dim: Optional[int], tasks: int) -> Optional[torch.Tensor]:
+    """A per-channel ``[C]`` vector batched at ``dim`` (None: shared) -> ``[T·C]`` in
+    the folded channel order of :func:`_fold`; None stays None."""
+    return None if t is None else _task_dim(t, dim, tasks, 0).reshape(-1)
+
+
 def _unfold(out: torch.Tensor, tasks: int):
     """``[n, T·C, ...]`` -> ``[n, T, C, ...]`` batched at dim 1 (vmap's rule result)."""
     return out.view(out.shape[0], tasks, out.shape[1] // tasks, *out.shape[2:]), 1
@@ -100,10 +106,8 @@ class _TaskBatchNorm(_UnderVmapOnly):
     @staticmethod
     def vmap(info, in_dims, x, weight, bias, eps):
         T = info.batch_size
-        w = _task_dim(weight, in_dims[1], T, 0)
-        b = _task_dim(bias, in_dims[2], T, 0)
-        out = F.batch_norm(_fold(x, in_dims[0], T), None, None, None if w is None else w.reshape(-1),
-                           None if b is None else b.reshape(-1), True, 0.0, eps)
+        out = F.batch_norm(_fold(x, in_dims[0], T), None, None, _per_task_vector(weight, in_dims[1], T),
+                           _per_task_vector(bias, in_dims[2], T), True, 0.0, eps)
         return _unfold(out, T)
 
 
@@ -140,9 +144,8 @@ class _TaskConv2d(_UnderVmapOnly):
     def vmap(info, in_dims, x, weight, bias, stride, padding, dilation, groups):
         T = info.batch_size
         w = _task_dim(weight, in_dims[1], T, 0)
-        b = _task_dim(bias, in_dims[2], T, 0)
-        args = (_fold(x, in_dims[0], T), w.reshape(-1, *w.shape[2:]), None if b is None else b.reshape(-1))
-        if isinstance(padding, str) or any(t is not None and (under_transform(t) or _has_tangent(t))
+        args = (_fold(x, in_dims[0], T), w.reshape(-1, *w.shape[2:]), _per_task_vector(bias, in_dims[2], T))
+        if isinstance(padding, str) or any(t is not None and under_transform(t) or _has_tangent(t)
                                            for t in args):
             out = F.conv2d(*args, stride, padding, dilation, groups * T)
         else:
@@ -151,8 +154,9 @@ class _TaskConv2d(_UnderVmapOnly):
         return _unfold(out, T)
 
 
-def _has_tangent(t: torch.Tensor) -> bool:
-    return forward_ad.unpack_dual(t).tangent is not None
+def _has_tangent(t: Optional[torch.Tensor]) -> bool:
+    """A forward-mode AD tangent is attached to ``t`` (inside ``forward_ad.dual_level``)."""
+    return t is not None and forward_ad.unpack_dual(t).tangent is not None
 
 
 class _GroupedConv2d(torch.autograd.Function):
@@ -198,13 +202,12 @@ class _GroupedConv2dGrad(torch.autograd.Function):
         stride, padding, dilation, groups = conf = ctx.conf
         need_grad, need_x, need_w = ctx.needs_input_grad[:3]
         d_grad = d_x = d_w = None
-        if need_grad:
-            terms = [F.conv2d(u, weight, None, *conf) if u is not None else None,
-                     F.conv2d(x, v, None, *conf) if v is not None else None]
-            terms = [t for t in terms if t is not None]
-            d_grad = sum(terms[1:], terms[0]) if terms else torch.zeros_like(grad)
-            if c is not None:
-                d_grad = d_grad + c[:, None, None]
+        if need_grad:  # None where u, v and c are all None: a zero gradient
+            for term in (F.conv2d(u, weight, None, *conf) if u is not None else None,
+                         F.conv2d(x, v, None, *conf) if v is not None else None,
+                         c[:, None, None] if c is not None else None):
+                if term is not None:
+                    d_grad = term if d_grad is None else d_grad + term
         if need_x and v is not None:
             d_x = torch.ops.aten.convolution_backward(grad, x, v, None, stride, padding, dilation, False,
                                                       [0, 0], groups, [True, False, False])[0]

@@ -42,10 +42,10 @@ from typing import Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd import forward_ad
 
 from . import _build
-from .batching import _directly_under_vmap, _fold, _task_dim, _unfold, _UnderVmapOnly, under_transform
+from .batching import (_directly_under_vmap, _fold, _has_tangent, _per_task_vector, _unfold, _UnderVmapOnly,
+                       under_transform)
 
 __all__ = ["BnReluPool", "bn_relu_pool", "fuse", "fused_for", "follow_modes", "unfused", "fusion_enabled", "status",
            "reference_forward", "reference_backward", "DISABLE_ENV", "MAX_KERNEL", "INACTIVE"]
@@ -215,16 +215,9 @@ class _TaskBnReluPool(_UnderVmapOnly):
     @staticmethod
     def vmap(info, in_dims, x, weight, bias, eps, kernel):
         T = info.batch_size
-        w = _task_dim(weight, in_dims[1], T, 0)
-        b = _task_dim(bias, in_dims[2], T, 0)
-        out = _op(_fold(x, in_dims[0], T), None if w is None else w.reshape(-1),
-                  None if b is None else b.reshape(-1), eps, kernel)[0]
+        out = _op(_fold(x, in_dims[0], T), _per_task_vector(weight, in_dims[1], T),
+                  _per_task_vector(bias, in_dims[2], T), eps, kernel)[0]
         return _unfold(out, T)
-
-
-def _has_tangent(t: Optional[Tensor]) -> bool:
-    """A forward-mode AD tangent is attached to ``t`` (inside ``forward_ad.dual_level``)."""
-    return t is not None and forward_ad.unpack_dual(t).tangent is not None
 
 
 def _single_vmap_level(t: Optional[Tensor]) -> bool:
