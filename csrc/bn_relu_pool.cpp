@@ -21,6 +21,20 @@
 //   dweight = sum(g*xhat),  dbias = sum(g);
 // the sums need only the pooled gradient and xmax, then one pass over x
 // writes dx.
+//
+// Double backward (the backward's own vector-Jacobian product, the math in
+// fused_layers.reference_double_backward): with cotangents u of dx (dense,
+// optional), u_w of dweight and u_b of dbias, r = invstd, d = x - mean,
+// gamma = weight (1 without) and the per-channel means gbar = sum(g)/M,
+// A = r*sum(g*d)/M, ubar = sum(u)/M, B = r*sum(u*d)/M, Cug = sum(u*g)/M,
+//   d grad   = gamma*r*u + (u_w - gamma*r*B)*r*d + u_b - gamma*r*ubar  (at the
+//              active maxima; 0 elsewhere),
+//   d weight = r*M*(Cug - gbar*ubar - A*B),
+//   d x      = ax*r*d + au*u + ag*g + a0, with
+//     ax = -gamma*r^2*(Cug - gbar*ubar - 3*A*B) - u_w*r*A,  au = -gamma*r^2*A,
+//     ag = -gamma*r^2*B + u_w*r,  a0 = gamma*r^2*(B*gbar + A*ubar) - u_w*r*gbar;
+// one pass over the pooled planes (sums of g), one over u and x (sums of u),
+// one that writes dx.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -73,6 +87,21 @@ Dims check_forward(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                         "bn_relu_pool: weight and bias must match x's dtype and device");
     }
   }
+  return d;
+}
+
+// The argument rules of the backward operators (`op` names the operator in errors).
+Dims check_backward(const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& index,
+                    const at::Tensor& xmax, int64_t k, const char* op) {
+  const Dims d = check_forward(x, weight, std::nullopt, k);
+  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({d.N, d.C, d.Ho, d.Wo}) &&
+                        index.sizes() == grad.sizes() && index.scalar_type() == at::kByte &&
+                        grad.scalar_type() == x.scalar_type() && mean.numel() == d.C &&
+                        invstd.numel() == d.C,
+                    op, ": the gradient, index, mean and invstd do not match x");
+  TORCH_CHECK_VALUE(k == 1 || (xmax.sizes() == grad.sizes() && xmax.scalar_type() == x.scalar_type()),
+                    op, ": xmax does not match the gradient");
   return d;
 }
 
@@ -255,6 +284,36 @@ void add_at_maxima(const Dims& d, const scalar_t* grad, const uint8_t* index, sc
   }
 }
 
+// out[j] = plane value at window j's maximum (0 where the window is inactive).
+template <typename scalar_t>
+void gather_at_maxima(const Dims& d, const scalar_t* plane, const uint8_t* index, scalar_t* out) {
+  const int64_t k = d.k, W = d.W;
+  if (k == 1) {
+    for (int64_t i = 0; i < d.plane(); ++i) {
+      out[i] = index[i] == kInactive ? scalar_t(0) : plane[i];
+    }
+    return;
+  }
+  for (int64_t ho = 0; ho < d.Ho; ++ho) {
+    const scalar_t* row = plane + ho * k * W;
+    const uint8_t* ix = index + ho * d.Wo;
+    scalar_t* o = out + ho * d.Wo;
+    for (int64_t wo = 0; wo < d.Wo; ++wo) {
+      const int32_t where = ix[wo];
+      o[wo] = where >= k * k ? scalar_t(0) : row[(where / k) * W + wo * k + where % k];
+    }
+  }
+}
+
+// g of one plane's windows: the pooled gradient where the window is active, else 0.
+template <typename scalar_t>
+void active_gradient(int64_t n, const scalar_t* grad, const uint8_t* index, scalar_t* g) {
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t v = grad[j];  // loaded unconditionally: the select vectorizes
+    g[j] = index[j] == kInactive ? scalar_t(0) : v;
+  }
+}
+
 template <typename scalar_t>
 void backward_kernel(const Dims& d, const scalar_t* grad, const scalar_t* x,
                      const std::optional<at::Tensor>& weight, const scalar_t* mean,
@@ -270,10 +329,7 @@ void backward_kernel(const Dims& d, const scalar_t* grad, const scalar_t* x,
     // g of this plane's windows: the pooled gradient where the window is active
     thread_local std::vector<scalar_t> g;
     g.resize(d.pooled());
-    for (int64_t j = 0; j < d.pooled(); ++j) {
-      const scalar_t v = grad[at + j];  // loaded unconditionally: the select vectorizes
-      g[j] = index[at + j] == kInactive ? scalar_t(0) : v;
-    }
+    active_gradient<scalar_t>(d.pooled(), grad + at, index + at, g.data());
     sum_g[c] += plane_sum<scalar_t>(d.pooled(), [&](int64_t j) { return g[j]; });
     sum_gd[c] += plane_sum<scalar_t>(d.pooled(), [&](int64_t j) { return g[j] * (at_max[at + j] - m); });
   });
@@ -296,6 +352,76 @@ void backward_kernel(const Dims& d, const scalar_t* grad, const scalar_t* x,
     const scalar_t m0 = mean[c];
     for (int64_t i = 0; i < HW; ++i) gx[i] = a0 + b0 * (p[i] - m0);
     add_at_maxima<scalar_t>(d, grad + plane * d.pooled(), index + plane * d.pooled(), k1[c], gx);
+  });
+}
+
+template <typename scalar_t>
+void double_backward_kernel(const Dims& d, const scalar_t* u, const scalar_t* u_w, const scalar_t* u_b,
+                            const scalar_t* grad, const scalar_t* x,
+                            const std::optional<at::Tensor>& weight, const scalar_t* mean,
+                            const scalar_t* invstd, const uint8_t* index, const scalar_t* xmax,
+                            scalar_t* d_grad, scalar_t* d_x, scalar_t* d_weight) {
+  const int64_t HW = d.plane(), P = d.pooled(), M = d.count();
+  const scalar_t* at_max = d.k == 1 ? x : xmax;
+  // sums of g, g*d, u*g (pooled planes) and u, u*d (dense planes), per channel
+  std::vector<double> s_g(d.C, 0.0), s_gd(d.C, 0.0), s_ug(d.C, 0.0), s_u(d.C, 0.0), s_ud(d.C, 0.0);
+  for_each_plane(d, [&](int64_t c, int64_t plane) {
+    const int64_t at = plane * P;
+    const scalar_t m = mean[c];
+    thread_local std::vector<scalar_t> g, um;
+    g.resize(P);
+    active_gradient<scalar_t>(P, grad + at, index + at, g.data());
+    s_g[c] += plane_sum<scalar_t>(P, [&](int64_t j) { return g[j]; });
+    s_gd[c] += plane_sum<scalar_t>(P, [&](int64_t j) { return g[j] * (at_max[at + j] - m); });
+    if (u != nullptr) {
+      um.resize(P);
+      gather_at_maxima<scalar_t>(d, u + plane * HW, index + at, um.data());
+      s_ug[c] += plane_sum<scalar_t>(P, [&](int64_t j) { return g[j] * um[j]; });
+      const scalar_t* up = u + plane * HW;
+      const scalar_t* p = x + plane * HW;
+      s_u[c] += plane_sum<scalar_t>(HW, [&](int64_t i) { return up[i]; });
+      s_ud[c] += plane_sum<scalar_t>(HW, [&](int64_t i) { return up[i] * (p[i] - m); });
+    }
+  });
+  // per channel: dx = cd*d + cu*u + c0 (+ cg*g at the maxima); dgrad = gu*u + gd*d + g0
+  std::vector<scalar_t> cd(d.C), cu(d.C), c0(d.C), cg(d.C), gu(d.C), gd(d.C), g0(d.C);
+  for (int64_t c = 0; c < d.C; ++c) {
+    const double r = invstd[c], gamma = value_or<scalar_t>(weight, c, 1);
+    const double uw = u_w == nullptr ? 0.0 : static_cast<double>(u_w[c]);
+    const double ub = u_b == nullptr ? 0.0 : static_cast<double>(u_b[c]);
+    const double gbar = s_g[c] / M, A = r * s_gd[c] / M;
+    const double ubar = s_u[c] / M, B = r * s_ud[c] / M, Cug = s_ug[c] / M;
+    const double gr2 = gamma * r * r;
+    d_weight[c] = static_cast<scalar_t>(r * M * (Cug - gbar * ubar - A * B));
+    cd[c] = static_cast<scalar_t>((-gr2 * (Cug - gbar * ubar - 3 * A * B) - uw * r * A) * r);
+    cu[c] = static_cast<scalar_t>(-gr2 * A);
+    cg[c] = static_cast<scalar_t>(-gr2 * B + uw * r);
+    c0[c] = static_cast<scalar_t>(gr2 * (B * gbar + A * ubar) - uw * r * gbar);
+    gu[c] = static_cast<scalar_t>(gamma * r);
+    gd[c] = static_cast<scalar_t>((uw - gamma * r * B) * r);
+    g0[c] = static_cast<scalar_t>(ub - gamma * r * ubar);
+  }
+  for_each_plane(d, [&](int64_t c, int64_t plane) {
+    const int64_t at = plane * P;
+    const scalar_t* p = x + plane * HW;
+    scalar_t* dx = d_x + plane * HW;
+    const scalar_t m = mean[c], a_d = cd[c], a_0 = c0[c];
+    if (u == nullptr) {
+      for (int64_t i = 0; i < HW; ++i) dx[i] = a_d * (p[i] - m) + a_0;
+    } else {
+      const scalar_t* up = u + plane * HW;
+      const scalar_t a_u = cu[c];
+      for (int64_t i = 0; i < HW; ++i) dx[i] = a_d * (p[i] - m) + a_u * up[i] + a_0;
+    }
+    add_at_maxima<scalar_t>(d, grad + at, index + at, cg[c], dx);
+    thread_local std::vector<scalar_t> um;
+    um.assign(P, scalar_t(0));
+    if (u != nullptr) gather_at_maxima<scalar_t>(d, u + plane * HW, index + at, um.data());
+    const scalar_t b_u = gu[c], b_d = gd[c], b_0 = g0[c];
+    for (int64_t j = 0; j < P; ++j) {
+      const scalar_t v = b_u * um[j] + b_d * (at_max[at + j] - m) + b_0;
+      d_grad[at + j] = index[at + j] == kInactive ? scalar_t(0) : v;
+    }
   });
 }
 
@@ -326,15 +452,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& x_in, const std::optional<at::Tensor>& weight_in,
     const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& index_in,
     const at::Tensor& xmax_in, int64_t kernel) {
-  const Dims d = check_forward(x_in, weight_in, std::nullopt, kernel);
-  TORCH_CHECK_VALUE(grad_in.sizes() == at::IntArrayRef({d.N, d.C, d.Ho, d.Wo}) &&
-                        index_in.sizes() == grad_in.sizes() && index_in.scalar_type() == at::kByte &&
-                        grad_in.scalar_type() == x_in.scalar_type() && mean.numel() == d.C &&
-                        invstd.numel() == d.C,
-                    "bn_relu_pool_backward: the gradient, index, mean and invstd do not match x");
-  TORCH_CHECK_VALUE(kernel == 1 || (xmax_in.sizes() == grad_in.sizes() &&
-                                     xmax_in.scalar_type() == x_in.scalar_type()),
-                    "bn_relu_pool_backward: xmax does not match the gradient");
+  const Dims d = check_backward(grad_in, x_in, weight_in, mean, invstd, index_in, xmax_in, kernel,
+                                "bn_relu_pool_backward");
   const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous(), index = index_in.contiguous();
   const at::Tensor xmax = xmax_in.contiguous();
   std::optional<at::Tensor> weight;
@@ -353,11 +472,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
   return {grad_x, grad_weight, grad_bias};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cpu(
+    const std::optional<at::Tensor>& grad_grad_x_in, const std::optional<at::Tensor>& grad_grad_weight_in,
+    const std::optional<at::Tensor>& grad_grad_bias_in, const at::Tensor& grad_in, const at::Tensor& x_in,
+    const std::optional<at::Tensor>& weight_in, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& index_in, const at::Tensor& xmax_in, int64_t kernel) {
+  const Dims d = check_backward(grad_in, x_in, weight_in, mean, invstd, index_in, xmax_in, kernel,
+                                "bn_relu_pool_double_backward");
+  TORCH_CHECK_VALUE(!grad_grad_x_in.has_value() || (grad_grad_x_in->sizes() == x_in.sizes() &&
+                                                     grad_grad_x_in->scalar_type() == x_in.scalar_type()),
+                    "bn_relu_pool_double_backward: grad_grad_x must be x-shaped, of x's dtype");
+  for (const auto* t : {&grad_grad_weight_in, &grad_grad_bias_in}) {
+    TORCH_CHECK_VALUE(!t->has_value() || ((*t)->numel() == d.C && (*t)->scalar_type() == x_in.scalar_type()),
+                      "bn_relu_pool_double_backward: grad_grad_weight and grad_grad_bias must be [C] of "
+                      "x's dtype");
+  }
+  const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous(), index = index_in.contiguous();
+  const at::Tensor xmax = xmax_in.contiguous();
+  std::optional<at::Tensor> weight, u, u_w, u_b;
+  if (weight_in.has_value()) weight = weight_in->contiguous();
+  if (grad_grad_x_in.has_value()) u = grad_grad_x_in->contiguous();
+  if (grad_grad_weight_in.has_value()) u_w = grad_grad_weight_in->contiguous();
+  if (grad_grad_bias_in.has_value()) u_b = grad_grad_bias_in->contiguous();
+  at::Tensor d_grad = at::empty_like(grad);
+  at::Tensor d_x = at::empty_like(x);
+  at::Tensor d_weight = at::empty({d.C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_double_backward", [&] {
+    auto ptr = [](const std::optional<at::Tensor>& t) {
+      return t.has_value() ? t->const_data_ptr<scalar_t>() : nullptr;
+    };
+    double_backward_kernel<scalar_t>(
+        d, ptr(u), ptr(u_w), ptr(u_b), grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+        weight, mean.contiguous().const_data_ptr<scalar_t>(), invstd.contiguous().const_data_ptr<scalar_t>(),
+        index.const_data_ptr<uint8_t>(), xmax.const_data_ptr<scalar_t>(), d_grad.data_ptr<scalar_t>(),
+        d_x.data_ptr<scalar_t>(), d_weight.data_ptr<scalar_t>());
+  });
+  return {d_grad, d_x, d_weight};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imaml_ext_layers, CPU, m) {
   m.impl("bn_relu_pool", &bn_relu_pool_cpu);
   m.impl("bn_relu_pool_backward", &bn_relu_pool_backward_cpu);
+  m.impl("bn_relu_pool_double_backward", &bn_relu_pool_double_backward_cpu);
 }
 
 }  // namespace imaml_ext

@@ -15,9 +15,14 @@ activations and int64 indices; its backward needs the batch-norm sums only at
 the window maxima.
 Other devices, or a missing build, run the same operator in PyTorch ops.
 
-Autograd: first derivatives come from the operator's backward; a backward
-taken with ``create_graph=True`` differentiates the three layers recomputed
-in PyTorch ops, so higher derivatives are PyTorch's own.  Under ``vmap`` the
+Autograd: first derivatives come from the operator's backward
+``bn_relu_pool_backward``; a backward taken with ``create_graph=True`` returns
+that operator's result as a differentiable function of the incoming gradient,
+x and the weight, whose own backward is the operator
+``bn_relu_pool_double_backward`` (second derivatives: full MAML's inner loop,
+reverse Hessian-vector products; the formulas are in
+:func:`reference_double_backward`).  Third derivatives differentiate the three
+layers recomputed with batch-norm written out in elementary ops.  Under ``vmap`` the
 layer runs folded over the tasks (one call on ``[n, T·C, H, W]``, as
 :mod:`imaml_ext.batching` folds batch-norm); under any other ``torch.func``
 transform it runs as the three layers.
@@ -27,9 +32,8 @@ which every such run with a pool (k ≥ 2) inside an ``nn.Sequential`` is one
 :class:`BnReluPool`, with the same parameter names and objects.  Without a
 pool the operator's backward was measured slower than PyTorch's batch-norm
 and ReLU, so :func:`fuse` leaves those runs alone.  :func:`unfused` turns the
-layer back into the three layers inside a ``with`` block (the forward passes
-that will be differentiated twice, where the fused layer would only add a
-recomputation); ``IMAML_EXT_NO_FUSION=1`` turns it off everywhere.
+layer back into the three layers inside a ``with`` block (this thread);
+``IMAML_EXT_NO_FUSION=1`` turns it off everywhere.
 """
 from __future__ import annotations
 
@@ -48,7 +52,8 @@ from .batching import (_directly_under_vmap, _fold, _has_tangent, _per_task_vect
                        under_transform)
 
 __all__ = ["BnReluPool", "bn_relu_pool", "fuse", "fused_for", "follow_modes", "unfused", "fusion_enabled", "status",
-           "reference_forward", "reference_backward", "DISABLE_ENV", "MAX_KERNEL", "INACTIVE"]
+           "reference_forward", "reference_backward", "reference_double_backward", "DISABLE_ENV", "MAX_KERNEL",
+           "INACTIVE"]
 
 NAMESPACE = "imaml_ext_layers"
 DISABLE_ENV = "IMAML_EXT_NO_FUSION"
@@ -124,19 +129,31 @@ def reference_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
             torch.where(active, position, INACTIVE).to(torch.uint8), xmax)
 
 
+def _maxima(index: Tensor, kernel: int, h: int, w: int) -> Tuple[Tensor, Tensor]:
+    """(flat position ``[N, C, Ho·Wo]`` int64 in the ``[H·W]`` plane of each window's
+    maximum, active ``[N, C, Ho, Wo]`` bool) from the forward's ``index``."""
+    n, c, ho, wo = index.shape
+    active = index != INACTIVE
+    position = torch.where(active, index, 0).long()
+    rows = torch.arange(ho, device=index.device)[:, None] * kernel + position // kernel
+    cols = torch.arange(wo, device=index.device)[None, :] * kernel + position % kernel
+    return (rows * w + cols).view(n, c, -1), active
+
+
+def _scatter_to_maxima(pooled: Tensor, flat: Tensor, active: Tensor, shape) -> Tensor:
+    """``[N, C, H, W]``: ``pooled`` at each active window's maximum, 0 elsewhere
+    (windows do not overlap)."""
+    n, c = shape[:2]
+    return pooled.new_zeros(n, c, shape[2] * shape[3]).scatter_(
+        2, flat, torch.where(active, pooled, 0.0).view(n, c, -1)).view(shape)
+
+
 def reference_backward(grad: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, invstd: Tensor,
                        index: Tensor, xmax: Tensor, kernel: int) -> Tuple[Tensor, Tensor, Tensor]:
     """(dL/dx, dL/dweight, dL/dbias) from dL/dout: the reference kernel."""
     _check(x, weight, None, None, kernel)
     n, c, h, w = x.shape
-    ho, wo = grad.shape[2:]
-    active = index != INACTIVE
-    position = torch.where(active, index, 0).long()
-    rows = torch.arange(ho, device=x.device)[:, None] * kernel + position // kernel
-    cols = torch.arange(wo, device=x.device)[None, :] * kernel + position % kernel
-    # dL/dy: the pooled gradient at each window's maximum (windows do not overlap)
-    g = x.new_zeros(n, c, h * w).scatter_(2, (rows * w + cols).view(n, c, -1),
-                                         torch.where(active, grad, 0.0).view(n, c, -1)).view_as(x)
+    g = _scatter_to_maxima(grad, *_maxima(index, kernel, h, w), x.shape)  # dL/dy
     xhat = (x - mean[:, None, None]) * invstd[:, None, None]
     count = n * h * w
     sum_g, sum_gx = g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
@@ -145,11 +162,57 @@ def reference_backward(grad: Tensor, x: Tensor, weight: Optional[Tensor], mean: 
     return grad_x, sum_gx, sum_g
 
 
+def reference_double_backward(grad_grad_x: Optional[Tensor], grad_grad_weight: Optional[Tensor],
+                              grad_grad_bias: Optional[Tensor], grad: Tensor, x: Tensor,
+                              weight: Optional[Tensor], mean: Tensor, invstd: Tensor, index: Tensor,
+                              xmax: Tensor, kernel: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The reference kernel of the backward's own backward: for (dx, dγ, dβ) =
+    :func:`reference_backward` (grad, x, weight, …) and their cotangents u ``[N, C, H, W]``,
+    u_γ, u_β ``[C]`` (None: zero), the gradients of L = ⟨u, dx⟩ + ⟨u_γ, dγ⟩ + ⟨u_β, dβ⟩
+    with respect to grad ``[N, C, H/k, W/k]``, x ``[N, C, H, W]`` (through the batch
+    statistics as well) and weight ``[C]`` (γ = 1 when None).  ReLU and the window
+    maxima are piecewise constant: they only place g = dL/dy.
+
+    Per channel, with r = invstd, x̂ = (x − μ)r, M = N·H·W, P v = v − mean(v) − x̂·mean(x̂v)
+    (so that dx = γr·Pg and dx̂ = r·P dx), ḡ = mean(g), A = mean(g x̂), ū = mean(u),
+    B = mean(u x̂), C = mean(u g):
+
+        dL/dg = γr·Pu + u_γ x̂ + u_β,           dL/dγ = rM (C − ḡū − AB),
+        dL/dx = −γr²[(C − ḡū − AB) x̂ + B·Pg + A·Pu] + u_γ r·Pg.
+    """
+    _check(x, weight, None, None, kernel)
+    n, c, h, w = x.shape
+    count = n * h * w
+    flat, active = _maxima(index, kernel, h, w)
+    g = _scatter_to_maxima(grad, flat, active, x.shape)
+    r = invstd[:, None, None]
+    gamma = 1.0 if weight is None else weight[:, None, None]
+    xhat = (x - mean[:, None, None]) * r
+    zero = x.new_zeros(c)
+    u_w = zero if grad_grad_weight is None else grad_grad_weight
+    u_b = zero if grad_grad_bias is None else grad_grad_bias
+
+    def mean_c(t: Tensor) -> Tensor:
+        return (t.sum((0, 2, 3)) / count)[:, None, None]
+
+    g_bar, A = mean_c(g), mean_c(g * xhat)
+    u = torch.zeros_like(x) if grad_grad_x is None else grad_grad_x
+    u_bar, B, C = mean_c(u), mean_c(u * xhat), mean_c(u * g)
+    Pg, Pu = g - g_bar - A * xhat, u - u_bar - B * xhat
+    dg = gamma * r * Pu + u_w[:, None, None] * xhat + u_b[:, None, None]
+    d_grad = torch.where(active, dg.view(n, c, -1).gather(2, flat).view_as(grad), 0.0)
+    d_weight = (r * count * (C - g_bar * u_bar - A * B)).view(c)
+    d_x = -gamma * r * r * ((C - g_bar * u_bar - A * B) * xhat + B * Pg + A * Pu) + u_w[:, None, None] * r * Pg
+    return d_grad, d_x, d_weight
+
+
 # The operators, with the reference kernels as their default; csrc/bn_relu_pool.cpp
 # registers the CPU kernels when the compiled library loads.
 _op = torch.library.custom_op(f"{NAMESPACE}::bn_relu_pool", reference_forward, mutates_args=())
 _backward_op = torch.library.custom_op(f"{NAMESPACE}::bn_relu_pool_backward", reference_backward,
                                        mutates_args=())
+_double_backward_op = torch.library.custom_op(f"{NAMESPACE}::bn_relu_pool_double_backward",
+                                              reference_double_backward, mutates_args=())
 
 
 @_op.register_fake
@@ -167,10 +230,28 @@ def _(grad, x, weight, mean, invstd, index, xmax, kernel):
     return torch.empty_like(x), x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
 
 
+@_double_backward_op.register_fake
+def _(grad_grad_x, grad_grad_weight, grad_grad_bias, grad, x, weight, mean, invstd, index, xmax, kernel):
+    _check(x, weight, None, None, kernel)
+    return torch.empty_like(grad), torch.empty_like(x), x.new_empty(x.shape[1])
+
+
 def _unfused(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, kernel: int) -> Tensor:
     """The three PyTorch layers the operator replaces."""
     out = F.relu(F.batch_norm(x, None, None, weight, bias, True, 0.0, eps))
     return out if kernel == 1 else F.max_pool2d(out, kernel, kernel)
+
+
+def _written_out(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, kernel: int) -> Tensor:
+    """:func:`_unfused` with batch-norm in elementary ops, whose derivatives go to every
+    order (PyTorch's batch-norm stops at the second)."""
+    var, mean = torch.var_mean(x, (0, 2, 3), correction=0, keepdim=True)
+    y = (x - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight[:, None, None]
+    if bias is not None:
+        y = y + bias[:, None, None]
+    return F.relu(y) if kernel == 1 else F.max_pool2d(F.relu(y), kernel, kernel)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -181,23 +262,79 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.eps, ctx.kernel = eps, kernel
 
 
+def _layers_vjp(grad: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                kernel: int, layers=_unfused) -> Tuple[Optional[Tensor], ...]:
+    """(dL/dx, dL/dweight, dL/dbias) of the three layers recomputed (``layers``: :func:`_unfused`
+    or :func:`_written_out`; None for an absent weight or bias), from dL/dout = grad.
+    torch.func.vjp differentiates with respect to these tensors alone (not through
+    one of them to another, as autograd.grad would)."""
+    given = [t for t in (x, weight, bias) if t is not None]
+
+    def recomputed(*tensors):
+        it = iter(tensors)
+        return layers(*(None if t is None else next(it) for t in (x, weight, bias)), eps, kernel)
+
+    found = iter(torch.func.vjp(recomputed, *given)[1](grad))
+    return tuple(None if t is None else next(found) for t in (x, weight, bias))
+
+
+class _LayerBackward(torch.autograd.Function):
+    """The operator's backward (dx, dweight, dbias) as a differentiable function of
+    (grad, x, weight): what a ``create_graph=True`` backward returns.  Its own
+    backward is the operator ``bn_relu_pool_double_backward`` (second derivatives:
+    full MAML, reverse Hessian-vector products); a third derivative, or one taken
+    under a torch.func transform, differentiates the three layers recomputed with
+    batch-norm written out (:func:`_written_out`)."""
+
+    @staticmethod
+    def forward(grad, x, weight, bias, mean, invstd, index, xmax, eps, kernel):
+        return _backward_op(grad, x, weight, mean, invstd, index, xmax, kernel)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, x, weight, bias, mean, invstd, index, xmax, eps, kernel = inputs
+        ctx.save_for_backward(grad, x, weight, bias, mean, invstd, index, xmax)
+        ctx.eps, ctx.kernel = eps, kernel
+        ctx.set_materialize_grads(False)  # an unused output's cotangent stays None, not zeros
+
+    @staticmethod
+    def backward(ctx, grad_grad_x, grad_grad_weight, grad_grad_bias):
+        grad, x, weight, bias, mean, invstd, index, xmax = ctx.saved_tensors
+        cotangents = (grad_grad_x, grad_grad_weight if weight is not None else None,
+                      grad_grad_bias if bias is not None else None)
+        if torch.is_grad_enabled() or any(t is not None and under_transform(t) for t in cotangents):
+            wrt = [t for t in (grad, x, weight) if t is not None]
+
+            def first(*tensors):
+                g, xx, *w = tensors
+                found = _layers_vjp(g, xx, w[0] if w else None, bias, ctx.eps, ctx.kernel, _written_out)
+                return tuple(f for f in found if f is not None)
+
+            outs, pullback = torch.func.vjp(first, *wrt)
+            given = iter(zip(outs, (c for c, t in zip(cotangents, (x, weight, bias)) if t is not None)))
+            d = iter(pullback(tuple(torch.zeros_like(o) if v is None else v for o, v in given)))
+            d_grad, d_x = next(d), next(d)
+            d_weight = next(d, None)
+        else:
+            d_grad, d_x, d_weight = _double_backward_op(
+                *(None if t is None else t.contiguous() for t in cotangents), grad, x, weight, mean, invstd,
+                index, xmax, ctx.kernel)
+        # the derivatives do not depend on the bias (it only moves the ReLU's and the
+        # windows' piecewise-constant choices): zero, as PyTorch's layers give it
+        d_bias = torch.zeros_like(bias) if ctx.needs_input_grad[3] else None
+        return (d_grad, d_x, None if weight is None else d_weight, d_bias) + (None,) * 6
+
+
 def _autograd_backward(ctx, grad, *_unused):
     x, weight, bias, mean, invstd, index, xmax = ctx.saved_tensors
-    if torch.is_grad_enabled():
-        # create_graph=True: the vector-Jacobian product of the three layers,
-        # recomputed, so that this gradient has PyTorch's own derivatives.
-        # torch.func.vjp differentiates with respect to these tensors alone (not
-        # through one of them to another, as autograd.grad would).
-        given = [t for t in (x, weight, bias) if t is not None]
-
-        def layers(*tensors):
-            it = iter(tensors)
-            return _unfused(*(None if t is None else next(it) for t in (x, weight, bias)), ctx.eps, ctx.kernel)
-
-        found = iter(torch.func.vjp(layers, *given)[1](grad))
-        return (*(None if t is None else next(found) for t in (x, weight, bias)), None, None)
-    grad_x, grad_w, grad_b = _backward_op(grad.contiguous(), x, weight, mean, invstd, index, xmax,
-                                          ctx.kernel)
+    if under_transform(grad):  # e.g. is_grads_batched: the operators have no batching rules
+        return (*_layers_vjp(grad, x, weight, bias, ctx.eps, ctx.kernel), None, None)
+    if torch.is_grad_enabled():  # create_graph=True
+        found = _LayerBackward.apply(grad.contiguous(), x, weight, bias, mean, invstd, index, xmax, ctx.eps,
+                                     ctx.kernel)
+    else:
+        found = _backward_op(grad.contiguous(), x, weight, mean, invstd, index, xmax, ctx.kernel)
+    grad_x, grad_w, grad_b = found
     return (grad_x, None if weight is None else grad_w, None if bias is None else grad_b, None, None)
 
 

@@ -33,7 +33,6 @@ import torch
 from torch.func import grad, jvp, vjp
 
 from .batching import over_tasks, under_transform
-from .fused_layers import unfused
 
 __all__ = ["make_hvp", "hvp", "grad_and_hvp", "HVP_MODES", "DEFAULT_MODES", "default_mode", "make_gnvp", "make_curvature",
            "CURVATURES"]
@@ -69,7 +68,7 @@ def _reverse(f: PerTaskLoss, phi, x, y, batching: str) -> Matvec:
 
 
 def _reverse_graph(f: PerTaskLoss, phi, x, y, batching: str):
-    with torch.enable_grad(), unfused():  # differentiated twice: fusion would only recompute
+    with torch.enable_grad():
         p = phi.detach().requires_grad_(True)
         total = over_tasks(f, batching)(p, x, y).sum()
         (g,) = torch.autograd.grad(total, p, create_graph=True, allow_unused=True)

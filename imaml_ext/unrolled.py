@@ -46,7 +46,6 @@ from .adapted import Adapted
 from .finite import FiniteWatch
 from .flat import ParamLayout
 from .functional import TaskLoss
-from .fused_layers import unfused
 from .hvp import HVP_MODES, Matvec, default_mode, grad_and_hvp, make_hvp
 from .inner_optim import OPTIMIZERS, SGD, InnerOptimizer, LearningRate, make_optimizer
 from .validation import (check_batching, check_positive, check_steps, check_task_batch, deprecated_alias,
@@ -276,7 +275,7 @@ def _adjoint_vjp(loop: _InnerLoop, k: int, phi: torch.Tensor, state: State, a: t
                  lr_values: Sequence[torch.Tensor], need_lr: Sequence[bool]):
     """One reverse step through a recomputed graph of (φ_k, s_k, α) -> (φ_{k+1}, s_{k+1}):
     returns (a_k, b_k, per-rate gradient contributions or None)."""
-    with torch.enable_grad(), unfused():  # differentiated twice: fusion would only recompute
+    with torch.enable_grad():
         p = phi.detach().requires_grad_(True)
         s = tuple(t.detach().requires_grad_(True) for t in state)
         rates = [v.detach().requires_grad_(need) for v, need in zip(lr_values, need_lr)]
@@ -352,8 +351,7 @@ def _full_maml(loop: _InnerLoop, theta: torch.Tensor, max_norm: Optional[float])
     watch = FiniteWatch(phi.shape[0], phi.device)
     losses = []
     for k in range(loop.steps):
-        with unfused():  # differentiated twice: fusion would only recompute
-            loss = loop.task_loss.losses(phi, *loop.support.at(k))
+        loss = loop.task_loss.losses(phi, *loop.support.at(k))
         watch.update(k, loss.detach())
         losses.append(loss.detach())
         (g,) = torch.autograd.grad(loss.sum(), phi, create_graph=True)

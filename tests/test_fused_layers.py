@@ -77,16 +77,72 @@ def test_gradients_pass_finite_differences():
     assert torch.autograd.gradcheck(lambda *a: fl.bn_relu_pool(*a, 1e-3, 2), (x, w, b))
 
 
+def _second_derivatives(layer, x, w, b, k, grad, v):
+    """The derivatives of ⟨v, (dx, dw, db)⟩, (dx, dw, db) = the create_graph gradient of
+    ⟨grad, layer(x, w, b)⟩, with respect to x, w and grad (bias: none, see below)."""
+    wrt = [t for t in (x, w, b) if t is not None]
+    first = torch.autograd.grad(layer(x, w, b, k), wrt, grad, create_graph=True)
+    return torch.autograd.grad(first, [t for t in (x, w, grad) if t is not None], v[:len(first)])
+
+
 @compiled
-def test_second_derivatives_equal_those_of_the_three_layers():
-    """create_graph=True: the gradient of the gradient (full MAML, reverse HVPs)."""
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_second_derivatives_equal_those_of_the_three_layers(case, affine):
+    """create_graph=True: the gradient of the gradient (full MAML, reverse HVPs), through
+    the double-backward operator, with respect to x, the weight and the incoming gradient."""
+    *shape, k = case
+    x, w, b = _inputs(*shape, affine=affine)
+    out = fl.bn_relu_pool(x, w, b, 1e-5, k)
+    grad = torch.randn_like(out).requires_grad_()
+    v = [torch.randn_like(t) for t in (x, w, b) if t is not None]
+    got = _second_derivatives(lambda *a: fl.bn_relu_pool(*a[:3], 1e-5, a[3]), x, w, b, k, grad, v)
+    want = _second_derivatives(_layers, x, w, b, k, grad, v)
+    for g, e in zip(got, want, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+@compiled
+def test_second_derivatives_of_a_loss_run_the_double_backward_operator(monkeypatch):
+    """The incoming gradient depends on x, weight and bias (a squared loss)."""
     x, w, b = _inputs(4, 3, 6, 6)
-    grad = torch.randn(4, 3, 3, 3, dtype=torch.float64)
-    first = torch.autograd.grad(fl.bn_relu_pool(x, w, b, 1e-5, 2), (x, w, b), grad, create_graph=True)
-    first_ref = torch.autograd.grad(_layers(x, w, b, 2), (x, w, b), grad, create_graph=True)
-    v = [torch.randn_like(t) for t in first]
-    for g, e in zip(torch.autograd.grad(first, (x, w, b), v), torch.autograd.grad(first_ref, (x, w, b), v)):
-        torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12)
+    calls = []
+    op = fl._double_backward_op
+    monkeypatch.setattr(fl, "_double_backward_op", lambda *a: calls.append(1) or op(*a))
+    first = torch.autograd.grad(fl.bn_relu_pool(x, w, b, 1e-5, 2).square().sum(), (x, w, b), create_graph=True)
+    second = torch.autograd.grad(sum(f.square().sum() for f in first), (x, w, b))
+    assert calls == [1]
+    want = torch.autograd.grad(_layers(x, w, b, 2).square().sum(), (x, w, b), create_graph=True)
+    want = torch.autograd.grad(sum(f.square().sum() for f in want), (x, w, b))
+    for g, e in zip(second, want):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+@compiled
+def test_second_derivatives_pass_finite_differences():
+    x, w, b = _inputs(3, 2, 5, 4)
+    assert torch.autograd.gradgradcheck(lambda *a: fl.bn_relu_pool(*a, 1e-3, 2), (x, w, b))
+
+
+@compiled
+def test_third_derivatives_equal_those_of_the_three_layers():
+    """A backward of the second derivative with create_graph=True: against the layers
+    with batch-norm written out here (PyTorch's batch-norm stops at second derivatives)."""
+    x, w, b = _inputs(3, 2, 6, 6)
+
+    def written_out(x, w, b, k):
+        mean = x.mean((0, 2, 3), keepdim=True)
+        var = (x - mean).square().mean((0, 2, 3), keepdim=True)
+        y = (x - mean) / (var + 1e-5).sqrt() * w.view(-1, 1, 1) + b.view(-1, 1, 1)
+        return F.max_pool2d(y.clamp(min=0), k, k)
+
+    def third(layer):
+        first = torch.autograd.grad(layer(x, w, b, 2).square().sum(), (x, w), create_graph=True)
+        second = torch.autograd.grad(sum(f.square().sum() for f in first), (x, w), create_graph=True)
+        return torch.autograd.grad(sum(s.square().sum() for s in second), (x, w))
+
+    for g, e in zip(third(lambda *a: fl.bn_relu_pool(*a[:3], 1e-5, a[3])), third(written_out), strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
 
 
 @compiled
@@ -105,6 +161,12 @@ def test_compiled_kernels_equal_the_reference_kernels(case):
     want_b = fl.reference_backward(grad, x, w, *want[1:], k)
     for g, e in zip(got_b, want_b):
         torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12)
+    u, u_w, u_b = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+    for cotangents in [(u, u_w, u_b), (u, None, None), (None, u_w, None), (None, None, u_b), (None, None, None)]:
+        got_d = torch.ops.imaml_ext_layers.bn_relu_pool_double_backward(*cotangents, grad, x, w, *got[1:], k)
+        want_d = fl.reference_double_backward(*cotangents, grad, x, w, *want[1:], k)
+        for g, e in zip(got_d, want_d, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
 def test_reference_kernels_equal_the_three_layers():
@@ -116,6 +178,13 @@ def test_reference_kernels_equal_the_three_layers():
     want = torch.autograd.grad(_layers(x, w, b, 2), (x, w, b), grad)
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12)
+    grad.requires_grad_()
+    first = torch.autograd.grad(_layers(x, w, b, 2), (x, w, b), grad, create_graph=True)
+    u = [torch.randn_like(t) for t in first]
+    want = torch.autograd.grad(first, (grad, x, w), u)
+    got = fl.reference_double_backward(*u, grad.detach(), x.detach(), w.detach(), mean, invstd, index, xmax, 2)
+    for g, e in zip(got, want, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
 @compiled
@@ -149,6 +218,12 @@ def test_opcheck():
     x, w, b = _inputs(3, 4, 6, 6)
     _build.backend()
     torch.library.opcheck(torch.ops.imaml_ext_layers.bn_relu_pool.default, (x, w, b, 1e-5, 2))
+    out, *saved = torch.ops.imaml_ext_layers.bn_relu_pool(x.detach(), w.detach(), b.detach(), 1e-5, 2)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.imaml_ext_layers.bn_relu_pool_backward.default, (grad, x.detach(), w.detach(), *saved, 2))
+    cotangents = (torch.randn_like(x.detach()), torch.randn_like(w.detach()), None)
+    torch.library.opcheck(torch.ops.imaml_ext_layers.bn_relu_pool_double_backward.default,
+                          (*cotangents, grad, x.detach(), w.detach(), *saved, 2))
 
 
 def test_fuse_keeps_parameter_names_and_objects_and_leaves_the_model_alone():
@@ -223,11 +298,14 @@ def test_meta_gradients_with_fusion_equal_those_without(kind, batching, monkeypa
     T = 3
     batch = (torch.randn(T, 5, 1, 28, 28, dtype=torch.float64), torch.randint(0, 5, (T, 5)),
              torch.randn(T, 6, 1, 28, 28, dtype=torch.float64), torch.randint(0, 5, (T, 6)))
-    calls = []
-    op = fl._op
+    calls, second = [], []
+    op, double_backward = fl._op, fl._double_backward_op
     monkeypatch.setattr(fl, "_op", lambda *a: calls.append(1) or op(*a))
+    monkeypatch.setattr(fl, "_double_backward_op", lambda *a: second.append(1) or double_backward(*a))
     fused = _meta_gradient(model, batch, kind, batching)
     assert calls, "the fused layer did not run"
+    # second derivatives: full MAML's inner loop, the adjoint's steps, iMAML's Hessian products
+    assert bool(second) == (kind != "first_order")
     monkeypatch.setenv(fl.DISABLE_ENV, "1")
     plain = _meta_gradient(model, batch, kind, batching)
     torch.testing.assert_close(fused, plain, rtol=1e-11, atol=1e-13)
