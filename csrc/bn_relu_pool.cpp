@@ -98,7 +98,8 @@ Dims check_backward(const at::Tensor& grad, const at::Tensor& x, const std::opti
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({d.N, d.C, d.Ho, d.Wo}) &&
                         index.sizes() == grad.sizes() && index.scalar_type() == at::kByte &&
                         grad.scalar_type() == x.scalar_type() && mean.numel() == d.C &&
-                        invstd.numel() == d.C,
+                        invstd.numel() == d.C && mean.scalar_type() == x.scalar_type() &&
+                        invstd.scalar_type() == x.scalar_type(),
                     op, ": the gradient, index, mean and invstd do not match x");
   TORCH_CHECK_VALUE(k == 1 || (xmax.sizes() == grad.sizes() && xmax.scalar_type() == x.scalar_type()),
                     op, ": xmax does not match the gradient");
@@ -483,7 +484,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cpu(
                                                      grad_grad_x_in->scalar_type() == x_in.scalar_type()),
                     "bn_relu_pool_double_backward: grad_grad_x must be x-shaped, of x's dtype");
   for (const auto* t : {&grad_grad_weight_in, &grad_grad_bias_in}) {
-    TORCH_CHECK_VALUE(!t->has_value() || ((*t)->numel() == d.C && (*t)->scalar_type() == x_in.scalar_type()),
+    TORCH_CHECK_VALUE(!t->has_value() || ((*t)->dim() == 1 && (*t)->numel() == d.C &&
+                                           (*t)->scalar_type() == x_in.scalar_type()),
                       "bn_relu_pool_double_backward: grad_grad_weight and grad_grad_bias must be [C] of "
                       "x's dtype");
   }

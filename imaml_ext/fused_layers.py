@@ -20,20 +20,25 @@ Autograd: first derivatives come from the operator's backward
 that operator's result as a differentiable function of the incoming gradient,
 x and the weight, whose own backward is the operator
 ``bn_relu_pool_double_backward`` (second derivatives: full MAML's inner loop,
-reverse Hessian-vector products; the formulas are in
-:func:`reference_double_backward`).  Third derivatives differentiate the three
-layers recomputed with batch-norm written out in elementary ops.  Under ``vmap`` the
-layer runs folded over the tasks (one call on ``[n, T·C, H, W]``, as
-:mod:`imaml_ext.batching` folds batch-norm); under any other ``torch.func``
+reverse-mode Hessian-vector products; the formulas are in
+:func:`reference_double_backward`); forward-mode AD tangents on those
+cotangents go through the same operator, which is linear in them.  Third
+derivatives differentiate the three layers recomputed with batch-norm
+written out in elementary ops; so does a backward under a ``torch.func``
+transform or with forward-mode tangents on the incoming gradient.  Under
+``vmap`` the layer runs folded over the tasks (one call on ``[n, T·C, H, W]``,
+as :mod:`imaml_ext.batching` folds batch-norm); under any other ``torch.func``
 transform it runs as the three layers.
 
 :func:`fuse` is where the layer comes from: a copy of a model's module tree in
-which every such run with a pool (k ≥ 2) inside an ``nn.Sequential`` is one
-:class:`BnReluPool`, with the same parameter names and objects.  Without a
-pool the operator's backward was measured slower than PyTorch's batch-norm
-and ReLU, so :func:`fuse` leaves those runs alone.  :func:`unfused` turns the
-layer back into the three layers inside a ``with`` block (this thread);
-``IMAML_EXT_NO_FUSION=1`` turns it off everywhere.
+which every ``BatchNorm2d`` → ``ReLU`` run inside an ``nn.Sequential`` is one
+:class:`BnReluPool`, with the next ``MaxPool2d`` when it has k ≥ 2 (else
+k = 1), with the same parameter names and objects.  Without pooling the
+operator runs on planes of at least :data:`MIN_UNPOOLED_PLANE` values and
+smaller ones run the two layers, where the operator's first derivative was
+measured slower.  :func:`unfused` turns the layer back into the three layers
+inside a ``with`` block (this thread); ``IMAML_EXT_NO_FUSION=1`` turns it off
+everywhere.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from . import _build
 from .batching import (_directly_under_vmap, _fold, _has_tangent, _per_task_vector, _unfold, _UnderVmapOnly,
@@ -63,6 +69,10 @@ MAX_KERNEL = 15
 INACTIVE = 255
 
 _DTYPES = (torch.float32, torch.float64)  # what the operator takes; other dtypes run the three layers
+#: Without pooling (k = 1) the operator runs on H·W planes of at least this many
+#: values; below it the kernel's cost per plane made the first derivative slower
+#: than PyTorch's two layers (benchmarks/RESULTS.md, "own second derivative").
+MIN_UNPOOLED_PLANE = 49
 _state = threading.local()
 
 
@@ -159,7 +169,7 @@ def reference_backward(grad: Tensor, x: Tensor, weight: Optional[Tensor], mean: 
     sum_g, sum_gx = g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
     k1 = invstd if weight is None else invstd * weight
     grad_x = k1[:, None, None] * (g - (sum_g / count)[:, None, None] - xhat * (sum_gx / count)[:, None, None])
-    return grad_x, sum_gx, sum_g
+    return grad_x.contiguous(), sum_gx, sum_g
 
 
 def reference_double_backward(grad_grad_x: Optional[Tensor], grad_grad_weight: Optional[Tensor],
@@ -203,7 +213,7 @@ def reference_double_backward(grad_grad_x: Optional[Tensor], grad_grad_weight: O
     d_grad = torch.where(active, dg.view(n, c, -1).gather(2, flat).view_as(grad), 0.0)
     d_weight = (r * count * (C - g_bar * u_bar - A * B)).view(c)
     d_x = -gamma * r * r * ((C - g_bar * u_bar - A * B) * xhat + B * Pg + A * Pu) + u_w[:, None, None] * r * Pg
-    return d_grad, d_x, d_weight
+    return d_grad.contiguous(), d_x.contiguous(), d_weight
 
 
 # The operators, with the reference kernels as their default; csrc/bn_relu_pool.cpp
@@ -227,13 +237,13 @@ def _(x, weight, bias, eps, kernel):
 @_backward_op.register_fake
 def _(grad, x, weight, mean, invstd, index, xmax, kernel):
     _check(x, weight, None, None, kernel)
-    return torch.empty_like(x), x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
+    return x.new_empty(x.shape), x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
 
 
 @_double_backward_op.register_fake
 def _(grad_grad_x, grad_grad_weight, grad_grad_bias, grad, x, weight, mean, invstd, index, xmax, kernel):
     _check(x, weight, None, None, kernel)
-    return torch.empty_like(grad), torch.empty_like(x), x.new_empty(x.shape[1])
+    return grad.new_empty(grad.shape), x.new_empty(x.shape), x.new_empty(x.shape[1])
 
 
 def _unfused(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, kernel: int) -> Tensor:
@@ -302,6 +312,11 @@ class _LayerBackward(torch.autograd.Function):
         grad, x, weight, bias, mean, invstd, index, xmax = ctx.saved_tensors
         cotangents = (grad_grad_x, grad_grad_weight if weight is not None else None,
                       grad_grad_bias if bias is not None else None)
+        dual = any(_has_tangent(t) for t in cotangents)
+        if torch.is_grad_enabled() and dual:
+            raise NotImplementedError(
+                "bn_relu_pool: forward-mode AD tangents on a third derivative through the fused layer "
+                f"are not supported; run the model inside imaml_ext.fused_layers.unfused() or set {DISABLE_ENV}=1")
         if torch.is_grad_enabled() or any(t is not None and under_transform(t) for t in cotangents):
             wrt = [t for t in (grad, x, weight) if t is not None]
 
@@ -316,9 +331,16 @@ class _LayerBackward(torch.autograd.Function):
             d_grad, d_x = next(d), next(d)
             d_weight = next(d, None)
         else:
-            d_grad, d_x, d_weight = _double_backward_op(
-                *(None if t is None else t.contiguous() for t in cotangents), grad, x, weight, mean, invstd,
-                index, xmax, ctx.kernel)
+            def double_backward(given):
+                return _double_backward_op(*(None if t is None else t.contiguous() for t in given), grad, x,
+                                           weight, mean, invstd, index, xmax, ctx.kernel)
+
+            if dual:  # forward-mode AD: the operator is linear in the cotangents, so in their tangents
+                parts = [(None, None) if t is None else forward_ad.unpack_dual(t)[:2] for t in cotangents]
+                primal, tangent = double_backward([p for p, _ in parts]), double_backward([t for _, t in parts])
+                d_grad, d_x, d_weight = (forward_ad.make_dual(p, t) for p, t in zip(primal, tangent))
+            else:
+                d_grad, d_x, d_weight = double_backward(cotangents)
         # the derivatives do not depend on the bias (it only moves the ReLU's and the
         # windows' piecewise-constant choices): zero, as PyTorch's layers give it
         d_bias = torch.zeros_like(bias) if ctx.needs_input_grad[3] else None
@@ -327,7 +349,7 @@ class _LayerBackward(torch.autograd.Function):
 
 def _autograd_backward(ctx, grad, *_unused):
     x, weight, bias, mean, invstd, index, xmax = ctx.saved_tensors
-    if under_transform(grad):  # e.g. is_grads_batched: the operators have no batching rules
+    if under_transform(grad) or _has_tangent(grad):  # is_grads_batched, forward-mode AD: no rules for those
         return (*_layers_vjp(grad, x, weight, bias, ctx.eps, ctx.kernel), None, None)
     if torch.is_grad_enabled():  # create_graph=True
         found = _LayerBackward.apply(grad.contiguous(), x, weight, bias, mean, invstd, index, xmax, ctx.eps,
@@ -364,13 +386,15 @@ def _single_vmap_level(t: Optional[Tensor]) -> bool:
     return _directly_under_vmap(t) and not under_transform(torch._C._functorch.get_unwrapped(t))
 
 
-def _path(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> str:
+def _path(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], kernel: int) -> str:
     """How :func:`bn_relu_pool` runs: ``"operator"`` (plain tensors), ``"folded"`` (x
     batched by one vmap and nothing else) or ``"layers"`` (the three PyTorch layers:
-    fusion off, a dtype or size the operator does not take, forward-mode AD or
-    another torch.func transform, which the operator has no rules for)."""
+    fusion off, a dtype or size the operator does not take, planes below
+    :data:`MIN_UNPOOLED_PLANE` without pooling, forward-mode AD or another
+    torch.func transform, which the operator has no rules for)."""
     if not fusion_enabled() or x.dtype not in _DTYPES or x.dim() != 4 \
-            or x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+            or x.shape[0] * x.shape[2] * x.shape[3] <= 1 \
+            or (kernel == 1 and x.shape[2] * x.shape[3] < MIN_UNPOOLED_PLANE):
         return "layers"
     tensors = (x, weight, bias)
     if not any(t is not None and under_transform(t) for t in tensors):
@@ -386,7 +410,7 @@ def bn_relu_pool(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ep
                  kernel: int = 2) -> Tensor:
     """relu(maxpool_k(batch_norm(x))) of x ``[N, C, H, W]`` with batch statistics,
     weight/bias ``[C]`` or None (module docstring); ``[N, C, H/k, W/k]``."""
-    path = _path(x, weight, bias)
+    path = _path(x, weight, bias, kernel)
     if path == "layers":
         return _unfused(x, weight, bias, eps, kernel)
     _build.backend()  # loads the compiled kernels on first use
@@ -440,16 +464,18 @@ def _fuse_sequence(children: dict) -> bool:
     """Replaces the runs in an ``nn.Sequential``'s children in place; True if any."""
     names = list(children)
     found, i = False, 0
-    while i + 2 < len(names):
-        norm, act, pool = (children[n] for n in names[i:i + 3])
-        k = _pool_kernel(pool)
-        if not (_batch_statistics(norm) and type(act) is nn.ReLU and k is not None and k > 1) \
-                or any(_has_hooks(m) for m in (norm, act, pool)):
+    while i + 1 < len(names):
+        norm, act = children[names[i]], children[names[i + 1]]
+        if not (_batch_statistics(norm) and type(act) is nn.ReLU) or _has_hooks(norm) or _has_hooks(act):
             i += 1
             continue
-        children[names[i]] = BnReluPool(norm, k)
-        children[names[i + 1]] = children[names[i + 2]] = nn.Identity()
-        found, i = True, i + 3
+        pool = children[names[i + 2]] if i + 2 < len(names) else None
+        k = _pool_kernel(pool) if pool is not None and not _has_hooks(pool) else None
+        run = 3 if k is not None and k > 1 else 2  # with its pool, or batch-norm and ReLU alone
+        children[names[i]] = BnReluPool(norm, k if run == 3 else 1)
+        for name in names[i + 1:i + run]:
+            children[name] = nn.Identity()
+        found, i = True, i + run
     return found
 
 
@@ -470,9 +496,10 @@ def _fused_tree(module: nn.Module, twins: list) -> nn.Module:
 
 
 def fuse(model: nn.Module) -> nn.Module:
-    """``model`` with every ``BatchNorm2d`` (batch statistics) → ``ReLU`` → ``MaxPool2d(k)``
-    run (k ≥ 2, no hooks on the three) inside an ``nn.Sequential`` as one
-    :class:`BnReluPool`; the modules on the way to a run are shallow copies
+    """``model`` with every ``BatchNorm2d`` (batch statistics) → ``ReLU`` run inside an
+    ``nn.Sequential``, with the ``MaxPool2d(k)`` after it if there is one (k ≥ 2,
+    stride k, no padding; else k = 1 and the pool stays), as one
+    :class:`BnReluPool` (modules with hooks stay as they are); the modules on the way to a run are shallow copies
     with their own tables (:func:`follow_modes` keeps their training flags
     those of the originals), everything else is ``model``'s own (same
     parameters, same names; ``model`` is not changed).  ``model`` itself when

@@ -25,7 +25,7 @@ LONGDOUBLE_WIDER = np.finfo(np.longdouble).eps < np.finfo(np.float64).eps
 
 # (N, C, H, W, k): pooled evenly, with leftover rows/columns, k = 1 and 3, one example
 CASES = [(4, 3, 8, 8, 2), (5, 6, 7, 9, 2), (3, 2, 3, 3, 2), (2, 4, 7, 7, 3), (1, 2, 4, 6, 2),
-         (3, 5, 6, 5, 1)]
+         (3, 5, 8, 7, 1)]
 
 
 def _inputs(n, c, h, w, dtype=torch.float64, affine=True):
@@ -125,6 +125,32 @@ def test_second_derivatives_pass_finite_differences():
 
 
 @compiled
+def test_forward_mode_tangents_through_the_backward_and_its_backward():
+    """A dual grad_outputs (first derivative, with and without create_graph) and a dual
+    vector in a Hessian-vector product: the tangent is the product with the tangent."""
+    import torch.autograd.forward_ad as fwAD
+    x, w, b = _inputs(2, 3, 6, 6)
+    out = fl.bn_relu_pool(x, w, b, 1e-5, 2)
+    v, t = torch.randn_like(out), torch.randn_like(out)
+    for create_graph in (False, True):
+        with fwAD.dual_level():
+            got = torch.autograd.grad(out, (x, w, b), fwAD.make_dual(v, t), create_graph=create_graph,
+                                      retain_graph=True)
+            got = [fwAD.unpack_dual(g).tangent for g in got]
+        for g, e in zip(got, torch.autograd.grad(_layers(x, w, b, 2), (x, w, b), t), strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    first = torch.autograd.grad(out.square().sum(), (x, w), create_graph=True)
+    vs, ts = [torch.randn_like(f) for f in first], [torch.randn_like(f) for f in first]
+    with fwAD.dual_level():
+        hv = torch.autograd.grad(first, (x, w), [fwAD.make_dual(a, c) for a, c in zip(vs, ts)], retain_graph=True)
+        hv = [fwAD.unpack_dual(h).tangent for h in hv]
+    want = torch.autograd.grad(torch.autograd.grad(_layers(x, w, b, 2).square().sum(), (x, w), create_graph=True),
+                               (x, w), ts)
+    for g, e in zip(hv, want, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+@compiled
 def test_third_derivatives_equal_those_of_the_three_layers():
     """A backward of the second derivative with create_graph=True: against the layers
     with batch-norm written out here (PyTorch's batch-norm stops at second derivatives)."""
@@ -214,8 +240,27 @@ def test_bad_arguments_raise_value_errors_that_name_the_problem(args, message, p
 
 
 @compiled
-def test_opcheck():
+def test_bad_arguments_of_the_backward_operators_raise_value_errors():
+    x, w, b = (t.detach() for t in _inputs(3, 4, 6, 6))
+    _build.backend()
+    out, mean, invstd, index, xmax = torch.ops.imaml_ext_layers.bn_relu_pool(x, w, b, 1e-5, 2)
+    grad = torch.randn_like(out)
+    ops = torch.ops.imaml_ext_layers
+    with pytest.raises(ValueError, match="bn_relu_pool_backward: the gradient, index, mean and invstd"):
+        ops.bn_relu_pool_backward(grad, x, w, mean.float(), invstd, index, xmax, 2)
+    with pytest.raises(ValueError, match="bn_relu_pool_double_backward: the gradient"):
+        ops.bn_relu_pool_double_backward(None, None, None, grad[:2], x, w, mean, invstd, index, xmax, 2)
+    with pytest.raises(ValueError, match="grad_grad_weight and grad_grad_bias must be \\[C\\]"):
+        ops.bn_relu_pool_double_backward(None, w[:, None], None, grad, x, w, mean, invstd, index, xmax, 2)
+    with pytest.raises(ValueError, match="grad_grad_x must be x-shaped"):
+        ops.bn_relu_pool_double_backward(x[:2], None, None, grad, x, w, mean, invstd, index, xmax, 2)
+
+
+@compiled
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_opcheck(layout):
     x, w, b = _inputs(3, 4, 6, 6)
+    x = x.detach().to(memory_format=layout).requires_grad_()
     _build.backend()
     torch.library.opcheck(torch.ops.imaml_ext_layers.bn_relu_pool.default, (x, w, b, 1e-5, 2))
     out, *saved = torch.ops.imaml_ext_layers.bn_relu_pool(x.detach(), w.detach(), b.detach(), 1e-5, 2)
@@ -226,11 +271,12 @@ def test_opcheck():
                           (*cotangents, grad, x.detach(), w.detach(), *saved, 2))
 
 
-def test_fuse_keeps_parameter_names_and_objects_and_leaves_the_model_alone():
-    model = models.Conv4(ways=5)
+@pytest.mark.parametrize("net, kernel", [(models.Conv4, 2), (models.OmniglotConvNet, 1)])
+def test_fuse_keeps_parameter_names_and_objects_and_leaves_the_model_alone(net, kernel):
+    model = net(ways=5)
     before = repr(model)
     fused = fl.fuse(model)
-    assert sum(isinstance(m, fl.BnReluPool) for m in fused.modules()) == 4
+    assert [m.kernel for m in fused.modules() if isinstance(m, fl.BnReluPool)] == [kernel] * 4
     assert dict(fused.named_parameters()).keys() == dict(model.named_parameters()).keys()
     assert all(p is q for p, q in zip(fused.parameters(), model.parameters()))
     assert repr(model) == before and not any(isinstance(m, fl.BnReluPool) for m in model.modules())
@@ -238,16 +284,52 @@ def test_fuse_keeps_parameter_names_and_objects_and_leaves_the_model_alone():
 
 @pytest.mark.parametrize("block", [
     [nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2)],  # running statistics
-    [nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2, padding=1)],
-    [nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(3, stride=2)],
-    [nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)],
-    [nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU()],  # no pooling: not fused
     [nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU6(), nn.MaxPool2d(2)],
     [nn.BatchNorm2d(3, track_running_stats=False), nn.AvgPool2d(2), nn.ReLU()],
 ])
 def test_fuse_leaves_other_blocks_as_they_are(block):
     model = nn.Sequential(nn.Conv2d(1, 3, 3), *block)
     assert fl.fuse(model) is model
+
+
+@pytest.mark.parametrize("tail", [
+    [],  # batch-norm and ReLU at the end (the stride-2 net's blocks)
+    [nn.MaxPool2d(2, padding=1)], [nn.MaxPool2d(3, stride=2)], [nn.MaxPool2d(2, ceil_mode=True)],
+    [nn.Conv2d(3, 3, 1)],
+])
+def test_batch_norm_and_relu_without_a_fusable_pool_run_fused_without_pooling(tail):
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(),
+                          *tail).double()
+    fused = fl.fuse(model)
+    assert [type(m) for m in fused] == [nn.Conv2d, fl.BnReluPool, nn.Identity] + [type(m) for m in tail]
+    assert fused[1].kernel == 1 and all(f is m for f, m in zip(fused[3:], tail))
+    x = torch.randn(4, 1, 9, 9, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+@compiled
+def test_without_pooling_planes_below_the_limit_run_the_layers(monkeypatch):
+    calls = []
+    op = fl._op
+    monkeypatch.setattr(fl, "_op", lambda *a: calls.append(a[0].shape) or op(*a))
+    for side in (6, 7):  # 36 < MIN_UNPOOLED_PLANE = 49 <= 49
+        x, w, b = _inputs(3, 2, side, side)
+        torch.testing.assert_close(fl.bn_relu_pool(x, w, b, 1e-5, 1), _layers(x, w, b, 1), rtol=1e-12, atol=1e-12)
+    assert side * side == fl.MIN_UNPOOLED_PLANE and calls == [(3, 2, 7, 7)]
+    x, w, b = _inputs(3, 2, 6, 6)
+    fl.bn_relu_pool(x, w, b, 1e-5, 2)  # pooled: any size
+    assert calls[-1] == (3, 2, 6, 6)
+
+
+def test_a_hook_on_the_pool_keeps_the_pool_and_fuses_batch_norm_and_relu():
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(),
+                          nn.MaxPool2d(2))
+    fired = []
+    model[3].register_forward_hook(lambda *a: fired.append("pool"))
+    fused = fl.fuse(model)
+    assert fused[1].kernel == 1 and fused[3] is model[3]
+    fused(torch.randn(2, 1, 8, 8))
+    assert fired == ["pool"]
 
 
 def test_fused_model_computes_what_the_model_computes():
@@ -293,8 +375,9 @@ def _meta_gradient(model, batch, kind, batching):
 @compiled
 @pytest.mark.parametrize("kind", ["first_order", "full", "checkpointed", "imaml"])
 @pytest.mark.parametrize("batching", ["vmap", "loop"])
-def test_meta_gradients_with_fusion_equal_those_without(kind, batching, monkeypatch):
-    model = models.Conv4(ways=5).double()
+@pytest.mark.parametrize("net", [models.Conv4, models.OmniglotConvNet])  # k = 2 and k = 1
+def test_meta_gradients_with_fusion_equal_those_without(kind, batching, net, monkeypatch):
+    model = net(ways=5).double()
     T = 3
     batch = (torch.randn(T, 5, 1, 28, 28, dtype=torch.float64), torch.randint(0, 5, (T, 5)),
              torch.randn(T, 6, 1, 28, 28, dtype=torch.float64), torch.randint(0, 5, (T, 6)))
