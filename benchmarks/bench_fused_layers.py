@@ -4,9 +4,10 @@ PyTorch's three layers.
 1. The layer alone, forward and backward, on the activations of the max-pool
    Conv-4 at T = 32 tasks folded into one call (``[n, 32·64, H, W]``, n = 5
    support or 75 query images per task, H = 28, 14, 7, 3; k = 2) and, without
-   pooling (k = 1, which ``fused_layers.fuse`` does not use), on those of the
-   stride-2 net (H = 14, 7, 4, 2): the fused operator (compiled CPU kernel) and
-   the three (two) layers alternated, medians.
+   pooling (k = 1), on those of the stride-2 net (H = 14, 7, 4, 2; planes below
+   ``fused_layers.MIN_UNPOOLED_PLANE`` run PyTorch's layers both ways): the
+   fused operator (compiled CPU kernel) and the three (two) layers alternated,
+   medians.
 2. imaml_ext's whole meta-gradients (``compare_peers.py``'s problems) with
    fusion on and off (``IMAML_EXT_NO_FUSION``) before every meta-batch,
    alternated round by round in one process (``compare_peers.alternate``).
@@ -29,8 +30,9 @@ import compare_peers as cp  # noqa: E402
 SIDES = {2: (28, 14, 7, 3), 1: (14, 7, 4, 2)}
 
 
-def layer_seconds(n: int, side: int, k: int, tasks: int, rounds: int):
-    """Median seconds of forward + backward, (fused, three layers), alternated."""
+def layer_seconds(n: int, side: int, k: int, tasks: int, rounds: int, second: bool = False):
+    """Median seconds of forward + backward (``second``: forward, a ``create_graph=True``
+    backward and the backward of that gradient), (fused, three layers), alternated."""
     import torch
     from imaml_ext import fused_layers as fl
     channels = tasks * 64
@@ -40,12 +42,11 @@ def layer_seconds(n: int, side: int, k: int, tasks: int, rounds: int):
 
     def run(fused: bool) -> float:
         start = time.perf_counter()
-        if fused:
+        with torch.enable_grad() if fused else fl.unfused():
             out = fl.bn_relu_pool(x, weight, bias, 1e-5, k)
-        else:
-            with fl.unfused():
-                out = fl.bn_relu_pool(x, weight, bias, 1e-5, k)
-        torch.autograd.grad(out, (x, weight, bias), torch.ones_like(out))
+            found = torch.autograd.grad(out, (x, weight, bias), torch.ones_like(out), create_graph=second)
+        if second:
+            torch.autograd.grad(found[:2], (x, weight), found[:2])
         return time.perf_counter() - start
 
     seconds = {True: [], False: []}
@@ -57,30 +58,46 @@ def layer_seconds(n: int, side: int, k: int, tasks: int, rounds: int):
     return statistics.median(seconds[True]), statistics.median(seconds[False])
 
 
-def main(argv=None) -> int:
-    ap = cp.ab_parser(__doc__, ["conv4"], rounds=5)
+def layer_table(args, examples=(5, 75), second: bool = False) -> None:
+    """Prints :func:`layer_seconds` for every k and side of :data:`SIDES`, n in ``examples``."""
+    print("\n| k | input [n, T·64, H, W] | fused s | PyTorch's layers s | layers / fused |\n"
+          "|---:|---|---:|---:|---:|")
+    for k, sides in SIDES.items():
+        for n in examples:
+            for side in sides:
+                fused_s, plain_s = layer_seconds(n, side, k, args.tasks, args.rounds, second)
+                print(f"| {k} | [{n}, {args.tasks * 64}, {side}, {side}] | {fused_s:.4f} | "
+                      f"{plain_s:.4f} | {plain_s / fused_s:.2f} |", flush=True)
+
+
+def prepare(description: str, models, argv=None):
+    """(args, problem) of a fused-layer benchmark: its command line (``--no-layers``
+    skips the layer table), threads and heap settings; None without the compiled
+    CPU kernels (nothing is fused then)."""
+    ap = cp.ab_parser(description, models, rounds=5)
     ap.add_argument("--no-layers", action="store_true", help="skip part 1 (the layer alone)")
     args = ap.parse_args(argv)
     import torch
     from imaml_ext import _build, cpu_malloc
-    from imaml_ext import fused_layers as fl
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu_malloc.reuse_freed_memory()
     if not _build.backend().cpu:
         print(f"no compiled CPU kernels, so nothing is fused here ({_build.describe()})", file=sys.stderr)
-        return 1
+        return None
     problem = cp.parse(["--models", *args.models, "--tasks", str(args.tasks)])
     print(f"{cp.machine(problem)}; T = {args.tasks}; medians of {args.rounds} rounds after a warm-up")
+    return args, problem
+
+
+def main(argv=None) -> int:
+    prepared = prepare(__doc__, ["conv4"], argv)
+    if prepared is None:
+        return 1
+    args, problem = prepared
+    from imaml_ext import fused_layers as fl
     if not args.no_layers:
-        print("\n| k | input [n, T·64, H, W] | fused s | PyTorch's layers s | layers / fused |\n"
-              "|---:|---|---:|---:|---:|")
-        for k, sides in SIDES.items():
-            for n in (5, 75):
-                for side in sides:
-                    fused_s, plain_s = layer_seconds(n, side, k, args.tasks, args.rounds)
-                    print(f"| {k} | [{n}, {args.tasks * 64}, {side}, {side}] | {fused_s:.4f} | "
-                          f"{plain_s:.4f} | {plain_s / fused_s:.2f} |", flush=True)
+        layer_table(args)
 
     def switch(on: bool) -> None:
         os.environ[fl.DISABLE_ENV] = "0" if on else "1"
