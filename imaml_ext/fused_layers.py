@@ -531,7 +531,7 @@ def status() -> str:
         return "off (no compiled CPU kernel for it)"
     if not fusion_enabled():
         return f"off ({DISABLE_ENV} is set)"
-    return "on for CPU models (BatchNorm2d → ReLU → MaxPool2d runs in nn.Sequential)"
+    return "on for CPU models (BatchNorm2d → ReLU runs in nn.Sequential, with the MaxPool2d after them)"
 
 
 def fused_for(model: nn.Module, device: torch.device) -> nn.Module:
