@@ -364,19 +364,20 @@ void double_backward_kernel(const Dims& d, const scalar_t* u, const scalar_t* u_
                             scalar_t* d_grad, scalar_t* d_x, scalar_t* d_weight) {
   const int64_t HW = d.plane(), P = d.pooled(), M = d.count();
   const scalar_t* at_max = d.k == 1 ? x : xmax;
-  // sums of g, g*d, u*g (pooled planes) and u, u*d (dense planes), per channel
+  // sums of g, g*d, u*g (pooled planes) and u, u*d (dense planes), per channel; d_grad
+  // holds u at the window maxima until the last pass turns it into the result
   std::vector<double> s_g(d.C, 0.0), s_gd(d.C, 0.0), s_ug(d.C, 0.0), s_u(d.C, 0.0), s_ud(d.C, 0.0);
   for_each_plane(d, [&](int64_t c, int64_t plane) {
     const int64_t at = plane * P;
     const scalar_t m = mean[c];
-    thread_local std::vector<scalar_t> g, um;
+    thread_local std::vector<scalar_t> g;
     g.resize(P);
     active_gradient<scalar_t>(P, grad + at, index + at, g.data());
     s_g[c] += plane_sum<scalar_t>(P, [&](int64_t j) { return g[j]; });
     s_gd[c] += plane_sum<scalar_t>(P, [&](int64_t j) { return g[j] * (at_max[at + j] - m); });
     if (u != nullptr) {
-      um.resize(P);
-      gather_at_maxima<scalar_t>(d, u + plane * HW, index + at, um.data());
+      scalar_t* um = d_grad + at;
+      gather_at_maxima<scalar_t>(d, u + plane * HW, index + at, um);
       s_ug[c] += plane_sum<scalar_t>(P, [&](int64_t j) { return g[j] * um[j]; });
       const scalar_t* up = u + plane * HW;
       const scalar_t* p = x + plane * HW;
@@ -415,13 +416,12 @@ void double_backward_kernel(const Dims& d, const scalar_t* u, const scalar_t* u_
       for (int64_t i = 0; i < HW; ++i) dx[i] = a_d * (p[i] - m) + a_u * up[i] + a_0;
     }
     add_at_maxima<scalar_t>(d, grad + at, index + at, cg[c], dx);
-    thread_local std::vector<scalar_t> um;
-    um.assign(P, scalar_t(0));
-    if (u != nullptr) gather_at_maxima<scalar_t>(d, u + plane * HW, index + at, um.data());
-    const scalar_t b_u = gu[c], b_d = gd[c], b_0 = g0[c];
+    const scalar_t b_u = u == nullptr ? scalar_t(0) : gu[c], b_d = gd[c], b_0 = g0[c];
+    scalar_t* dg = d_grad + at;  // u at the maxima (first pass), or unset without u
     for (int64_t j = 0; j < P; ++j) {
-      const scalar_t v = b_u * um[j] + b_d * (at_max[at + j] - m) + b_0;
-      d_grad[at + j] = index[at + j] == kInactive ? scalar_t(0) : v;
+      const scalar_t um = u == nullptr ? scalar_t(0) : dg[j];
+      const scalar_t v = b_u * um + b_d * (at_max[at + j] - m) + b_0;
+      dg[j] = index[at + j] == kInactive ? scalar_t(0) : v;
     }
   });
 }

@@ -246,10 +246,14 @@ def _(grad_grad_x, grad_grad_weight, grad_grad_bias, grad, x, weight, mean, invs
     return grad.new_empty(grad.shape), x.new_empty(x.shape), x.new_empty(x.shape[1])
 
 
+def _relu_pool(y: Tensor, kernel: int) -> Tensor:
+    out = F.relu(y)
+    return out if kernel == 1 else F.max_pool2d(out, kernel, kernel)
+
+
 def _unfused(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, kernel: int) -> Tensor:
     """The three PyTorch layers the operator replaces."""
-    out = F.relu(F.batch_norm(x, None, None, weight, bias, True, 0.0, eps))
-    return out if kernel == 1 else F.max_pool2d(out, kernel, kernel)
+    return _relu_pool(F.batch_norm(x, None, None, weight, bias, True, 0.0, eps), kernel)
 
 
 def _written_out(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, kernel: int) -> Tensor:
@@ -261,7 +265,7 @@ def _written_out(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ep
         y = y * weight[:, None, None]
     if bias is not None:
         y = y + bias[:, None, None]
-    return F.relu(y) if kernel == 1 else F.max_pool2d(F.relu(y), kernel, kernel)
+    return _relu_pool(y, kernel)
 
 
 def _setup_context(ctx, inputs, output) -> None:
