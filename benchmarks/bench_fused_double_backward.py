@@ -61,10 +61,7 @@ def main(argv=None) -> int:
             setattr(module, name, own[name] if on else in_layers(own[name]))
 
     print()
-    try:
-        cp.ab_table(switch, problem, args, "fused twice-differentiated passes", "PyTorch's layers there")
-    finally:
-        switch(True)
+    cp.ab_table(switch, problem, args, "fused twice-differentiated passes", "PyTorch's layers there")
     return 0
 
 

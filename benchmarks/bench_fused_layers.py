@@ -104,7 +104,6 @@ def main(argv=None) -> int:
 
     print()
     cp.ab_table(switch, problem, args, "fused", "unfused")
-    switch(True)
     return 0
 
 

@@ -272,14 +272,18 @@ def alternate(switch: Callable[[bool], None], model, batch, work: str, rounds: i
 
 def ab_table(switch: Callable[[bool], None], problem, args, on: str, off: str) -> None:
     """Prints the A/B of :func:`alternate` over ``args.models`` × ``args.works``: median
-    seconds with ``switch(True)`` (named ``on``) and ``switch(False)`` (``off``), and off / on."""
+    seconds with ``switch(True)`` (named ``on``) and ``switch(False)`` (``off``), and off / on;
+    ``switch(True)`` again at the end, however it ends."""
     print(f"| model | work | {on} s | {off} s | {off} / {on} |\n|---|---|---:|---:|---:|")
-    for model_name in args.models:
-        model, batch = build_problem(model_name, args.tasks, problem)
-        for work in args.works:
-            median = alternate(switch, model, batch, work, args.rounds)
-            print(f"| {model_name} | {work} | {median[True]:.3f} | {median[False]:.3f} | "
-                  f"{median[False] / median[True]:.3f} |", flush=True)
+    try:
+        for model_name in args.models:
+            model, batch = build_problem(model_name, args.tasks, problem)
+            for work in args.works:
+                median = alternate(switch, model, batch, work, args.rounds)
+                print(f"| {model_name} | {work} | {median[True]:.3f} | {median[False]:.3f} | "
+                      f"{median[False] / median[True]:.3f} |", flush=True)
+    finally:
+        switch(True)
 
 
 def profile(vs: List[Variant], model, batch, settings, args) -> str:
