@@ -1,10 +1,9 @@
 """The result of adaptation: T task-specific parameter sets and the model to run them."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .functional import TaskLoss
 
@@ -81,8 +80,55 @@ class Adapted:
         # split, not indexing: one backward node writes the chunks' gradients into one [T, P]
         # buffer, where a slice's backward would fill a zero [T, P] buffer per chunk.
         flats = self.flat.split([c.stop - c.start for c in chunks])
-        return torch.cat([checkpoint(fn, flat, *(d[c] for d in data), use_reentrant=False)
+        return torch.cat([_Recomputed.apply(fn, _rng_state(flat.device), flat, *(d[c] for d in data))
                           for flat, c in zip(flats, chunks)])
 
     def __repr__(self) -> str:
         return f"Adapted(tasks={self.num_tasks}, params={self.flat.shape[1]}, dtype={self.flat.dtype})"
+
+
+def _rng_state(device: torch.device) -> tuple:
+    """The random-number state a forward pass on ``device`` draws from: the CPU
+    generator's, and ``device``'s own where it is an accelerator."""
+    if device.type == "cpu":
+        return (torch.get_rng_state(), None)
+    return (torch.get_rng_state(), torch.get_device_module(device.type).get_rng_state(device))
+
+
+class _Recomputed(torch.autograd.Function):
+    """``fn(flat, *data)`` that keeps no activations: the backward pass runs ``fn``
+    again from the same random-number state (so dropout draws the same masks) and
+    differentiates that, with ``create_graph`` too.  Unlike
+    ``torch.utils.checkpoint``, it does not import ``torch._dynamo`` on its
+    first call (1.3 s and about 150 MB resident, benchmarks/RESULTS.md)."""
+
+    @staticmethod
+    def forward(ctx, fn: Callable[..., torch.Tensor], rng: tuple, flat: torch.Tensor, *data: torch.Tensor):
+        ctx.fn, ctx.rng = fn, rng
+        ctx.save_for_backward(flat, *data)
+        with torch.no_grad():
+            return fn(flat, *data)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        saved = ctx.saved_tensors
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
+        create_graph = torch.is_grad_enabled()  # a backward pass runs with grad mode on iff create_graph
+        device = saved[0].device
+        accelerators = [] if device.type == "cpu" else [device]
+        with torch.random.fork_rng(devices=accelerators, device_type=device.type), torch.enable_grad():
+            torch.set_rng_state(ctx.rng[0])
+            if ctx.rng[1] is not None:
+                torch.get_device_module(device.type).set_rng_state(ctx.rng[1], device)
+            # Under create_graph the saved inputs keep their history, so the gradients
+            # are differentiable through the recomputation; otherwise fresh leaves.
+            inputs = [t if create_graph else (t.detach().requires_grad_(i in wanted)
+                                              if t.is_floating_point() or t.is_complex() else t)
+                      for i, t in enumerate(saved)]
+            out = ctx.fn(*inputs)
+            grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad, create_graph=create_graph,
+                                        allow_unused=True)
+        result = [None] * len(saved)
+        for i, g in zip(wanted, grads):
+            result[i] = g
+        return (None, None, *result)
