@@ -5,6 +5,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from .batching import under_transform
 from .functional import TaskLoss
 
 __all__ = ["Adapted", "task_chunks"]
@@ -24,7 +25,8 @@ class Adapted:
     (carrying the meta-gradient's autograd graph) and ``params`` its named
     ``[T, ...]`` views.  With ``task_chunk``, ``adapted(x)`` and ``loss`` run the
     tasks that many at a time and recompute each chunk's forward pass in the
-    backward pass (peak memory of one chunk).  ``info`` holds solver diagnostics, per task.  From
+    backward pass (peak memory of one chunk; under a ``torch.func`` transform
+    they keep it).  ``info`` holds solver diagnostics, per task.  From
     :func:`~imaml_ext.imaml` (keys and shapes also in
     :data:`imaml_ext.diagnostics.INFO_FIELDS`):
 
@@ -80,6 +82,9 @@ class Adapted:
         # split, not indexing: one backward node writes the chunks' gradients into one [T, P]
         # buffer, where a slice's backward would fill a zero [T, P] buffer per chunk.
         flats = self.flat.split([c.stop - c.start for c in chunks])
+        if any(under_transform(t) for t in (self.flat, *data)):
+            # torch.func transforms take no recomputing autograd.Function: the chunks run as they are
+            return torch.cat([fn(flat, *(d[c] for d in data)) for flat, c in zip(flats, chunks)])
         return torch.cat([_Recomputed.apply(fn, _rng_state(flat.device), flat, *(d[c] for d in data))
                           for flat, c in zip(flats, chunks)])
 

@@ -485,6 +485,21 @@ def test_torch_func_grad_and_vjp_equal_backward(hvp_mode):
         torch.testing.assert_close(by_vjp[n], p.grad, rtol=1e-12, atol=1e-14)
 
 
+def test_torch_func_grad_through_task_chunks_equals_backward():
+    """With task_chunk, torch.func.grad runs the chunks without recomputation and gives
+    the meta-gradient of .backward() (which recomputes them)."""
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    batch = classification_tasks(3, 6, 5, 3, 2)
+    meta = MetaLoss(net, lam=1.5, inner_steps=10, inner_lr=0.3, cg_steps=7, task_chunk=2)
+    params = {n: p.detach().clone() for n, p in meta.named_parameters()}
+    by_grad = torch.func.grad(lambda p: functional_call(meta, p, batch))(params)
+    meta(*batch).backward()
+    for n, p in meta.named_parameters():
+        assert p.grad.abs().max() > 0
+        torch.testing.assert_close(by_grad[n], p.grad, rtol=1e-12, atol=1e-14)
+
+
 def test_torch_func_grad_refuses_reverse_hvp():
     net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     batch = (torch.randn(2, 6, 3, dtype=torch.float64), torch.randint(0, 2, (2, 6)),
