@@ -25,8 +25,12 @@ class Adapted:
     (carrying the meta-gradient's autograd graph) and ``params`` its named
     ``[T, ...]`` views.  With ``task_chunk``, ``adapted(x)`` and ``loss`` run the
     tasks that many at a time and recompute each chunk's forward pass in the
-    backward pass (peak memory of one chunk; under a ``torch.func`` transform
-    they keep it).  ``info`` holds solver diagnostics, per task.  From
+    backward pass, each chunk's backward solve right after it (peak memory of
+    one chunk besides φ* itself; under a ``torch.func`` transform the chunks
+    keep their activations and share one backward solve).  Each such call and
+    ``flat`` / ``params`` are then solved as separate systems, whose sum equals
+    one solve of the summed gradient where the linear solver is linear in its
+    right-hand side (CG run to convergence, Neumann), not with truncated CG.  ``info`` holds solver diagnostics, per task.  From
     :func:`~imaml_ext.imaml` (keys and shapes also in
     :data:`imaml_ext.diagnostics.INFO_FIELDS`):
 
@@ -37,7 +41,8 @@ class Adapted:
       ``"residual_norm"`` ``[T]`` the same, absolute; ``"residual_at_theta"``
       ``[T]`` its value at θ; ``"inner_steps_taken"`` ``[T]`` int64;
     * after the backward: ``"linear_solve"`` (the linear solver's result),
-      ``"cg"`` (:class:`~imaml_ext.solvers.CGResult`: ``x`` ``[T, P]``,
+      ``"cg"`` (:class:`~imaml_ext.solvers.CGResult`: ``x`` ``[T, P]``, None with
+      ``task_chunk`` where adapted(x) / loss ran the backward chunk by chunk,
       ``iterations``, ``state``, ``residual_sq``, ``min_curvature``, each
       ``[T]``), ``"nonpositive_curvature"`` ``[T]`` bool (CG met pᵀAp ≤ 0),
       ``"min_rayleigh"`` ``[T]`` (smallest pᵀAp/pᵀp CG met, an upper bound
@@ -48,11 +53,16 @@ class Adapted:
     """
 
     def __init__(self, task_loss: TaskLoss, flat: torch.Tensor, info: Dict[str, object],
-                 task_chunk: Optional[int] = None):
+                 task_chunk: Optional[int] = None,
+                 streamed: Optional[Callable[[], Callable[[int], torch.Tensor]]] = None):
         self.task_loss = task_loss
         self.flat = flat
         self.info = info
         self.task_chunk = task_chunk
+        # with chunks: a fresh source of per-chunk parameters (chunk index -> [t, P]) whose
+        # backward solves each chunk on its own (imaml_ext.implicit._StreamedChunks); None:
+        # the chunks of flat
+        self._streamed = streamed
 
     @property
     def params(self) -> Dict[str, torch.Tensor]:
@@ -81,10 +91,15 @@ class Adapted:
             return fn(self.flat, *data)
         # split, not indexing: one backward node writes the chunks' gradients into one [T, P]
         # buffer, where a slice's backward would fill a zero [T, P] buffer per chunk.
-        flats = self.flat.split([c.stop - c.start for c in chunks])
         if any(under_transform(t) for t in (self.flat, *data)):
             # torch.func transforms take no recomputing autograd.Function: the chunks run as they are
+            flats = self.flat.split([c.stop - c.start for c in chunks])
             return torch.cat([fn(flat, *(d[c] for d in data)) for flat, c in zip(flats, chunks)])
+        if self._streamed is not None and torch.is_grad_enabled():
+            chunk_flat = self._streamed()
+            flats = (chunk_flat(i) for i in range(len(chunks)))  # made one by one, before each chunk's forward
+        else:
+            flats = iter(self.flat.split([c.stop - c.start for c in chunks]))
         return torch.cat([_Recomputed.apply(fn, _rng_state(flat.device), flat, *(d[c] for d in data))
                           for flat, c in zip(flats, chunks)])
 

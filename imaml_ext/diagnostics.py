@@ -43,7 +43,8 @@ INFO_FIELDS: Dict[str, str] = {
     "residual_at_theta": "[T] ‖∇L̂(θ)‖, the residual at the start φ = θ (after the forward)",
     "inner_steps_taken": "[T] int64, inner steps a task moved before inner_tol stopped it "
                          "(= inner_steps without inner_tol) (after the forward)",
-    "cg": "CGResult of the backward CG: x [T, P], iterations [T], state [T] (CGState codes), "
+    "cg": "CGResult of the backward CG: x [T, P] (None with task_chunk: summed chunk by chunk, not kept), "
+          "iterations [T], state [T] (CGState codes), "
           "residual_sq [T], min_curvature [T] (after the backward, linear_solver='cg')",
     "nonpositive_curvature": "[T] bool, the backward CG met pᵀAp ≤ 0 and stopped there (after the backward)",
     "min_rayleigh": "[T] smallest Rayleigh quotient pᵀAp/pᵀp of A = a·I + b·H over the backward "

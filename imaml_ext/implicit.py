@@ -23,6 +23,7 @@ checks for non-finite losses on the host, which ``vmap`` does not allow.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Union
 
@@ -68,10 +69,21 @@ class _ImplicitSystem:
         (one HVP graph per chunk); records the solver's result and the
         diagnostics (:mod:`imaml_ext.diagnostics`), warning if they are bad."""
         if len(self.chunks) == 1:
-            result = self._solve_one(phi, self.x, self.y, rhs)
+            result = self.solve_chunk(phi, self.x, self.y, rhs)
         else:
             result = self._solve_chunks(phi, rhs)
-        self.info["linear_solve"] = result
+        x = self.solution(result, rhs)
+        self.record(result)
+        return x
+
+    def solve_chunk(self, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor, rhs: torch.Tensor) -> object:
+        """The linear solver's result for the tasks of ``phi`` ``[t, P]``."""
+        matvec = make_curvature(self.task_loss, phi, x, y, self.curvature, self.hvp_mode)
+        return self.solver(ShiftedOperator(matvec, self.a, self.b), rhs)
+
+    @staticmethod
+    def solution(result: object, rhs: torch.Tensor) -> torch.Tensor:
+        """The solution ``[t, P]`` in a solver's ``result``, checked against ``rhs``."""
         x = result if isinstance(result, torch.Tensor) else getattr(result, "x", None)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"linear_solver must return the solution [T, P] or an object with it as "
@@ -80,37 +92,87 @@ class _ImplicitSystem:
             raise ValueError(f"linear_solver returned shape {tuple(x.shape)}, expected [T, P] = "
                              f"{tuple(rhs.shape)}")
         if isinstance(result, CGResult):
-            self.info["cg"] = result
             # A task whose CG met a non-finite value (a NaN query gradient, say)
             # contributes NaN, as a differentiated loop would: never a silent 0.
             x = torch.where((result.state == CGState.NONFINITE)[:, None], torch.nan, x)
-            diagnostics.record_cg(self.info, result)
-        diagnostics.check(self.info)
         return x
 
-    def _solve_one(self, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor, rhs: torch.Tensor) -> object:
-        """The linear solver's result for the tasks of ``phi`` ``[t, P]``."""
-        matvec = make_curvature(self.task_loss, phi, x, y, self.curvature, self.hvp_mode)
-        return self.solver(ShiftedOperator(matvec, self.a, self.b), rhs)
+    def record(self, result: object) -> None:
+        """The solver's result (and CG's diagnostics) into ``info``; warns if they are bad."""
+        self.info["linear_solve"] = result
+        if isinstance(result, CGResult):
+            self.info["cg"] = result
+            diagnostics.record_cg(self.info, result)
+        diagnostics.check(self.info)
 
     def _solve_chunks(self, phi: torch.Tensor, rhs: torch.Tensor) -> object:
-        """The solve one chunk at a time, the solutions written into one ``[T, P]`` buffer;
-        the result is a tensor, a CGResult with the chunks' diagnostics joined, or (for
-        other solvers) the list of the chunks' results."""
+        """The solve one chunk at a time, the solutions written into one ``[T, P]`` buffer."""
         out = torch.empty_like(rhs)
         results = []
         for c in self.chunks:
-            r = self._solve_one(phi[c], self.x[c], self.y[c], rhs[c].contiguous())
+            r = self.solve_chunk(phi[c], self.x[c], self.y[c], rhs[c].contiguous())
             out[c] = r if isinstance(r, torch.Tensor) else r.x
             results.append(r if not isinstance(r, CGResult) else
                            dataclasses.replace(r, x=out[c]))  # the chunk's own copy is freed
-        if all(isinstance(r, torch.Tensor) for r in results):
-            return out
-        if all(isinstance(r, CGResult) for r in results):
-            fields = [[getattr(r, f.name) for r in results] for f in dataclasses.fields(CGResult)[1:]]
-            return CGResult(out, *(None if any(v is None for v in values) else torch.cat(values)
-                                   for values in fields))
-        return _ChunkResults(results)
+        return _joined(results, out)
+
+
+def _joined(results: List[object], x: Optional[torch.Tensor]) -> object:
+    """The chunks' results as one: the solutions ``x`` ``[T, P]`` where all are tensors,
+    a CGResult with solution ``x`` and the chunks' diagnostics joined, or (for other
+    solvers) the list of the chunks' results."""
+    if all(isinstance(r, torch.Tensor) for r in results):
+        return x if x is not None else torch.cat(results)
+    if all(isinstance(r, CGResult) for r in results):
+        fields = [[getattr(r, f.name) for r in results] for f in dataclasses.fields(CGResult)[1:]]
+        return CGResult(x, *(None if any(v is None for v in values) else torch.cat(values)
+                             for values in fields))
+    return _ChunkResults(results)
+
+
+class _StreamedChunks:
+    """The backward solves of one chunked ``adapted(x)`` / ``adapted.loss`` call, one
+    chunk at a time as its query gradient arrives.  Each chunk's φ* comes from its
+    own node (:class:`_ChunkMetaGrad`), made just before that chunk's query forward,
+    so autograd runs it right after that chunk's backward (the nodes made last run
+    first) and frees the chunk's gradient instead of holding every chunk's until a
+    backward of the whole ``[T, P]``.  CG's solutions are summed, not kept
+    (``info["cg"].x`` is None); the last chunk records the joined results."""
+
+    def __init__(self, system: _ImplicitSystem, phi: torch.Tensor):
+        self.system, self.phi = system, phi.detach()
+        self.results: Dict[int, object] = {}
+
+    def phi_of(self, theta: torch.Tensor, i: int) -> torch.Tensor:
+        """φ* of chunk ``i`` ``[t, P]``, differentiable with respect to θ ``[P]``."""
+        return _ChunkMetaGrad.apply(theta, self, i)
+
+    def solve(self, i: int, rhs: torch.Tensor) -> torch.Tensor:
+        """Σ over chunk ``i``'s tasks of A_t⁻¹ rhs_t ``[P]``."""
+        system, c = self.system, self.system.chunks[i]
+        result = system.solve_chunk(self.phi[c], system.x[c], system.y[c], rhs)
+        x = system.solution(result, rhs)
+        self.results[i] = dataclasses.replace(result, x=None) if isinstance(result, CGResult) else result
+        if len(self.results) == len(system.chunks):
+            system.record(_joined([self.results[k] for k in range(len(system.chunks))], None))
+        return x.sum(0)
+
+
+class _ChunkMetaGrad(torch.autograd.Function):
+    """theta [P] -> φ* of one chunk [t, P] (:class:`_StreamedChunks`)."""
+
+    @staticmethod
+    def forward(theta: torch.Tensor, chunks: _StreamedChunks, i: int) -> torch.Tensor:
+        return chunks.phi[chunks.system.chunks[i]]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.chunks, ctx.i = inputs[1], inputs[2]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_phi: torch.Tensor):
+        return ctx.chunks.solve(ctx.i, grad_phi.contiguous()), None, None
 
 
 class _ChunkResults(list):
@@ -380,4 +442,6 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
     system = _ImplicitSystem(task_loss=task_loss, x=x, y=y, a=a, b=b, hvp_mode=hvp_mode,
                              solver=solver, info=info, curvature=curvature, chunks=chunks)
     phi = _ImplicitMetaGrad.apply(task_loss.theta(), solve, system)
-    return Adapted(task_loss, phi, info, task_chunk=task_chunk)
+    streamed = None if len(chunks) == 1 else lambda: functools.partial(_StreamedChunks(system, phi).phi_of,
+                                                                        task_loss.theta())
+    return Adapted(task_loss, phi, info, task_chunk=task_chunk, streamed=streamed)

@@ -46,7 +46,8 @@ CG_HOST_CHECK_EVERY = 8
 class CGResult:
     """Solution and per-task diagnostics of :func:`cg`.
 
-    x: ``[T, P]`` solution; iterations: ``[T]`` int64, steps taken per task;
+    x: ``[T, P]`` solution (None where it was not kept: :func:`~imaml_ext.imaml`'s
+    backward with ``task_chunk`` sums it chunk by chunk); iterations: ``[T]`` int64, steps taken per task;
     state: ``[T]`` int32, one of the :class:`CGState` codes;
     residual_sq: ``[T]``, ‖rhs − A x‖² as tracked by the recurrence;
     min_curvature: ``[T]``, the smallest Rayleigh quotient pᵀAp/pᵀp over the
@@ -55,7 +56,7 @@ class CGResult:
     (None from solvers that do not track it).
     """
 
-    x: torch.Tensor
+    x: Optional[torch.Tensor]
     iterations: torch.Tensor
     state: torch.Tensor
     residual_sq: torch.Tensor
