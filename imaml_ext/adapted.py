@@ -1,6 +1,7 @@
 """The result of adaptation: T task-specific parameter sets and the model to run them."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -91,11 +92,11 @@ class Adapted:
             return fn(self.flat, *data)
         # split, not indexing: one backward node writes the chunks' gradients into one [T, P]
         # buffer, where a slice's backward would fill a zero [T, P] buffer per chunk.
-        if any(under_transform(t) for t in (self.flat, *data)):
+        if _functorch_active() or any(under_transform(t) for t in (self.flat, *data)):
             # torch.func transforms take no recomputing autograd.Function: the chunks run as they are
             flats = self.flat.split([c.stop - c.start for c in chunks])
             return torch.cat([fn(flat, *(d[c] for d in data)) for flat, c in zip(flats, chunks)])
-        if self._streamed is not None and torch.is_grad_enabled():
+        if self._streamed is not None and torch.is_grad_enabled() and self.flat.requires_grad:
             chunk_flat = self._streamed()
             flats = (chunk_flat(i) for i in range(len(chunks)))  # made one by one, before each chunk's forward
         else:
@@ -115,16 +116,31 @@ def _rng_state(device: torch.device) -> tuple:
     return (torch.get_rng_state(), torch.get_device_module(device.type).get_rng_state(device))
 
 
+def _functorch_active() -> bool:
+    """A ``torch.func`` transform is being computed (even if no tensor here is wrapped)."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active is not None and active())
+
+
+def _autocast_state(device: torch.device) -> List[tuple]:
+    """(device type, ``torch.amp.autocast`` arguments) of the autocast now in force for
+    the CPU and for ``device``'s type."""
+    types = ["cpu"] + ([device.type] if device.type != "cpu" and torch.amp.is_autocast_available(device.type)
+                       else [])
+    return [(t, dict(enabled=torch.is_autocast_enabled(t), dtype=torch.get_autocast_dtype(t),
+                     cache_enabled=torch.is_autocast_cache_enabled())) for t in types]
+
+
 class _Recomputed(torch.autograd.Function):
     """``fn(flat, *data)`` that keeps no activations: the backward pass runs ``fn``
     again from the same random-number state (so dropout draws the same masks) and
-    differentiates that, with ``create_graph`` too.  Unlike
+    autocast state, and differentiates that, with ``create_graph`` too.  Unlike
     ``torch.utils.checkpoint``, it does not import ``torch._dynamo`` on its
     first call (1.3 s and about 150 MB resident, benchmarks/RESULTS.md)."""
 
     @staticmethod
     def forward(ctx, fn: Callable[..., torch.Tensor], rng: tuple, flat: torch.Tensor, *data: torch.Tensor):
-        ctx.fn, ctx.rng = fn, rng
+        ctx.fn, ctx.rng, ctx.autocast = fn, rng, _autocast_state(flat.device)
         ctx.save_for_backward(flat, *data)
         with torch.no_grad():
             return fn(flat, *data)
@@ -145,7 +161,10 @@ class _Recomputed(torch.autograd.Function):
             inputs = [t if create_graph else (t.detach().requires_grad_(i in wanted)
                                               if t.is_floating_point() or t.is_complex() else t)
                       for i, t in enumerate(saved)]
-            out = ctx.fn(*inputs)
+            with contextlib.ExitStack() as autocast:  # the forward's, around the forward only
+                for device_type, kwargs in ctx.autocast:
+                    autocast.enter_context(torch.amp.autocast(device_type, **kwargs))
+                out = ctx.fn(*inputs)
             grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad, create_graph=create_graph,
                                         allow_unused=True)
         result = [None] * len(saved)

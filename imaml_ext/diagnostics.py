@@ -139,4 +139,4 @@ def check(info: Mapping[str, object], threshold: float = RESIDUAL_WARN_THRESHOLD
     warnings.warn("iMAML's implicit meta-gradient is unreliable: " + "; ".join(parts) +
                   f". Try {'; or '.join(advice)}. adapted.info holds the per-task numbers "
                   f"(imaml_ext.diagnostics.INFO_FIELDS). Shown once per process.",
-                  ImplicitGradientWarning, stacklevel=4)
+                  ImplicitGradientWarning, stacklevel=5)  # past record, solve and the Function's backward

@@ -155,6 +155,7 @@ class _StreamedChunks:
         self.results[i] = dataclasses.replace(result, x=None) if isinstance(result, CGResult) else result
         if len(self.results) == len(system.chunks):
             system.record(_joined([self.results[k] for k in range(len(system.chunks))], None))
+            self.results = {}  # a second backward (retain_graph) records afresh
         return x.sum(0)
 
 
@@ -307,10 +308,16 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
         task_chunk: process the tasks ``task_chunk`` at a time (None: all at
             once): the inner solve, the backward solve (one HVP graph per
             chunk) and ``adapted(x)`` / ``adapted.loss`` (each chunk's forward
-            recomputed in the backward pass instead of kept), so that peak
-            memory follows the chunk, not T.  The tasks are independent, so the
-            meta-gradient is the unchunked one up to rounding; the price is one
-            more forward pass of the query batch.
+            recomputed in the backward pass instead of kept, and its backward
+            solve run right after it), so that peak memory follows the chunk,
+            not T (besides φ* ``[T, P]``; ``info["cg"].x`` is not kept).  The
+            tasks are independent, so the meta-gradient is the unchunked one up
+            to rounding; the price is one more forward pass of the query batch.
+            A loss built from several ``adapted(x)`` / ``adapted.loss`` calls, or
+            from one and ``adapted.flat`` / ``params``, has each part's systems
+            solved on their own: the same up to rounding where the linear solver
+            is linear in its right-hand side (CG to convergence, Neumann), not
+            with CG stopped after ``cg_steps``: put the query terms in one call.
         batching: how the model runs over the tasks (:mod:`imaml_ext.batching`):
             ``"vmap"`` (one batched call; dropout draws per-task masks),
             ``"loop"`` (one call per task: any module, e.g. an LSTM, slower)

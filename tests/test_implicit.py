@@ -690,6 +690,60 @@ def test_task_chunk_loss_and_flat_used_together():
     assert (chunked - whole).norm() / whole.norm() < 1e-12
 
 
+def _small_chunked(task_chunk, **kw):
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(5, 6, 3), torch.randint(0, 2, (5, 6))
+    return model, x, y, im.imaml(model, x, y, F.cross_entropy, lam=1.0, inner_steps=3, inner_lr=0.1,
+                                 task_chunk=task_chunk, **kw)
+
+
+def test_task_chunk_recomputation_replays_autocast():
+    """A query loss under CPU autocast (bfloat16): the chunks' recomputation runs under
+    the same autocast, so the meta-gradient is the unchunked one."""
+    grads = []
+    for chunk in (None, 2):
+        model, x, y, adapted = _small_chunked(chunk)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = adapted.loss(x, y).sum()
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().max() > 0
+    assert (grads[1] - grads[0]).norm() / grads[0].norm() < 1e-6
+
+
+def test_task_chunk_adapted_made_without_grad_stays_without_grad():
+    with torch.no_grad():
+        _, x, y, adapted = _small_chunked(2)
+    assert not adapted.loss(x, y).requires_grad and not adapted(x).requires_grad
+
+
+def test_task_chunk_second_backward_records_once(monkeypatch):
+    """retain_graph and a second backward: the chunks' results are recorded once per
+    backward, and the meta-gradient doubles."""
+    from imaml_ext import implicit
+    records = []
+    record = implicit._ImplicitSystem.record
+    monkeypatch.setattr(implicit._ImplicitSystem, "record", lambda self, r: (records.append(r), record(self, r)))
+    model, x, y, adapted = _small_chunked(2)
+    loss = adapted.loss(x, y).sum()
+    loss.backward(retain_graph=True)
+    once = torch.cat([p.grad.flatten() for p in model.parameters()]).clone()
+    loss.backward()
+    twice = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert len(records) == 2 and all(r.state.shape == (5,) for r in records)
+    torch.testing.assert_close(twice, 2 * once)
+
+
+def test_task_chunk_under_torch_func_with_no_wrapped_input():
+    """A torch.func transform active around adapted.loss, with neither φ* nor the data
+    wrapped: the chunks run without the recomputing Function, which functorch refuses."""
+    _, x, y, adapted = _small_chunked(2)
+    value = adapted.loss(x, y).sum().detach()
+    got = torch.func.grad(lambda s: s * adapted.loss(x, y).sum())(torch.tensor(1.0))
+    torch.testing.assert_close(got, value)
+
+
 def test_task_chunk_checks_its_value_and_names_the_chunk_of_a_bad_task():
     model = nn.Linear(3, 1)
     x, y = torch.randn(4, 5, 3), torch.randn(4, 5)
