@@ -86,21 +86,22 @@ class Adapted:
 
     def _chunked(self, fn, *data: torch.Tensor) -> torch.Tensor:
         """``fn(flat, *data)``; with ``task_chunk``, ``task_chunk`` tasks at a time, each
-        chunk's activations recomputed in the backward pass instead of kept."""
+        chunk's activations recomputed in the backward pass instead of kept, and (from
+        :func:`~imaml_ext.imaml`) each chunk's backward solve run right after it."""
         chunks = task_chunks(self.num_tasks, self.task_chunk)
         if len(chunks) == 1:
             return fn(self.flat, *data)
         # split, not indexing: one backward node writes the chunks' gradients into one [T, P]
         # buffer, where a slice's backward would fill a zero [T, P] buffer per chunk.
+        sizes = [c.stop - c.start for c in chunks]
         if _functorch_active() or any(under_transform(t) for t in (self.flat, *data)):
             # torch.func transforms take no recomputing autograd.Function: the chunks run as they are
-            flats = self.flat.split([c.stop - c.start for c in chunks])
-            return torch.cat([fn(flat, *(d[c] for d in data)) for flat, c in zip(flats, chunks)])
+            return torch.cat([fn(flat, *(d[c] for d in data)) for flat, c in zip(self.flat.split(sizes), chunks)])
         if self._streamed is not None and torch.is_grad_enabled() and self.flat.requires_grad:
             chunk_flat = self._streamed()
             flats = (chunk_flat(i) for i in range(len(chunks)))  # made one by one, before each chunk's forward
         else:
-            flats = iter(self.flat.split([c.stop - c.start for c in chunks]))
+            flats = iter(self.flat.split(sizes))
         return torch.cat([_Recomputed.apply(fn, _rng_state(flat.device), flat, *(d[c] for d in data))
                           for flat, c in zip(flats, chunks)])
 
