@@ -96,7 +96,8 @@ class Adapted:
         sizes = [c.stop - c.start for c in chunks]
         if _functorch_active() or any(under_transform(t) for t in (self.flat, *data)):
             # torch.func transforms take no recomputing autograd.Function: the chunks run as they are
-            return torch.cat([fn(flat, *(d[c] for d in data)) for flat, c in zip(self.flat.split(sizes), chunks)])
+            return torch.cat([fn(flat, *(d[c] for d in data))
+                              for flat, c in zip(self.flat.split(sizes), chunks)])
         if self._streamed is not None and torch.is_grad_enabled() and self.flat.requires_grad:
             chunk_flat = self._streamed()
             flats = (chunk_flat(i) for i in range(len(chunks)))  # made one by one, before each chunk's forward
