@@ -31,9 +31,10 @@ class Adapted:
     keep their activations and share one backward solve).  Each such call and
     ``flat`` / ``params`` are then solved as separate systems, whose sum equals
     one solve of the summed gradient where the linear solver is linear in its
-    right-hand side (CG run to convergence, Neumann), not with truncated CG.  ``info`` holds solver diagnostics, per task.  From
-    :func:`~imaml_ext.imaml` (keys and shapes also in
-    :data:`imaml_ext.diagnostics.INFO_FIELDS`):
+    right-hand side (CG run to convergence, Neumann), not with truncated CG.
+
+    ``info`` holds solver diagnostics, per task.  From :func:`~imaml_ext.imaml`
+    (keys and shapes also in :data:`imaml_ext.diagnostics.INFO_FIELDS`):
 
     * after the forward: ``"residual"`` ``[T]``, the relative stationarity
       residual ‖∇L̂(φ) + λ(φ − θ)‖/‖∇L̂(θ)‖ of the inner problem at the last
