@@ -17,7 +17,7 @@ batch-norm and the fused batch-norm → ReLU layer (``imaml_ext.batching``,
 
 Each is compiled once, into a fresh inductor cache (the first call's seconds,
 compilation included, are printed), checked against
-imaml_ext's in float64 (relative max difference) and then timed, the variants
+imaml_ext's in float64 (‖a − b‖ / ‖b‖) and then timed, the variants
 alternated round by round in this process; medians.  Model and data:
 ``compare_peers.py``'s (real Omniglot, 5-way 1-shot, 15 queries per class).
 
@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compare_peers as cp  # noqa: E402
+from peer_loops import relative_difference  # noqa: E402
 
 
 def compiled_functions(task_loss):
@@ -69,10 +70,6 @@ def problem_tensors(model_name: str, args, dtype):
     return task_loss, phi, v, xs, ys, xq, yq
 
 
-def relative(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["omniglot"], choices=cp.MODELS)
@@ -101,10 +98,10 @@ def main(argv=None) -> int:
                 call()
                 first[name] = time.perf_counter() - start
             if dtype == torch.float64:
-                print(f"\n{model_name}, float64, compiled vs imaml_ext (relative max difference): "
-                      f"inner step {relative(step(phi, xs, ys), task_loss.grad(phi, xs, ys)[0]):.1e}, "
-                      f"query gradient {relative(step(phi, xq, yq), task_loss.grad(phi, xq, yq)[0]):.1e}, "
-                      f"Hessian-vector product {relative(hvp(phi, v, xs, ys), matvec(v)):.1e}; first calls "
+                print(f"\n{model_name}, float64, compiled vs imaml_ext (‖a − b‖ / ‖b‖): "
+                      f"inner step {relative_difference(step(phi, xs, ys), task_loss.grad(phi, xs, ys)[0]):.1e}, "
+                      f"query gradient {relative_difference(step(phi, xq, yq), task_loss.grad(phi, xq, yq)[0]):.1e}, "
+                      f"Hessian-vector product {relative_difference(hvp(phi, v, xs, ys), matvec(v)):.1e}; first calls "
                       + ", ".join(f"{k} {s:.1f} s" for k, s in first.items()))
                 continue
             pairs = {"inner step": (lambda: task_loss.grad(phi, xs, ys), lambda: step(phi, xs, ys)),

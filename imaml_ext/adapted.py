@@ -104,8 +104,7 @@ class Adapted:
             flats = (chunk_flat(i) for i in range(len(chunks)))  # made one by one, before each chunk's forward
         else:
             flats = iter(self.flat.split(sizes))
-        return torch.cat([_Recomputed.apply(fn, _rng_state(flat.device), flat, *(d[c] for d in data))
-                          for flat, c in zip(flats, chunks)])
+        return torch.cat([_Recomputed.apply(fn, flat, *(d[c] for d in data)) for flat, c in zip(flats, chunks)])
 
     def __repr__(self) -> str:
         return f"Adapted(tasks={self.num_tasks}, params={self.flat.shape[1]}, dtype={self.flat.dtype})"
@@ -142,8 +141,8 @@ class _Recomputed(torch.autograd.Function):
     first call (1.3 s and about 150 MB resident, benchmarks/RESULTS.md)."""
 
     @staticmethod
-    def forward(ctx, fn: Callable[..., torch.Tensor], rng: tuple, flat: torch.Tensor, *data: torch.Tensor):
-        ctx.fn, ctx.rng, ctx.autocast = fn, rng, _autocast_state(flat.device)
+    def forward(ctx, fn: Callable[..., torch.Tensor], flat: torch.Tensor, *data: torch.Tensor):
+        ctx.fn, ctx.rng, ctx.autocast = fn, _rng_state(flat.device), _autocast_state(flat.device)
         ctx.save_for_backward(flat, *data)
         with torch.no_grad():
             return fn(flat, *data)
@@ -151,7 +150,7 @@ class _Recomputed(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         saved = ctx.saved_tensors
-        wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[1:]) if need]
         create_graph = torch.is_grad_enabled()  # a backward pass runs with grad mode on iff create_graph
         device = saved[0].device
         accelerators = [] if device.type == "cpu" else [device]
@@ -173,4 +172,4 @@ class _Recomputed(torch.autograd.Function):
         result = [None] * len(saved)
         for i, g in zip(wanted, grads):
             result[i] = g
-        return (None, None, *result)
+        return (None, *result)
