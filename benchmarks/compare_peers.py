@@ -6,7 +6,9 @@ Omniglot 5-way 1-shot, 15 queries per class, from ``imaml_ext.data``):
 * ``imaml``: 16 inner GD steps (lr 0.1), λ = 2, 5 CG steps — vs TorchOpt's
   implicit differentiation (``custom_root`` + ``solve_cg``) as its iMAML
   example writes it (``torchopt-example``) and in its fastest per-task form
-  found (``torchopt-flat``);
+  found (``torchopt-flat``), and vs ``reference-loop``, the official
+  algorithm one task at a time in plain PyTorch
+  (``benchmarks/reference_imaml.py``, ``bench_imaml.py``'s baseline);
 * ``full``: second-order MAML, K = 5 SGD steps (lr 0.4) — vs higher's
   ``innerloop_ctx`` and TorchOpt's ``MetaSGD``;
 * ``first_order``: first-order MAML, K = 5 — vs higher with
@@ -110,7 +112,8 @@ def variants(work: str, steps: int, task_chunk: int, budget_mb: float = 0.0,
         chunk = {"task_chunk": task_chunk} if task_chunk else {}
         return [Variant("imaml_ext", "", pl.imaml_ext_imaml, dict(ours, **chunk)),
                 Variant("torchopt-flat", "torchopt", pl.torchopt_imaml_flat, {}),
-                Variant("torchopt-example", "torchopt", pl.torchopt_imaml_example, {})]
+                Variant("torchopt-example", "torchopt", pl.torchopt_imaml_example, {}),
+                Variant("reference-loop", "", pl.reference_imaml_loop, {})]
     maml = dict(ours, mode=work)
     if work == "full":
         return [Variant("imaml_ext", "", pl.imaml_ext_maml, maml),

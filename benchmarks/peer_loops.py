@@ -197,6 +197,21 @@ def torchopt_imaml_flat(model: nn.Module, xs, ys, xq, yq, *, steps: int, lr: flo
     torch.stack(losses).sum().backward()
 
 
+def reference_imaml_loop(model: nn.Module, xs, ys, xq, yq, *, steps: int, lr: float, lam: float,
+                        cg_steps: int) -> None:
+    """``reference_imaml.reference_meta_grad`` (the official algorithm, one task at a
+    time, plain PyTorch, no library) for the summed query loss: it returns the
+    meta-gradient of the mean over the T tasks, linear in the query gradient, so
+    T times it is this one."""
+    from reference_imaml import reference_meta_grad
+    meta = reference_meta_grad(model, xs, ys, xq, yq, lam=lam, inner_steps=steps, inner_lr=lr,
+                               cg_steps=cg_steps) * xs.shape[0]
+    offset = 0
+    for p in model.parameters():
+        p.grad = meta[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
 # --- imaml_ext, on the same problems -----------------------------------------------------------
 
 def imaml_ext_maml(model, xs, ys, xq, yq, *, steps: int, lr: float, mode: str, **maml_options) -> Dict:

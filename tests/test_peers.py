@@ -96,3 +96,13 @@ def test_imaml_equals_torchopt_implicit_differentiation(problem, form, cg_steps)
     mine = pl.meta_gradient(pl.imaml_ext_imaml, model, batch, **kw)
     peer_fn = pl.torchopt_imaml_example if form == "example" else pl.torchopt_imaml_flat
     assert_equal_grads(mine, pl.meta_gradient(peer_fn, model, batch, **kw))
+
+
+@pytest.mark.parametrize("cg_steps", [1, 3])
+def test_imaml_equals_the_reference_loop(problem, cg_steps):
+    """The per-task loop compare_peers.py times as ``reference-loop`` (no library):
+    its CG stops at non-positive curvature as imaml_ext's does, so every task counts."""
+    model, batch = problem
+    kw = dict(steps=8, lr=0.1, lam=2.0, cg_steps=cg_steps)
+    mine = pl.meta_gradient(pl.imaml_ext_imaml, model, batch, **kw)
+    assert_equal_grads(mine, pl.meta_gradient(pl.reference_imaml_loop, model, batch, **kw))
