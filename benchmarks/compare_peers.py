@@ -39,8 +39,10 @@ PyTorch's (benchmarks/RESULTS.md, "fused"), and an ill-conditioned iMAML
 system amplifies the difference.
 
 imaml_ext runs its tasks as ``--batching`` says (``vmap``, the library's
-default; ``loop``; ``auto``, which times both once and picks); the table names
-what it ran.
+default; ``loop``; ``compiled``, vmap with the graph-free inner steps compiled
+by ``torch.compile``, timed next to an ``imaml_ext vmap`` row, its compilation
+in the warm-up round; ``auto``, which times vmap and loop once and picks); the
+table names what it ran.
 
 Timing: ``--rounds`` rounds after one warm-up round; in each round every
 variant of a work runs once, the order rotating between rounds, all in this
@@ -103,28 +105,37 @@ class Variant(NamedTuple):
 
 def variants(work: str, steps: int, task_chunk: int, budget_mb: float = 0.0,
              batching: str = "vmap") -> List[Variant]:
-    """imaml_ext first (its tasks run as ``batching`` says), then the peers that
-    implement ``work`` (and, for checkpointed MAML with ``budget_mb``, imaml_ext
-    with that memory_budget)."""
+    """imaml_ext first (its tasks run as ``batching`` says; full MAML, which has no
+    graph-free steps to compile, runs ``"compiled"`` as ``"vmap"``), with
+    ``"compiled"`` imaml_ext with ``"vmap"`` next, then the peers that implement
+    ``work`` (and, for checkpointed MAML with ``budget_mb``, imaml_ext with that
+    memory_budget)."""
     every = max(1, round(steps ** 0.5))
+    if work == "full" and batching == "compiled":
+        batching = "vmap"
     ours = {"batching": batching}
+
+    def imaml_ext(fn, options):
+        eager = [Variant("imaml_ext vmap", "", fn, dict(options, batching="vmap"))] if batching == "compiled" else []
+        return [Variant("imaml_ext", "", fn, options), *eager]
+
     if work == "imaml":
         chunk = {"task_chunk": task_chunk} if task_chunk else {}
-        return [Variant("imaml_ext", "", pl.imaml_ext_imaml, dict(ours, **chunk)),
+        return [*imaml_ext(pl.imaml_ext_imaml, dict(ours, **chunk)),
                 Variant("torchopt-flat", "torchopt", pl.torchopt_imaml_flat, {}),
                 Variant("torchopt-example", "torchopt", pl.torchopt_imaml_example, {}),
                 Variant("reference-loop", "", pl.reference_imaml_loop, {})]
     maml = dict(ours, mode=work)
     if work == "full":
-        return [Variant("imaml_ext", "", pl.imaml_ext_maml, maml),
+        return [*imaml_ext(pl.imaml_ext_maml, maml),
                 Variant("higher", "higher", pl.higher_maml, {}),
                 Variant("torchopt-MetaSGD", "torchopt", pl.torchopt_metasgd_maml, {})]
     if work == "first_order":
-        return [Variant("imaml_ext", "", pl.imaml_ext_maml, maml),
+        return [*imaml_ext(pl.imaml_ext_maml, maml),
                 Variant("higher", "higher", pl.higher_maml, dict(first_order=True))]
     budget = [Variant(f"imaml_ext budget {budget_mb:g} MB", "", pl.imaml_ext_maml,
                       dict(maml, memory_budget=int(budget_mb * MB)))] if budget_mb else []
-    return [Variant("imaml_ext", "", pl.imaml_ext_maml, dict(maml, checkpoint_every=every)),
+    return [*imaml_ext(pl.imaml_ext_maml, dict(maml, checkpoint_every=every)),
             *budget,
             Variant("torch_maml", "torch_maml", pl.torch_maml_checkpointed, dict(checkpoint_steps=every))]
 

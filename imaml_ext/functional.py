@@ -8,14 +8,15 @@
   ``losses(phi, x, y) -> [T]``, the same over all tasks, batched as
   ``batching`` says (:mod:`imaml_ext.batching`: ``vmap`` with per-task
   randomness, or a loop over tasks);
-* ``grad(phi, x, y) -> ([T, P], [T])``, per-task gradients and losses.
+* ``grad(phi, x, y) -> ([T, P], [T])``, per-task gradients and losses
+  (compiled with ``batching="compiled"``, :mod:`imaml_ext.compiled`).
 
 Parameters that do not require grad and buffers are passed to the model as
 constants shared by all tasks.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from torch.func import functional_call
 
 from . import batching as _batching
 from .batching import under_transform
+from .compiled import GradFn, compiled_grad
 from .cpu_malloc import reuse_freed_memory
 from .flat import ParamLayout
 from .fused_layers import follow_modes, fused_for
@@ -57,7 +59,8 @@ class TaskLoss:
         check_module(model)
         self.model = model
         self.loss_fn = loss_fn
-        self.batching = batching  # "vmap" or "loop"; select_batching resolves "auto"
+        self.batching = batching  # "vmap" or "loop"; select_batching resolves "auto" and "compiled"
+        self.compiled: Optional[GradFn] = None  # grad's compiled form (batching="compiled")
         self.layout = ParamLayout.from_module(model)
         if self.layout.numel == 0:
             raise ValueError("the model has no parameters that require grad: nothing to meta-learn")
@@ -106,13 +109,18 @@ class TaskLoss:
         return loss
 
     def select_batching(self, batching: str, x: torch.Tensor, y: torch.Tensor) -> Dict[str, object]:
-        """Set how tasks are batched: ``"vmap"``, ``"loop"``, or ``"auto"``, which
+        """Set how tasks are batched: ``"vmap"``, ``"loop"``, ``"compiled"`` (``"vmap"``
+        with :meth:`grad` compiled, :mod:`imaml_ext.compiled`) or ``"auto"``, which
         calibrates on the support batch ``x``/``y`` ``[T, n, ...]`` at θ
         (:func:`imaml_ext.batching.choose`; inside a ``torch.func`` transform,
         where timing the transformed call says little, ``"auto"`` is ``"vmap"``).
         Returns the decision, ``{"batching": mode, "requested": batching, ...}``.
         """
         theta = self.theta()
+        if batching == "compiled":
+            self.compiled = compiled_grad(self.model, self.loss_fn, self.layout)
+            self.batching = "vmap"
+            return {"batching": batching, "requested": batching}
         if batching != "auto":
             decision: Dict[str, object] = {"batching": batching}
         elif under_transform(theta):
@@ -142,8 +150,11 @@ class TaskLoss:
         """Per-task gradients ``[T, P]`` and losses ``[T]`` at ``phi`` (no graph kept).
 
         The tasks are independent, so the gradient of the summed loss with
-        respect to ``phi`` holds each task's own gradient in its row.
+        respect to ``phi`` holds each task's own gradient in its row.  Compiled
+        where ``batching="compiled"`` (not inside a ``torch.func`` transform).
         """
+        if self.compiled is not None and not (under_transform(phi) or under_transform(x)):
+            return self.compiled(phi.detach(), self.constants, x, y)
         with torch.enable_grad():
             p = phi.detach().requires_grad_(True)
             losses = self.losses(p, x, y)

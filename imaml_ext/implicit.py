@@ -320,8 +320,11 @@ def imaml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
             with CG stopped after ``cg_steps``: put the query terms in one call.
         batching: how the model runs over the tasks (:mod:`imaml_ext.batching`):
             ``"vmap"`` (one batched call; dropout draws per-task masks),
-            ``"loop"`` (one call per task: any module, e.g. an LSTM, slower)
-            or ``"auto"`` (measured once per architecture and shape).
+            ``"loop"`` (one call per task: any module, e.g. an LSTM, slower),
+            ``"compiled"`` (``"vmap"`` with the inner steps compiled by
+            ``torch.compile``: tens of seconds at the first call per model,
+            shape and dtype, then faster; :mod:`imaml_ext.compiled`)
+            or ``"auto"`` (``"vmap"`` or ``"loop"``, measured once per architecture and shape).
 
     Numbers may be Python, NumPy or 0-dim tensor scalars.
     An explicit ``cg_tol=0`` or ``max_grad_norm=0`` (the old spelling of

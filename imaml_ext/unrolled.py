@@ -438,8 +438,11 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
             no kept graphs.
         batching: how the model runs over the tasks (:mod:`imaml_ext.batching`):
             ``"vmap"`` (one batched call; dropout draws per-task masks),
-            ``"loop"`` (one call per task: any module, e.g. an LSTM, slower)
-            or ``"auto"`` (measured once per architecture and shape).
+            ``"loop"`` (one call per task: any module, e.g. an LSTM, slower),
+            ``"compiled"`` (``"vmap"`` with the graph-free inner steps (``"first_order"``, ``"checkpointed"``'s first pass; not ``"full"``) compiled by
+            ``torch.compile``: tens of seconds at the first call per model,
+            shape and dtype, then faster; :mod:`imaml_ext.compiled`)
+            or ``"auto"`` (``"vmap"`` or ``"loop"``, measured once per architecture and shape).
 
     Returns:
         :class:`~imaml_ext.adapted.Adapted` holding φ_K ``[T, P]``;
@@ -455,6 +458,9 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     check_batching(batching)
+    if batching == "compiled" and mode == "full":
+        raise ValueError("batching='compiled' compiles the inner steps' gradients that keep no graph; "
+                         "mode='full' differentiates through every step and has none: use batching='vmap'")
     task_loss = TaskLoss(model, loss_fn)
     inner_steps = check_steps("inner_steps", inner_steps)
     _check_support(task_loss, support_x, support_y, inner_steps, per_step_support)

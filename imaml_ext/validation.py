@@ -204,4 +204,5 @@ def check_batching(value: str) -> None:
     if not isinstance(value, str) or value not in BATCHING_MODES:
         raise ValueError(f"batching must be one of {BATCHING_MODES}, got {value!r}: 'vmap' batches the "
                          "tasks with torch.func.vmap, 'loop' runs them one at a time (any module), "
-                         "'auto' measures both")
+                         "'compiled' is 'vmap' with the inner steps' gradients compiled by torch.compile, "
+                         "'auto' measures 'vmap' and 'loop'")

@@ -1,0 +1,69 @@
+"""``batching="compiled"``: the graph-free per-task gradients compiled by ``torch.compile``.
+
+The inner steps of iMAML and of first-order and checkpointed MAML need, at
+every step, each task's support gradient and loss and no graph
+(:meth:`imaml_ext.functional.TaskLoss.grad`).  Compiled, that is
+``vmap(grad_and_value(loss))`` of the user's model as written (not the
+kernels of :mod:`imaml_ext.fused_layers`: inductor fuses batch-norm, ReLU and
+pooling itself), over ``phi [T, P]``, the model's constants (buffers, frozen
+parameters), ``x [T, n, ...]`` and ``y [T, n, ...]``.
+
+Compiling takes tens of seconds on a CPU, once per model, input shape and
+dtype: torch.compile keeps the compiled code for the function and re-checks
+its guards at every call, so the meta-batches after the first reuse it.  The
+function holds the model through a weak reference, so the compiled code does
+not keep a deleted model alive.  Everything else (the query pass, the
+Hessian-vector products, full MAML's differentiable steps) runs as
+``"vmap"``.  ``torch._dynamo`` is imported on the first compiled call only.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Dict, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from .flat import ParamLayout
+
+__all__ = ["CompileError", "compiled_grad"]
+
+GradFn = Callable[[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor, torch.Tensor],
+                  Tuple[torch.Tensor, torch.Tensor]]
+
+
+class CompileError(RuntimeError):
+    """torch.compile could not compile a model's per-task gradient (``batching="compiled"``)."""
+
+
+def compiled_grad(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  layout: ParamLayout) -> GradFn:
+    """``(phi [T, P], constants, x [T, n, ...], y [T, n, ...]) -> (∇L̂_t(φ_t) [T, P], L̂_t(φ_t) [T])``,
+    compiled (``fullgraph=True``: a model that torch.compile cannot trace whole
+    raises :class:`CompileError` at the first call instead of running eager
+    pieces), with no graph kept."""
+    ref = weakref.ref(model)
+
+    def loss(phi_t, constants, x_t, y_t):
+        tensors = layout.unflatten(phi_t)
+        tensors.update(constants)
+        return loss_fn(functional_call(ref(), tensors, (x_t,)), y_t)
+
+    compiled = torch.compile(vmap(grad_and_value(loss), in_dims=(0, None, 0, 0), randomness="different"),
+                             fullgraph=True)
+
+    def run(phi, constants, x, y):
+        from torch._dynamo.exc import TorchDynamoException
+        try:
+            with torch.no_grad():
+                return compiled(phi, constants, x, y)
+        except TorchDynamoException as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CompileError(
+                f"batching='compiled': torch.compile could not compile {type(ref()).__name__}'s per-task "
+                f"gradient ({type(e).__name__}: {reason}). Inductor needs a working C++ compiler on the "
+                "CPU (Triton on CUDA) and a model it can trace whole (no .item(), no data-dependent "
+                "Python control flow); pass batching='vmap' to run without compiling") from e
+
+    return run

@@ -1,0 +1,126 @@
+"""``batching="compiled"``: the graph-free inner gradients compiled by torch.compile
+(imaml_ext.compiled) give the meta-gradients of ``batching="vmap"`` to rounding
+(float64), run compiled at every inner step, compile once per model and shape,
+and fail with an error that names the way out."""
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import imaml_ext as im
+from imaml_ext import functional
+from imaml_ext.compiled import CompileError
+
+TASKS, WAYS, SHOTS = 3, 3, 2
+STEPS = 6
+
+
+def convnet():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, WAYS)).double()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(3)
+    return convnet()  # one model for the module: compiled once, reused by every test
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(WAYS).repeat_interleave(SHOTS).repeat(TASKS, 1)
+    xs = torch.rand(TASKS, WAYS * SHOTS, 1, 8, 8, generator=g, dtype=torch.float64)
+    xq = torch.rand(TASKS, WAYS * SHOTS, 1, 8, 8, generator=g, dtype=torch.float64)
+    return xs, labels, xq, labels
+
+
+class CountingCompiled:
+    """``functional.compiled_grad`` wrapped so that its calls are counted."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = functional.compiled_grad
+
+        def make(*args):
+            fn = real(*args)
+
+            def counted(*a):
+                self.calls += 1
+                return fn(*a)
+            return counted
+        monkeypatch.setattr(functional, "compiled_grad", make)
+
+
+def meta_gradient(model, batch, method, batching, **kwargs):
+    model.zero_grad(set_to_none=True)
+    adapted = method(model, batch[0], batch[1], F.cross_entropy, batching=batching, **kwargs)
+    adapted.loss(batch[2], batch[3]).sum().backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()]), adapted.info
+
+
+CASES = {
+    "imaml-gd": (im.imaml, dict(inner_steps=STEPS, cg_steps=3, lam=4.0), STEPS),
+    "imaml-nesterov": (im.imaml, dict(inner_steps=STEPS, cg_steps=3, lam=4.0, inner_solver="nesterov"), STEPS),
+    "first-order": (im.maml, dict(inner_steps=STEPS, mode="first_order"), STEPS),
+    # the first pass and the replays between snapshots take compiled gradients
+    "checkpointed": (im.maml, dict(inner_steps=STEPS, mode="checkpointed", checkpoint_every=3), None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiled_meta_gradient_equals_vmap(model, batch, case, monkeypatch):
+    method, kwargs, steps = CASES[case]
+    want, _ = meta_gradient(model, batch, method, "vmap", **kwargs)
+    counter = CountingCompiled(monkeypatch)
+    got, info = meta_gradient(model, batch, method, "compiled", **kwargs)
+    assert info["batching"]["batching"] == "compiled"
+    assert counter.calls == steps if steps is not None else counter.calls >= STEPS
+    assert want.abs().max() > 0
+    assert float((got - want).norm() / want.norm()) <= 1e-12
+
+
+def test_compiled_once_per_model_and_shape(model, batch):
+    from torch._dynamo.utils import counters
+    meta_gradient(model, batch, im.maml, "compiled", inner_steps=2, mode="first_order")
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    meta_gradient(model, batch, im.maml, "compiled", inner_steps=2, mode="first_order")
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiled_code_does_not_keep_the_model_alive(batch):
+    net = convnet()
+    meta_gradient(net, batch, im.maml, "compiled", inner_steps=1, mode="first_order")
+    ref = weakref.ref(net)
+    del net
+    gc.collect()
+    assert ref() is None
+
+
+def test_full_maml_refuses_compiled(model, batch):
+    with pytest.raises(ValueError, match="mode='full'.*batching='vmap'"):
+        im.maml(model, batch[0], batch[1], F.cross_entropy, mode="full", batching="compiled")
+
+
+class Untraceable(nn.Module):
+    """A forward with ``.item()``: torch.compile cannot trace it whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, WAYS).double()
+
+    def forward(self, x):
+        h = self.linear(x.flatten(1))
+        return h * (2.0 if h.sum().item() > 0 else 1.0)
+
+
+def test_untraceable_model_raises_compile_error(batch):
+    with pytest.raises(CompileError, match="batching='vmap'") as caught:
+        im.imaml(Untraceable(), batch[0], batch[1], F.cross_entropy, inner_steps=1, batching="compiled")
+    assert caught.value.__cause__ is not None
+
