@@ -42,7 +42,7 @@ def compiled_grad(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tenso
     """``(phi [T, P], constants, x [T, n, ...], y [T, n, ...]) -> (∇L̂_t(φ_t) [T, P], L̂_t(φ_t) [T])``,
     compiled (``fullgraph=True``: a model that torch.compile cannot trace whole
     raises :class:`CompileError` at the first call instead of running eager
-    pieces), with no graph kept."""
+    pieces; one graph per input shape), with no graph kept."""
     ref = weakref.ref(model)
 
     def loss(phi_t, constants, x_t, y_t):
@@ -50,8 +50,10 @@ def compiled_grad(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tenso
         tensors.update(constants)
         return loss_fn(functional_call(ref(), tensors, (x_t,)), y_t)
 
+    # dynamic=False: one specialised graph per shape.  A second shape would
+    # otherwise recompile with symbolic sizes, under which vmap's dropout fails.
     compiled = torch.compile(vmap(grad_and_value(loss), in_dims=(0, None, 0, 0), randomness="different"),
-                             fullgraph=True)
+                             fullgraph=True, dynamic=False)
 
     def run(phi, constants, x, y):
         from torch._dynamo.exc import TorchDynamoException

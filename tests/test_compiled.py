@@ -124,3 +124,18 @@ def test_untraceable_model_raises_compile_error(batch):
         im.imaml(Untraceable(), batch[0], batch[1], F.cross_entropy, inner_steps=1, batching="compiled")
     assert caught.value.__cause__ is not None
 
+
+
+def test_compiled_dropout_draws_per_task_masks_at_every_shape():
+    """vmap's randomness="different" holds compiled: identical tasks get different
+    masks, also at a second support size (a graph of its own, not a symbolic one)."""
+    from imaml_ext.functional import TaskLoss
+    net = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 3)).double()
+    task_loss = TaskLoss(net, F.cross_entropy)
+    phi = task_loss.theta().detach().expand(4, -1).contiguous()
+    for n in (6, 5):
+        x = torch.randn(1, n, 4, dtype=torch.float64).expand(4, -1, -1).contiguous()
+        y = torch.zeros(4, n, dtype=torch.long)
+        task_loss.select_batching("compiled", x, y)
+        _, losses = task_loss.grad(phi, x, y)
+        assert len(set(losses.tolist())) == 4
