@@ -132,6 +132,38 @@ def test_reptile_step_is_theta_minus_mean_adapted(one_thread):
     assert not torch.equal(after, theta)
 
 
+@pytest.mark.parametrize("method", ["imaml-gd", "fomaml"])
+def test_meta_step_compiled_equals_vmap(method, one_thread):
+    """``--batching compiled`` (imaml_ext.compiled): the same step as vmap, to float32 rounding."""
+    cfg = tiny(method)
+    batch = make_sampler(cfg, "train", 0).sample(4)
+    after = {}
+    for batching in ("vmap", "compiled"):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        step = MetaStep(cfg, model, torch.optim.SGD(model.parameters(), lr=1.0), batching=batching)
+        step(batch)
+        assert step.info["batching"]["batching"] == batching
+        after[batching] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.manual_seed(0)
+    theta = torch.cat([p.detach().flatten() for p in build_model(cfg).parameters()])
+    assert not torch.equal(after["vmap"], theta)
+    torch.testing.assert_close(after["compiled"], after["vmap"], rtol=1e-5, atol=1e-6)
+
+
+def test_full_maml_refuses_compiled_batching():
+    cfg = tiny("maml")
+    model = build_model(cfg)
+    with pytest.raises(ValueError, match="--batching vmap"):
+        MetaStep(cfg, model, torch.optim.SGD(model.parameters(), lr=1.0), batching="compiled")
+
+
+def test_batching_is_a_run_option_kept_for_resume(tmp_path):
+    assert opts(tmp_path, batching="compiled").stored()["batching"] == "compiled"
+    with pytest.raises(ValueError, match="batching"):
+        opts(tmp_path, batching="jit")
+
+
 # ----------------------------------------------------------------------------- resume, checkpoints
 
 @pytest.mark.parametrize("method", METHODS)

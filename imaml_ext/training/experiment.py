@@ -26,6 +26,7 @@ from torch import nn
 
 from ..data import MiniImageNet, Omniglot, SinusoidTasks, TaskSampler, derive_seed
 from ..data.omniglot import load_omniglot_arrays
+from ..batching import BATCHING_MODES
 from ..data.paths import SUBSETS, check_subset
 from ..hvp import CURVATURES
 from ..models import MiniImagenetConvNet, OmniglotConvNet, SinusoidMLP
@@ -145,7 +146,8 @@ class RunOptions:
     time has passed since the last one, so a crash loses at most that;
     ``val_every``: steps per validation (0: none) on ``val_tasks`` tasks,
     the same tasks each time; ``eval_seed``: seed of those tasks;
-    ``threads``: torch CPU threads (None: as set).
+    ``threads``: torch CPU threads (None: as set); ``batching``: how the
+    training meta-steps run the tasks (:mod:`imaml_ext.batching`).
 
     A checkpoint stores :meth:`stored` (all but ``out_dir`` and
     ``progress``); a resumed run reuses them unless told otherwise
@@ -160,6 +162,9 @@ class RunOptions:
                                    _RUN)
     checkpoint_minutes: float = option(5.0, POSITIVE_FLOAT, "also checkpoint after this many minutes of training "
                                        "since the last checkpoint (default 5)", _RUN)
+    batching: str = option("vmap", Choice(BATCHING_MODES),
+                           "how the tasks run in training: vmap (default), loop, compiled (vmap with the "
+                           "inner steps compiled by torch.compile; not with maml), auto", _RUN)
     val_every: int = option(0, NONNEGATIVE_INT, "steps per validation; 0: none", _RUN)
     val_tasks: int = option(100, POSITIVE_INT, "tasks per validation (default 100)", _RUN)
     eval_seed: int = option(0, NONNEGATIVE_INT)

@@ -96,10 +96,11 @@ class Method:
         return self.algorithm is imaml
 
     def adapt(self, cfg: "TrainConfig", model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
-              loss_fn: LossFn) -> Adapted:
-        """The training-time inner loop over a meta-batch (``[T, n, ...]`` support set)."""
+              loss_fn: LossFn, batching: str = "vmap") -> Adapted:
+        """The training-time inner loop over a meta-batch (``[T, n, ...]`` support set),
+        its tasks run as ``batching`` says (:mod:`imaml_ext.batching`)."""
         hyper = {name: getattr(cfg, name) for name in self.hyper}
-        return self.algorithm(model, support_x, support_y, loss_fn, **hyper, **self.options)
+        return self.algorithm(model, support_x, support_y, loss_fn, **hyper, **self.options, batching=batching)
 
     def adapt_for_test(self, cfg: "TrainConfig", task_loss: TaskLoss, theta: torch.Tensor,
                        support_x: torch.Tensor, support_y: torch.Tensor, steps: int) -> torch.Tensor:

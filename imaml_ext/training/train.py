@@ -89,17 +89,21 @@ class MetaStep:
     """
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 sync: Optional[GradientSync] = None):
+                 sync: Optional[GradientSync] = None, batching: str = "vmap"):
         self.cfg, self.model, self.optimizer, self.sync = cfg, model, optimizer, sync
+        self.batching = batching
         self.info: Dict[str, Any] = {}
         self.method = get_method(cfg.method)
+        if batching == "compiled" and self.method.options.get("mode") == "full":
+            raise ValueError(f"--batching compiled compiles the inner steps that keep no graph; method "
+                             f"{cfg.method!r} (full MAML) differentiates through every step: use --batching vmap")
         self.loss_fn = loss_function(cfg)
         self.classification = is_classification(cfg)
         self.finite: Optional[torch.Tensor] = None
         self.task_losses: Optional[torch.Tensor] = None
 
     def adapt(self, sx: torch.Tensor, sy: torch.Tensor):
-        return self.method.adapt(self.cfg, self.model, sx, sy, self.loss_fn)
+        return self.method.adapt(self.cfg, self.model, sx, sy, self.loss_fn, self.batching)
 
     def query_loss(self, out: torch.Tensor, qy: torch.Tensor) -> torch.Tensor:
         """Mean loss over all T·m queries: out [T, m, ...], qy [T, m, ...] -> scalar."""
@@ -357,7 +361,7 @@ def _train_locked(cfg: TrainConfig, state: Optional[Dict[str, Any]], opts: RunOp
 
     guard = InterruptGuard()
     sync = GradientSync(cfg.meta_batch, lambda: guard.requested is not None) if world()[1] > 1 else None
-    meta_step = MetaStep(cfg, run.model, run.optimizer, sync)
+    meta_step = MetaStep(cfg, run.model, run.optimizer, sync, opts.batching)
     last: Dict[str, Any] = {}
     interrupted = False
     bar = tqdm(total=cfg.meta_steps, initial=run.step, desc=cfg.method, unit="step",
