@@ -14,29 +14,21 @@ import imaml_ext as im
 from imaml_ext import functional
 from imaml_ext.compiled import CompileError
 
+from few_shot import image_tasks, tiny_convnet
+
 TASKS, WAYS, SHOTS = 3, 3, 2
 STEPS = 6
-
-
-def convnet():
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 4 * 4, WAYS)).double()
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(3)
-    return convnet()  # one model for the module: compiled once, reused by every test
+    return tiny_convnet(WAYS)  # one model for the module: compiled once, reused by every test
 
 
 @pytest.fixture
 def batch():
-    g = torch.Generator().manual_seed(1)
-    labels = torch.arange(WAYS).repeat_interleave(SHOTS).repeat(TASKS, 1)
-    xs = torch.rand(TASKS, WAYS * SHOTS, 1, 8, 8, generator=g, dtype=torch.float64)
-    xq = torch.rand(TASKS, WAYS * SHOTS, 1, 8, 8, generator=g, dtype=torch.float64)
-    return xs, labels, xq, labels
+    return image_tasks(TASKS, WAYS, SHOTS, SHOTS)
 
 
 class CountingCompiled:
@@ -94,7 +86,7 @@ def test_compiled_once_per_model_and_shape(model, batch):
 
 
 def test_compiled_code_does_not_keep_the_model_alive(batch):
-    net = convnet()
+    net = tiny_convnet(WAYS)
     meta_gradient(net, batch, im.maml, "compiled", inner_steps=1, mode="first_order")
     ref = weakref.ref(net)
     del net

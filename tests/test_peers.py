@@ -11,30 +11,18 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import peer_loops as pl  # noqa: E402
+from few_shot import image_tasks, tiny_convnet  # noqa: E402
 
 TOL = 1e-12
 TASKS, WAYS, SHOTS, QUERIES = 3, 3, 2, 2
 
 
-def tiny_convnet():
-    """conv (stride 2) → batch norm (batch statistics) → ReLU → linear; 8×8 inputs."""
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 4 * 4, WAYS)).double()
-
-
 @pytest.fixture
 def problem():
-    g = torch.Generator().manual_seed(1)
-    labels = torch.arange(WAYS).repeat_interleave(SHOTS).repeat(TASKS, 1)
-    xs = torch.rand(TASKS, WAYS * SHOTS, 1, 8, 8, generator=g, dtype=torch.float64)
-    xq = torch.rand(TASKS, WAYS * QUERIES, 1, 8, 8, generator=g, dtype=torch.float64)
-    qlabels = torch.arange(WAYS).repeat_interleave(QUERIES).repeat(TASKS, 1)
-    return tiny_convnet(), (xs, labels, xq, qlabels)
+    return tiny_convnet(WAYS), image_tasks(TASKS, WAYS, SHOTS, QUERIES)
 
 
 def assert_equal_grads(mine, peer):
