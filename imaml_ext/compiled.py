@@ -14,10 +14,17 @@ its guards at every call, so the meta-batches after the first reuse it.  The
 function holds the model through a weak reference, so the compiled code does
 not keep a deleted model alive.  Everything else (the query pass, the
 Hessian-vector products, full MAML's differentiable steps) runs as
-``"vmap"``.  ``torch._dynamo`` is imported on the first compiled call only.
+``"vmap"``.  ``torch._dynamo`` is imported where ``"compiled"`` is selected,
+never on the other paths.
+
+torch.compile keeps at most ``torch._dynamo.config.recompile_limit`` graphs
+(8 by default) of this one function per process, for all models, shapes and
+dtypes together; past it a call runs the eager gradient instead (the same
+numbers, with a warning that says how to raise the limit).
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Callable, Dict, Tuple
 
@@ -38,11 +45,15 @@ class CompileError(RuntimeError):
 
 
 def compiled_grad(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                  layout: ParamLayout) -> GradFn:
+                  layout: ParamLayout, eager: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                                       Tuple[torch.Tensor, torch.Tensor]]) -> GradFn:
     """``(phi [T, P], constants, x [T, n, ...], y [T, n, ...]) -> (∇L̂_t(φ_t) [T, P], L̂_t(φ_t) [T])``,
     compiled (``fullgraph=True``: a model that torch.compile cannot trace whole
     raises :class:`CompileError` at the first call instead of running eager
-    pieces; one graph per input shape), with no graph kept."""
+    pieces; one graph per input shape), with no graph kept.  ``eager(phi, x, y)``
+    is the same gradient uncompiled: what runs past the recompile limit, and
+    what a failed compilation runs once so that an error of the model or loss
+    itself is raised as it is without compiling."""
     ref = weakref.ref(model)
 
     def loss(phi_t, constants, x_t, y_t):
@@ -56,16 +67,25 @@ def compiled_grad(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tenso
                              fullgraph=True, dynamic=False)
 
     def run(phi, constants, x, y):
-        from torch._dynamo.exc import TorchDynamoException
+        from torch._dynamo import config
+        from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
         try:
             with torch.no_grad():
                 return compiled(phi, constants, x, y)
+        except FailOnRecompileLimitHit:
+            warnings.warn(
+                f"batching='compiled': torch.compile holds its limit of {config.recompile_limit} compiled "
+                "per-task gradients in this process (one per model, input shape and dtype); this one runs "
+                "uncompiled (same results). Raise torch._dynamo.config.recompile_limit for more",
+                RuntimeWarning, stacklevel=4)
+            return eager(phi, x, y)
         except TorchDynamoException as e:
+            eager(phi, x, y)  # an error of the model or loss raises here, as with batching='vmap'
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise CompileError(
                 f"batching='compiled': torch.compile could not compile {type(ref()).__name__}'s per-task "
                 f"gradient ({type(e).__name__}: {reason}). Inductor needs a working C++ compiler on the "
-                "CPU (Triton on CUDA) and a model it can trace whole (no .item(), no data-dependent "
-                "Python control flow); pass batching='vmap' to run without compiling") from e
+                "CPU (Triton on CUDA) and a forward it can trace whole (every call in it traceable by "
+                "torch.compile, no graph break); pass batching='vmap' to run without compiling") from e
 
     return run

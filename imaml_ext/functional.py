@@ -117,9 +117,10 @@ class TaskLoss:
         Returns the decision, ``{"batching": mode, "requested": batching, ...}``.
         """
         theta = self.theta()
+        self.compiled = None
         if batching == "compiled":
-            self.compiled = compiled_grad(self.model, self.loss_fn, self.layout)
             self.batching = "vmap"
+            self.compiled = compiled_grad(self.model, self.loss_fn, self.layout, self._grad)
             return {"batching": batching, "requested": batching}
         if batching != "auto":
             decision: Dict[str, object] = {"batching": batching}
@@ -155,6 +156,10 @@ class TaskLoss:
         """
         if self.compiled is not None and not (under_transform(phi) or under_transform(x)):
             return self.compiled(phi.detach(), self.constants, x, y)
+        return self._grad(phi, x, y)
+
+    def _grad(self, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`grad` uncompiled, batched as ``self.batching`` says."""
         with torch.enable_grad():
             p = phi.detach().requires_grad_(True)
             losses = self.losses(p, x, y)

@@ -100,15 +100,15 @@ def test_full_maml_refuses_compiled(model, batch):
 
 
 class Untraceable(nn.Module):
-    """A forward with ``.item()``: torch.compile cannot trace it whole."""
+    """A forward that runs under vmap but that torch.compile cannot trace whole."""
 
     def __init__(self):
         super().__init__()
         self.linear = nn.Linear(64, WAYS).double()
 
     def forward(self, x):
-        h = self.linear(x.flatten(1))
-        return h * (2.0 if h.sum().item() > 0 else 1.0)
+        torch._dynamo.graph_break()  # a no-op without compiling
+        return self.linear(x.flatten(1))
 
 
 def test_untraceable_model_raises_compile_error(batch):
@@ -131,3 +131,30 @@ def test_compiled_dropout_draws_per_task_masks_at_every_shape():
         task_loss.select_batching("compiled", x, y)
         _, losses = task_loss.grad(phi, x, y)
         assert len(set(losses.tolist())) == 4
+
+
+def test_past_the_recompile_limit_the_eager_gradient_runs():
+    """torch.compile's recompile limit is per process: past it, the same numbers uncompiled, with a warning."""
+    from torch._dynamo import config
+    from imaml_ext.functional import TaskLoss
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    task_loss = TaskLoss(net, F.cross_entropy)
+    phi = task_loss.theta().detach().expand(2, -1).contiguous()
+    with config.patch(recompile_limit=1), pytest.warns(RuntimeWarning, match="recompile_limit"):
+        for n in (4, 5, 6):
+            x, y = torch.randn(2, n, 3, dtype=torch.float64), torch.randint(0, 2, (2, n))
+            task_loss.select_batching("compiled", x, y)
+            g, losses = task_loss.grad(phi, x, y)
+            want_g, want_losses = task_loss._grad(phi, x, y)
+            assert float((g - want_g).norm() / want_g.norm()) <= 1e-12
+            torch.testing.assert_close(losses, want_losses, rtol=1e-12, atol=0)
+
+
+def test_an_error_of_the_loss_is_raised_as_without_compiling(batch):
+    """A non-scalar loss is the user's error, not a compilation failure: the eager message."""
+    from imaml_ext.functional import TaskLoss
+    task_loss = TaskLoss(tiny_convnet(WAYS), lambda out, y: F.cross_entropy(out, y, reduction="none"))
+    phi = task_loss.theta().detach().expand(TASKS, -1).contiguous()
+    task_loss.select_batching("compiled", batch[0], batch[1])
+    with pytest.raises(ValueError, match="one scalar per task"):
+        task_loss.grad(phi, batch[0], batch[1])
