@@ -67,19 +67,21 @@ def compiled_grad(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tenso
                              fullgraph=True, dynamic=False)
 
     def run(phi, constants, x, y):
-        from torch._dynamo import config
-        from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
+        from torch._dynamo import config, exc
+        # older torch names them FailOnCacheLimitHit and cache_size_limit
+        limit_hit = getattr(exc, "FailOnRecompileLimitHit", None) or getattr(exc, "FailOnCacheLimitHit")
+        limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         try:
             with torch.no_grad():
                 return compiled(phi, constants, x, y)
-        except FailOnRecompileLimitHit:
+        except limit_hit:
             warnings.warn(
-                f"batching='compiled': torch.compile holds its limit of {config.recompile_limit} compiled "
-                "per-task gradients in this process (one per model, input shape and dtype); this one runs "
-                "uncompiled (same results). Raise torch._dynamo.config.recompile_limit for more",
+                f"batching='compiled': torch.compile holds its limit of {getattr(config, limit_name)} "
+                "compiled per-task gradients in this process (one per model, input shape and dtype); this "
+                f"one runs uncompiled (same results). Raise torch._dynamo.config.{limit_name} for more",
                 RuntimeWarning, stacklevel=4)
             return eager(phi, x, y)
-        except TorchDynamoException as e:
+        except exc.TorchDynamoException as e:
             eager(phi, x, y)  # an error of the model or loss raises here, as with batching='vmap'
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise CompileError(
