@@ -12,7 +12,6 @@ from torch import nn
 
 import imaml_ext as im
 from imaml_ext import functional
-from imaml_ext.compiled import CompileError
 
 from few_shot import image_tasks, tiny_convnet
 
@@ -112,7 +111,7 @@ class Untraceable(nn.Module):
 
 
 def test_untraceable_model_raises_compile_error(batch):
-    with pytest.raises(CompileError, match="batching='vmap'") as caught:
+    with pytest.raises(im.CompileError, match="batching='vmap'") as caught:
         im.imaml(Untraceable(), batch[0], batch[1], F.cross_entropy, inner_steps=1, batching="compiled")
     assert caught.value.__cause__ is not None
 
