@@ -157,3 +157,14 @@ def test_an_error_of_the_loss_is_raised_as_without_compiling(batch):
     task_loss.select_batching("compiled", batch[0], batch[1])
     with pytest.raises(ValueError, match="one scalar per task"):
         task_loss.grad(phi, batch[0], batch[1])
+
+
+def test_selecting_another_batching_drops_the_compiled_gradient(batch, monkeypatch):
+    from imaml_ext.functional import TaskLoss
+    counter = CountingCompiled(monkeypatch)
+    task_loss = TaskLoss(tiny_convnet(WAYS), F.cross_entropy)
+    phi = task_loss.theta().detach().expand(TASKS, -1).contiguous()
+    task_loss.select_batching("compiled", batch[0], batch[1])
+    task_loss.select_batching("loop", batch[0], batch[1])
+    task_loss.grad(phi, batch[0], batch[1])
+    assert counter.calls == 0 and task_loss.batching == "loop"
