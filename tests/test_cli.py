@@ -134,6 +134,19 @@ def test_train_eval_and_resume_rules(tmp_path, capsys):
     assert report["loss"]["n"] == 12 and report["loss"]["ci95"] > 0
 
 
+def test_train_with_compiled_batching_says_it_compiles_and_resume_keeps_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out, err = exit_code(["train", *TINY, "--method", "fomaml", "--meta-steps", "2", "--log-every", "2",
+                                "--batching", "compiled", "--out", str(run)], capsys)
+    assert code == 0 and "done: 2 steps" in out and "compiles the inner steps" in err
+    code, out, err = exit_code(["train", "--resume", str(run), "--meta-steps", "3"], capsys)
+    assert code == 0 and "done: 3 steps" in out and "compiles the inner steps" in err
+
+    code, _, err = exit_code(["train", *TINY, "--method", "maml", "--batching", "compiled",
+                              "--out", str(tmp_path / "full")], capsys)
+    assert code != 0 and "--batching vmap" in err
+
+
 def _shared_data_root():
     roots = [Path(os.environ["IMAML_EXT_DATA"])] if os.environ.get("IMAML_EXT_DATA") else []
     roots.append(REPO.parent / "shared" / "data")

@@ -163,6 +163,7 @@ def _train(args) -> int:
     from .experiment import make_config, make_sampler
     from ..distributed import task_shard
     from .parallel import process_group
+    from .methods import get_method
     from .train import RunOptions, train
     from .runfolder import RunError, check_not_busy
 
@@ -213,6 +214,10 @@ def _train(args) -> int:
 
     opts = RunOptions.build(out_dir, stored, progress=not args.no_progress, device=device, data_root=args.data,
                             threads=args.threads, **{f: getattr(args, f) for f in _run_flags()})
+    try:
+        get_method(cfg.method).check_batching(opts.batching)
+    except ValueError as exc:
+        parser.error(str(exc))
     with process_group(device) as ranks:
         try:
             task_shard(cfg.meta_batch)

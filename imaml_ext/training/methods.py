@@ -95,6 +95,13 @@ class Method:
         """Whether the meta-gradient is iMAML's implicit one (λ and the CG steps apply)."""
         return self.algorithm is imaml
 
+    def check_batching(self, batching: str) -> None:
+        """ValueError where this method cannot run its tasks as ``batching`` says: full MAML
+        has no graph-free inner steps for ``"compiled"`` to compile."""
+        if batching == "compiled" and self.options.get("mode") == "full":
+            raise ValueError(f"--batching compiled compiles the inner steps that keep no graph; method "
+                             f"{self.name!r} (full MAML) differentiates through every step: use --batching vmap")
+
     def adapt(self, cfg: "TrainConfig", model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
               loss_fn: LossFn, batching: str = "vmap") -> Adapted:
         """The training-time inner loop over a meta-batch (``[T, n, ...]`` support set),

@@ -94,9 +94,7 @@ class MetaStep:
         self.batching = batching
         self.info: Dict[str, Any] = {}
         self.method = get_method(cfg.method)
-        if batching == "compiled" and self.method.options.get("mode") == "full":
-            raise ValueError(f"--batching compiled compiles the inner steps that keep no graph; method "
-                             f"{cfg.method!r} (full MAML) differentiates through every step: use --batching vmap")
+        self.method.check_batching(batching)
         self.loss_fn = loss_function(cfg)
         self.classification = is_classification(cfg)
         self.finite: Optional[torch.Tensor] = None
@@ -362,6 +360,9 @@ def _train_locked(cfg: TrainConfig, state: Optional[Dict[str, Any]], opts: RunOp
     guard = InterruptGuard()
     sync = GradientSync(cfg.meta_batch, lambda: guard.requested is not None) if world()[1] > 1 else None
     meta_step = MetaStep(cfg, run.model, run.optimizer, sync, opts.batching)
+    if opts.batching == "compiled" and main:
+        print("--batching compiled: the first meta-step compiles the inner steps' gradient "
+              "(tens of seconds, once per input shape)", file=sys.stderr, flush=True)
     last: Dict[str, Any] = {}
     interrupted = False
     bar = tqdm(total=cfg.meta_steps, initial=run.step, desc=cfg.method, unit="step",
