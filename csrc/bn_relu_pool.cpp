@@ -2,8 +2,9 @@
 // contract is in imaml_ext/fused_layers.py): batch-norm with batch statistics,
 // ReLU and a k x k max-pool of stride k, in two passes over the activation.
 //
-// x is [N, C, H, W]; the statistics of channel c run over its N planes of
-// H x W (M = N*H*W values).  Every pass walks x in memory order (example by
+// x is [N, C, H, W] (a channels-last x without pooling runs the row kernels
+// of cpu/bn_relu_rows.h instead); the statistics of channel c run over its N
+// planes of H x W (M = N*H*W values).  Every pass walks x in memory order (example by
 // example, the channels of one example spread over the threads), which keeps
 // the reads sequential; per-channel results are merged in example order, so
 // no result depends on the number of threads.
@@ -49,12 +50,13 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/bn_relu_rows.h"
+
 
 namespace imaml_ext {
 
 namespace {
 
-constexpr uint8_t kInactive = 255;
 constexpr int64_t kMaxKernel = 15;  // k*k window positions must fit below kInactive
 
 struct Dims {
@@ -104,6 +106,22 @@ Dims check_backward(const at::Tensor& grad, const at::Tensor& x, const std::opti
   TORCH_CHECK_VALUE(k == 1 || (xmax.sizes() == grad.sizes() && xmax.scalar_type() == x.scalar_type()),
                     op, ": xmax does not match the gradient");
   return d;
+}
+
+// Without pooling, a channels-last x runs the row kernels (cpu/bn_relu_rows.h)
+// and every x-shaped tensor in and out is channels-last; otherwise all are
+// contiguous.  fused_layers._channels_last is the same rule in Python.
+bool channels_last(const at::Tensor& x, int64_t k) {
+  return k == 1 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor in_layout(const at::Tensor& t, bool rows) {
+  return t.contiguous(rows ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
+template <typename scalar_t>
+const scalar_t* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<scalar_t>() : nullptr;
 }
 
 template <typename scalar_t>
@@ -431,16 +449,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_p
     const std::optional<at::Tensor>& bias_in, double eps, int64_t kernel) {
   TORCH_CHECK_VALUE(eps > 0, "bn_relu_pool: eps must be positive, got ", eps);
   const Dims d = check_forward(x_in, weight_in, bias_in, kernel);
-  const at::Tensor x = x_in.contiguous();
+  const bool rows = channels_last(x_in, kernel);
+  const at::Tensor x = in_layout(x_in, rows);
   std::optional<at::Tensor> weight, bias;
   if (weight_in.has_value()) weight = weight_in->contiguous();
   if (bias_in.has_value()) bias = bias_in->contiguous();
-  at::Tensor out = at::empty({d.N, d.C, d.Ho, d.Wo}, x.options());
+  const auto layout = rows ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({d.N, d.C, d.Ho, d.Wo}, x.options().memory_format(layout));
   at::Tensor mean = at::empty({d.C}, x.options());
   at::Tensor invstd = at::empty({d.C}, x.options());
-  at::Tensor index = at::empty({d.N, d.C, d.Ho, d.Wo}, x.options().dtype(at::kByte));
+  at::Tensor index = at::empty({d.N, d.C, d.Ho, d.Wo}, x.options().dtype(at::kByte).memory_format(layout));
   at::Tensor xmax = at::empty({d.k == 1 ? 0 : d.N, d.C, d.Ho, d.Wo}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool", [&] {
+    if (rows) {
+      rows::forward<scalar_t>(d.count(), d.C, x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(weight),
+                              data_or_null<scalar_t>(bias), eps, out.data_ptr<scalar_t>(),
+                              mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), index.data_ptr<uint8_t>());
+      return;
+    }
     forward_kernel<scalar_t>(d, x.const_data_ptr<scalar_t>(), weight, bias, eps,
                              out.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
                              invstd.data_ptr<scalar_t>(), index.data_ptr<uint8_t>(),
@@ -455,7 +481,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const at::Tensor& xmax_in, int64_t kernel) {
   const Dims d = check_backward(grad_in, x_in, weight_in, mean, invstd, index_in, xmax_in, kernel,
                                 "bn_relu_pool_backward");
-  const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous(), index = index_in.contiguous();
+  const bool rows = channels_last(x_in, kernel);
+  const at::Tensor x = in_layout(x_in, rows), grad = in_layout(grad_in, rows), index = in_layout(index_in, rows);
   const at::Tensor xmax = xmax_in.contiguous();
   std::optional<at::Tensor> weight;
   if (weight_in.has_value()) weight = weight_in->contiguous();
@@ -463,9 +490,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
   at::Tensor grad_weight = at::empty({d.C}, x.options());
   at::Tensor grad_bias = at::empty({d.C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_backward", [&] {
+    const scalar_t* mean_p = mean.contiguous().const_data_ptr<scalar_t>();
+    const scalar_t* invstd_p = invstd.contiguous().const_data_ptr<scalar_t>();
+    if (rows) {
+      rows::backward<scalar_t>(d.count(), d.C, grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                               data_or_null<scalar_t>(weight), mean_p, invstd_p, index.const_data_ptr<uint8_t>(),
+                               grad_x.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(),
+                               grad_bias.data_ptr<scalar_t>());
+      return;
+    }
     backward_kernel<scalar_t>(
-        d, grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight,
-        mean.contiguous().const_data_ptr<scalar_t>(), invstd.contiguous().const_data_ptr<scalar_t>(),
+        d, grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight, mean_p, invstd_p,
         index.const_data_ptr<uint8_t>(), xmax.const_data_ptr<scalar_t>(),
         grad_x.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(),
         grad_bias.data_ptr<scalar_t>());
@@ -489,23 +524,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cpu(
                       "bn_relu_pool_double_backward: grad_grad_weight and grad_grad_bias must be [C] of "
                       "x's dtype");
   }
-  const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous(), index = index_in.contiguous();
+  const bool rows = channels_last(x_in, kernel);
+  const at::Tensor x = in_layout(x_in, rows), grad = in_layout(grad_in, rows), index = in_layout(index_in, rows);
   const at::Tensor xmax = xmax_in.contiguous();
   std::optional<at::Tensor> weight, u, u_w, u_b;
   if (weight_in.has_value()) weight = weight_in->contiguous();
-  if (grad_grad_x_in.has_value()) u = grad_grad_x_in->contiguous();
+  if (grad_grad_x_in.has_value()) u = in_layout(*grad_grad_x_in, rows);
   if (grad_grad_weight_in.has_value()) u_w = grad_grad_weight_in->contiguous();
   if (grad_grad_bias_in.has_value()) u_b = grad_grad_bias_in->contiguous();
   at::Tensor d_grad = at::empty_like(grad);
   at::Tensor d_x = at::empty_like(x);
   at::Tensor d_weight = at::empty({d.C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_double_backward", [&] {
-    auto ptr = [](const std::optional<at::Tensor>& t) {
-      return t.has_value() ? t->const_data_ptr<scalar_t>() : nullptr;
-    };
+    const scalar_t* mean_p = mean.contiguous().const_data_ptr<scalar_t>();
+    const scalar_t* invstd_p = invstd.contiguous().const_data_ptr<scalar_t>();
+    if (rows) {
+      rows::double_backward<scalar_t>(
+          d.count(), d.C, data_or_null<scalar_t>(u), data_or_null<scalar_t>(u_w), data_or_null<scalar_t>(u_b),
+          grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(weight), mean_p,
+          invstd_p, index.const_data_ptr<uint8_t>(), d_grad.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(),
+          d_weight.data_ptr<scalar_t>());
+      return;
+    }
     double_backward_kernel<scalar_t>(
-        d, ptr(u), ptr(u_w), ptr(u_b), grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-        weight, mean.contiguous().const_data_ptr<scalar_t>(), invstd.contiguous().const_data_ptr<scalar_t>(),
+        d, data_or_null<scalar_t>(u), data_or_null<scalar_t>(u_w), data_or_null<scalar_t>(u_b),
+        grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight, mean_p, invstd_p,
         index.const_data_ptr<uint8_t>(), xmax.const_data_ptr<scalar_t>(), d_grad.data_ptr<scalar_t>(),
         d_x.data_ptr<scalar_t>(), d_weight.data_ptr<scalar_t>());
   });

@@ -10,7 +10,9 @@
   Batch-norm with batch statistics, 2-d max-pooling and 2-d convolutions
   with per-task weights are run folded: one ordinary call on
   ``[n, T·C, ...]`` (:class:`_TaskBatchNorm`, :class:`_TaskMaxPool2d`,
-  :class:`_TaskConv2d`), cheaper than vmap's generic rules.
+  :class:`_TaskConv2d`), cheaper than vmap's generic rules; inside
+  :func:`channels_last`, the folded convolutions' activations are
+  channels-last.
 * ``"loop"``: a Python loop over the tasks, one ordinary call each, results
   stacked.  Runs any module that runs on one task; slower for small models.
 * ``"compiled"``: ``"vmap"``, with the per-task gradients that keep no graph
@@ -23,8 +25,10 @@
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +41,29 @@ __all__ = ["BATCHING_MODES", "BatchingError", "over_tasks", "choose", "under_tra
 
 BATCHING_MODES = ("vmap", "loop", "compiled", "auto")
 _VMAP_FAILURE_MARKS = ("vmap", "batching rule", "batched tensor", "functorch")
+
+
+_layout = threading.local()
+
+
+@contextlib.contextmanager
+def channels_last(on: bool = True) -> Iterator[None]:
+    """Inside the block (this thread), the folded convolutions on CPU run on
+    channels-last activations: ``[n, T·C, H, W]`` stored as ``[n, H, W, T·C]``,
+    which oneDNN's strided convolutions read without a reordering copy.  Their
+    outputs are channels-last too, so every layer after them must take that
+    layout (:func:`imaml_ext.fused_layers.runs_channels_last` says which models do)."""
+    before = getattr(_layout, "channels_last", False)
+    _layout.channels_last = on
+    try:
+        yield
+    finally:
+        _layout.channels_last = before
+
+
+def channels_last_active() -> bool:
+    """True inside :func:`channels_last` (on) in this thread."""
+    return getattr(_layout, "channels_last", False)
 
 
 class BatchingError(RuntimeError):
@@ -148,7 +175,11 @@ class _TaskConv2d(_UnderVmapOnly):
     def vmap(info, in_dims, x, weight, bias, stride, padding, dilation, groups):
         T = info.batch_size
         w = _task_dim(weight, in_dims[1], T, 0)
-        args = (_fold(x, in_dims[0], T), w.reshape(-1, *w.shape[2:]), _per_task_vector(bias, in_dims[2], T))
+        folded = _fold(x, in_dims[0], T)
+        if folded.device.type == "cpu" and channels_last_active():
+            # oneDNN then writes the output channels-last too: the layout carries from layer to layer
+            folded = folded.contiguous(memory_format=torch.channels_last)
+        args = (folded, w.reshape(-1, *w.shape[2:]), _per_task_vector(bias, in_dims[2], T))
         if isinstance(padding, str) or any(t is not None and under_transform(t) or _has_tangent(t)
                                            for t in args):
             out = F.conv2d(*args, stride, padding, dilation, groups * T)

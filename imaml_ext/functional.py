@@ -27,7 +27,7 @@ from .batching import under_transform
 from .compiled import GradFn, compiled_grad
 from .cpu_malloc import reuse_freed_memory
 from .flat import ParamLayout
-from .fused_layers import follow_modes, fused_for
+from .fused_layers import follow_modes, fused_for, fusion_enabled, runs_channels_last
 
 __all__ = ["TaskLoss", "check_module"]
 
@@ -81,6 +81,8 @@ class TaskLoss:
             reuse_freed_memory()
         # the module tree that runs: batch-norm, ReLU and max-pool fused (fused_layers)
         self.runner = fused_for(model, self.device)
+        # its folded convolutions' activations channels-last where every layer after them takes that layout
+        self.channels_last = runs_channels_last(self.runner)
         trainable = set(self.layout.names)
         self.constants: Dict[str, torch.Tensor] = {
             n: p for n, p in model.named_parameters() if n not in trainable}
@@ -94,7 +96,8 @@ class TaskLoss:
         tensors = self.layout.unflatten(phi_t)
         tensors.update(self.constants)
         follow_modes(self.runner)
-        return functional_call(self.runner, tensors, (x_t,))
+        with _batching.channels_last(self.channels_last and fusion_enabled()):
+            return functional_call(self.runner, tensors, (x_t,))
 
     def per_task_outputs(self, phi_t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         """One task's model outputs ``model_phi_t(x_t)``, a pure function of ``phi_t`` [P]."""

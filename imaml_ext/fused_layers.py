@@ -36,7 +36,11 @@ which every ``BatchNorm2d`` → ``ReLU`` run inside an ``nn.Sequential`` is one
 k = 1), with the same parameter names and objects.  Without pooling the
 operator runs on planes of at least :data:`MIN_UNPOOLED_PLANE` values and
 smaller ones run the two layers, where the operator's first derivative was
-measured slower.  :func:`unfused` turns the layer back into the three layers
+measured slower; a channels-last x without pooling runs the kernel's row
+path (channels contiguous, the statistics summed down the rows) at any plane
+size, and its outputs and gradients are channels-last too.  Models whose
+every batch-norm is such a layer (:func:`runs_channels_last`) run their
+folded convolutions channels-last (:func:`imaml_ext.batching.channels_last`).  :func:`unfused` turns the layer back into the three layers
 inside a ``with`` block (this thread); ``IMAML_EXT_NO_FUSION=1`` turns it off
 everywhere.
 """
@@ -57,7 +61,8 @@ from . import _build
 from .batching import (_directly_under_vmap, _fold, _has_tangent, _per_task_vector, _unfold, _UnderVmapOnly,
                        under_transform)
 
-__all__ = ["BnReluPool", "bn_relu_pool", "fuse", "fused_for", "follow_modes", "unfused", "fusion_enabled", "status",
+__all__ = ["BnReluPool", "bn_relu_pool", "fuse", "fused_for", "follow_modes", "runs_channels_last", "unfused",
+           "fusion_enabled", "status",
            "reference_forward", "reference_backward", "reference_double_backward", "DISABLE_ENV", "MAX_KERNEL",
            "INACTIVE"]
 
@@ -115,6 +120,14 @@ def _check(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: Opt
             raise ValueError(f"bn_relu_pool: weight and bias must be [C] = [{c}] of x's dtype and device")
 
 
+def _layout(x: Tensor, kernel: int) -> torch.memory_format:
+    """The memory format of every x-shaped tensor in and out of the operators:
+    channels-last for a channels-last x without pooling (the kernel's row
+    path), else contiguous (csrc/bn_relu_pool.cpp's ``channels_last``)."""
+    rows = kernel == 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if rows else torch.contiguous_format
+
+
 def reference_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                       kernel: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out ``[N, C, H/k, W/k]``, mean ``[C]``, invstd ``[C]``, index uint8 and xmax
@@ -122,7 +135,8 @@ def reference_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     the window position (row·k + column) of each maximum, :data:`INACTIVE` where
     it is ≤ 0; ``xmax`` the x there (for k = 1 it is empty: x itself)."""
     _check(x, weight, bias, eps, kernel)
-    x = x.contiguous()
+    layout = _layout(x, kernel)
+    x = x.contiguous(memory_format=layout)
     var, mean = torch.var_mean(x, (0, 2, 3), correction=0)
     invstd = torch.rsqrt(var + eps)
     a = invstd if weight is None else invstd * weight
@@ -135,8 +149,9 @@ def reference_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     n, c = x.shape[:2]
     xmax = x.new_empty(0, *pooled.shape[1:]) if kernel == 1 else \
         x.view(n, c, -1).gather(2, flat.view(n, c, -1)).view_as(pooled)
-    return (torch.where(active, pooled, 0.0), mean, invstd,
-            torch.where(active, position, INACTIVE).to(torch.uint8), xmax)
+    return (torch.where(active, pooled, 0.0).contiguous(memory_format=layout), mean, invstd,
+            torch.where(active, position, INACTIVE).to(torch.uint8).contiguous(memory_format=layout),
+            xmax.contiguous())
 
 
 def _maxima(index: Tensor, kernel: int, h: int, w: int) -> Tuple[Tensor, Tensor]:
@@ -155,7 +170,7 @@ def _scatter_to_maxima(pooled: Tensor, flat: Tensor, active: Tensor, shape) -> T
     (windows do not overlap)."""
     n, c = shape[:2]
     return pooled.new_zeros(n, c, shape[2] * shape[3]).scatter_(
-        2, flat, torch.where(active, pooled, 0.0).view(n, c, -1)).view(shape)
+        2, flat, torch.where(active, pooled, 0.0).reshape(n, c, -1)).view(shape)
 
 
 def reference_backward(grad: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, invstd: Tensor,
@@ -169,7 +184,7 @@ def reference_backward(grad: Tensor, x: Tensor, weight: Optional[Tensor], mean: 
     sum_g, sum_gx = g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
     k1 = invstd if weight is None else invstd * weight
     grad_x = k1[:, None, None] * (g - (sum_g / count)[:, None, None] - xhat * (sum_gx / count)[:, None, None])
-    return grad_x.contiguous(), sum_gx, sum_g
+    return grad_x.contiguous(memory_format=_layout(x, kernel)), sum_gx, sum_g
 
 
 def reference_double_backward(grad_grad_x: Optional[Tensor], grad_grad_weight: Optional[Tensor],
@@ -210,10 +225,11 @@ def reference_double_backward(grad_grad_x: Optional[Tensor], grad_grad_weight: O
     u_bar, B, C = mean_c(u), mean_c(u * xhat), mean_c(u * g)
     Pg, Pu = g - g_bar - A * xhat, u - u_bar - B * xhat
     dg = gamma * r * Pu + u_w[:, None, None] * xhat + u_b[:, None, None]
-    d_grad = torch.where(active, dg.view(n, c, -1).gather(2, flat).view_as(grad), 0.0)
+    d_grad = torch.where(active, dg.reshape(n, c, -1).gather(2, flat).view_as(grad), 0.0)
     d_weight = (r * count * (C - g_bar * u_bar - A * B)).view(c)
     d_x = -gamma * r * r * ((C - g_bar * u_bar - A * B) * xhat + B * Pg + A * Pu) + u_w[:, None, None] * r * Pg
-    return d_grad.contiguous(), d_x.contiguous(), d_weight
+    layout = _layout(x, kernel)
+    return d_grad.contiguous(memory_format=layout), d_x.contiguous(memory_format=layout), d_weight
 
 
 # The operators, with the reference kernels as their default; csrc/bn_relu_pool.cpp
@@ -229,21 +245,24 @@ _double_backward_op = torch.library.custom_op(f"{NAMESPACE}::bn_relu_pool_double
 def _(x, weight, bias, eps, kernel):
     _check(x, weight, bias, eps, kernel)
     n, c, h, w = x.shape
-    pooled = (n, c, h // kernel, w // kernel)
-    return (x.new_empty(pooled), x.new_empty(c), x.new_empty(c),
-            x.new_empty(pooled, dtype=torch.uint8), x.new_empty((0 if kernel == 1 else n,) + pooled[1:]))
+    pooled, layout = (n, c, h // kernel, w // kernel), _layout(x, kernel)
+    return (x.new_empty(pooled).contiguous(memory_format=layout), x.new_empty(c), x.new_empty(c),
+            x.new_empty(pooled, dtype=torch.uint8).contiguous(memory_format=layout),
+            x.new_empty((0 if kernel == 1 else n,) + pooled[1:]))
 
 
 @_backward_op.register_fake
 def _(grad, x, weight, mean, invstd, index, xmax, kernel):
     _check(x, weight, None, None, kernel)
-    return x.new_empty(x.shape), x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
+    return torch.empty_like(x, memory_format=_layout(x, kernel)), x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
 
 
 @_double_backward_op.register_fake
 def _(grad_grad_x, grad_grad_weight, grad_grad_bias, grad, x, weight, mean, invstd, index, xmax, kernel):
     _check(x, weight, None, None, kernel)
-    return grad.new_empty(grad.shape), x.new_empty(x.shape), x.new_empty(x.shape[1])
+    layout = _layout(x, kernel)
+    return (torch.empty_like(grad, memory_format=layout), torch.empty_like(x, memory_format=layout),
+            x.new_empty(x.shape[1]))
 
 
 def _relu_pool(y: Tensor, kernel: int) -> Tensor:
@@ -336,7 +355,9 @@ class _LayerBackward(torch.autograd.Function):
             d_weight = next(d, None)
         else:
             def double_backward(given):
-                return _double_backward_op(*(None if t is None else t.contiguous() for t in given), grad, x,
+                u, u_w, u_b = given
+                return _double_backward_op(None if u is None else u.contiguous(memory_format=_layout(x, ctx.kernel)),
+                                           *(None if t is None else t.contiguous() for t in (u_w, u_b)), grad, x,
                                            weight, mean, invstd, index, xmax, ctx.kernel)
 
             if dual:  # forward-mode AD: the operator is linear in the cotangents, so in their tangents
@@ -356,10 +377,10 @@ def _autograd_backward(ctx, grad, *_unused):
     if under_transform(grad) or _has_tangent(grad):  # is_grads_batched, forward-mode AD: no rules for those
         return (*_layers_vjp(grad, x, weight, bias, ctx.eps, ctx.kernel), None, None)
     if torch.is_grad_enabled():  # create_graph=True
-        found = _LayerBackward.apply(grad.contiguous(), x, weight, bias, mean, invstd, index, xmax, ctx.eps,
+        found = _LayerBackward.apply(grad.contiguous(memory_format=_layout(x, ctx.kernel)), x, weight, bias, mean, invstd, index, xmax, ctx.eps,
                                      ctx.kernel)
     else:
-        found = _backward_op(grad.contiguous(), x, weight, mean, invstd, index, xmax, ctx.kernel)
+        found = _backward_op(grad.contiguous(memory_format=_layout(x, ctx.kernel)), x, weight, mean, invstd, index, xmax, ctx.kernel)
     grad_x, grad_w, grad_b = found
     return (grad_x, None if weight is None else grad_w, None if bias is None else grad_b, None, None)
 
@@ -378,9 +399,20 @@ class _TaskBnReluPool(_UnderVmapOnly):
     @staticmethod
     def vmap(info, in_dims, x, weight, bias, eps, kernel):
         T = info.batch_size
-        out = _op(_fold(x, in_dims[0], T), _per_task_vector(weight, in_dims[1], T),
-                  _per_task_vector(bias, in_dims[2], T), eps, kernel)[0]
-        return _unfold(out, T)
+        return _unfold(_fused_or_layers(_fold(x, in_dims[0], T), _per_task_vector(weight, in_dims[1], T),
+                                        _per_task_vector(bias, in_dims[2], T), eps, kernel), T)
+
+
+def _fused_or_layers(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                     kernel: int) -> Tensor:
+    """The operator's output on plain tensors; the PyTorch layers instead for a
+    contiguous x without pooling whose planes are smaller than
+    :data:`MIN_UNPOOLED_PLANE` (a channels-last x runs the kernel's row path
+    at any plane size)."""
+    if kernel == 1 and x.shape[2] * x.shape[3] < MIN_UNPOOLED_PLANE \
+            and _layout(x, kernel) is torch.contiguous_format:
+        return _unfused(x, weight, bias, eps, kernel)
+    return _op(x, weight, bias, eps, kernel)[0]
 
 
 def _single_vmap_level(t: Optional[Tensor]) -> bool:
@@ -393,12 +425,10 @@ def _single_vmap_level(t: Optional[Tensor]) -> bool:
 def _path(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], kernel: int) -> str:
     """How :func:`bn_relu_pool` runs: ``"operator"`` (plain tensors), ``"folded"`` (x
     batched by one vmap and nothing else) or ``"layers"`` (the three PyTorch layers:
-    fusion off, a dtype or size the operator does not take, planes below
-    :data:`MIN_UNPOOLED_PLANE` without pooling, forward-mode AD or another
-    torch.func transform, which the operator has no rules for)."""
+    fusion off, a dtype or size the operator does not take, forward-mode AD or
+    another torch.func transform, which the operator has no rules for)."""
     if not fusion_enabled() or x.dtype not in _DTYPES or x.dim() != 4 \
-            or x.shape[0] * x.shape[2] * x.shape[3] <= 1 \
-            or (kernel == 1 and x.shape[2] * x.shape[3] < MIN_UNPOOLED_PLANE):
+            or x.shape[0] * x.shape[2] * x.shape[3] <= 1:
         return "layers"
     tensors = (x, weight, bias)
     if not any(t is not None and under_transform(t) for t in tensors):
@@ -419,7 +449,7 @@ def bn_relu_pool(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ep
         return _unfused(x, weight, bias, eps, kernel)
     _build.backend()  # loads the compiled kernels on first use
     if path == "operator":
-        return _op(x, weight, bias, eps, kernel)[0]
+        return _fused_or_layers(x, weight, bias, eps, kernel)
     return _TaskBnReluPool.apply(x, weight, bias, eps, kernel)
 
 
@@ -522,6 +552,18 @@ def follow_modes(fused: nn.Module) -> None:
     originals' (``model.eval()`` after fusing reaches only the originals)."""
     for twin, original in fused.__dict__.get("_fused_twins", ()):
         twin.training = original.training
+
+
+def runs_channels_last(runner: nn.Module) -> bool:
+    """Whether ``runner`` (from :func:`fused_for`) should run its folded convolutions
+    channels-last (:func:`imaml_ext.batching.channels_last`): it has a ``Conv2d``
+    and every batch-norm in it is a :class:`BnReluPool` without pooling, whose
+    CPU kernel has a channels-last path (PyTorch's batch-norm double backward
+    is slow on that layout, and the pooling kernel reads contiguous planes)."""
+    kinds = [m for m in runner.modules() if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._NormBase, BnReluPool))]
+    return (any(isinstance(m, nn.Conv2d) for m in kinds) and any(isinstance(m, BnReluPool) for m in kinds)
+            and all(m.kernel == 1 for m in kinds if isinstance(m, BnReluPool))
+            and not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in kinds))
 
 
 def _cpu_kernel_loaded() -> bool:

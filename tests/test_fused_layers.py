@@ -172,26 +172,42 @@ def test_third_derivatives_equal_those_of_the_three_layers():
 
 
 @compiled
-@pytest.mark.parametrize("case", CASES)
-def test_compiled_kernels_equal_the_reference_kernels(case):
+@pytest.mark.parametrize("case", CASES + [(5, 7, 2, 3, 1), (2, 9, 14, 14, 1)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_compiled_kernels_equal_the_reference_kernels(case, layout):
+    """Also channels-last x: without pooling the kernel's row path, whose outputs are
+    channels-last as well (the reference's too); with pooling the plane path."""
     *shape, k = case
     x, w, b = (t.detach() for t in _inputs(*shape))
+    x = x.contiguous(memory_format=layout)
+    rows = layout is torch.channels_last and k == 1
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{fl.NAMESPACE}::bn_relu_pool", "CPU")
     _build.backend()
     got = torch.ops.imaml_ext_layers.bn_relu_pool(x, w, b, 1e-5, k)
     want = fl.reference_forward(x, w, b, 1e-5, k)
-    for g, e in zip(got, want):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+    plane = torch.ops.imaml_ext_layers.bn_relu_pool(x.contiguous(), w, b, 1e-5, k)  # the plane path
+
+    def same(got, want, rtol, atol):
+        for g, e in zip(got, want, strict=True):
+            torch.testing.assert_close(g, e, rtol=rtol, atol=atol)
+            assert g.stride() == e.stride()
+
+    same(got, want, 1e-12, 1e-14)
+    assert got[0].is_contiguous(memory_format=layout if rows else torch.contiguous_format)
+    torch.testing.assert_close(got[0], plane[0], rtol=1e-12, atol=1e-14)
     grad = torch.randn_like(got[0])
     got_b = torch.ops.imaml_ext_layers.bn_relu_pool_backward(grad, x, w, *got[1:], k)
-    want_b = fl.reference_backward(grad, x, w, *want[1:], k)
-    for g, e in zip(got_b, want_b):
+    same(got_b, fl.reference_backward(grad, x, w, *want[1:], k), 1e-11, 1e-12)
+    for g, e in zip(got_b, torch.ops.imaml_ext_layers.bn_relu_pool_backward(grad.contiguous(), x.contiguous(), w,
+                                                                             *plane[1:], k)):
         torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12)
     u, u_w, u_b = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
     for cotangents in [(u, u_w, u_b), (u, None, None), (None, u_w, None), (None, None, u_b), (None, None, None)]:
         got_d = torch.ops.imaml_ext_layers.bn_relu_pool_double_backward(*cotangents, grad, x, w, *got[1:], k)
-        want_d = fl.reference_double_backward(*cotangents, grad, x, w, *want[1:], k)
-        for g, e in zip(got_d, want_d, strict=True):
+        same(got_d, fl.reference_double_backward(*cotangents, grad, x, w, *want[1:], k), 1e-10, 1e-12)
+        plain = (None if cotangents[0] is None else u.contiguous(), *cotangents[1:])
+        for g, e in zip(got_d, torch.ops.imaml_ext_layers.bn_relu_pool_double_backward(
+                *plain, grad.contiguous(), x.contiguous(), w, *plane[1:], k)):
             torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
@@ -258,17 +274,19 @@ def test_bad_arguments_of_the_backward_operators_raise_value_errors():
 
 @compiled
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_opcheck(layout):
+@pytest.mark.parametrize("kernel", [2, 1])  # channels-last without pooling: the row path
+def test_opcheck(layout, kernel):
     x, w, b = _inputs(3, 4, 6, 6)
     x = x.detach().to(memory_format=layout).requires_grad_()
     _build.backend()
-    torch.library.opcheck(torch.ops.imaml_ext_layers.bn_relu_pool.default, (x, w, b, 1e-5, 2))
-    out, *saved = torch.ops.imaml_ext_layers.bn_relu_pool(x.detach(), w.detach(), b.detach(), 1e-5, 2)
+    torch.library.opcheck(torch.ops.imaml_ext_layers.bn_relu_pool.default, (x, w, b, 1e-5, kernel))
+    out, *saved = torch.ops.imaml_ext_layers.bn_relu_pool(x.detach(), w.detach(), b.detach(), 1e-5, kernel)
     grad = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.imaml_ext_layers.bn_relu_pool_backward.default, (grad, x.detach(), w.detach(), *saved, 2))
+    torch.library.opcheck(torch.ops.imaml_ext_layers.bn_relu_pool_backward.default,
+                          (grad, x.detach(), w.detach(), *saved, kernel))
     cotangents = (torch.randn_like(x.detach()), torch.randn_like(w.detach()), None)
     torch.library.opcheck(torch.ops.imaml_ext_layers.bn_relu_pool_double_backward.default,
-                          (*cotangents, grad, x.detach(), w.detach(), *saved, 2))
+                          (*cotangents, grad, x.detach(), w.detach(), *saved, kernel))
 
 
 @pytest.mark.parametrize("net, kernel", [(models.Conv4, 2), (models.OmniglotConvNet, 1)])
@@ -305,6 +323,22 @@ def test_batch_norm_and_relu_without_a_fusable_pool_run_fused_without_pooling(ta
     assert fused[1].kernel == 1 and all(f is m for f, m in zip(fused[3:], tail))
     x = torch.randn(4, 1, 9, 9, dtype=torch.float64)
     torch.testing.assert_close(fused(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+@compiled
+def test_channels_last_planes_below_the_limit_run_the_operator(monkeypatch):
+    calls = []
+    op = fl._op
+    monkeypatch.setattr(fl, "_op", lambda *a: calls.append(a[0].shape) or op(*a))
+    x, w, b = _inputs(3, 5, 2, 3)
+    x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = fl.bn_relu_pool(x, w, b, 1e-5, 1)
+    expected = _layers(x, w, b, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert calls == [(3, 5, 2, 3)] and out.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(out)
+    for g, e in zip(torch.autograd.grad(out, (x, w, b), grad), torch.autograd.grad(expected, (x, w, b), grad)):
+        torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12)
 
 
 @compiled
@@ -352,6 +386,26 @@ def test_unfused_and_the_environment_switch_turn_fusion_off(monkeypatch):
     assert not calls
 
 
+def test_models_whose_every_batch_norm_is_fused_without_pooling_run_channels_last():
+    assert fl.runs_channels_last(fl.fuse(models.OmniglotConvNet(ways=5)))
+    assert not fl.runs_channels_last(fl.fuse(models.Conv4(ways=5)))  # pooled: the plane kernel
+    assert not fl.runs_channels_last(models.OmniglotConvNet(ways=5))  # PyTorch's batch-norm
+    unfusable = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(),
+                              nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3, track_running_stats=False), nn.Tanh())
+    assert not fl.runs_channels_last(fl.fuse(unfusable))  # one batch-norm is left as it is
+    assert not fl.runs_channels_last(fl.fuse(nn.Sequential(nn.Linear(3, 3), nn.ReLU())))
+
+
+def test_the_channels_last_block_restores_the_layout_it_found():
+    from imaml_ext import batching
+    assert not batching.channels_last_active()
+    with batching.channels_last():
+        with batching.channels_last(False):
+            assert not batching.channels_last_active()
+        assert batching.channels_last_active()
+    assert not batching.channels_last_active()
+
+
 @compiled
 def test_task_loss_runs_the_fused_layer_on_the_cpu():
     task_loss = im.functional.TaskLoss(models.Conv4(ways=5), F.cross_entropy)
@@ -383,10 +437,13 @@ def test_meta_gradients_with_fusion_equal_those_without(kind, batching, net, mon
              torch.randn(T, 6, 1, 28, 28, dtype=torch.float64), torch.randint(0, 5, (T, 6)))
     calls, second = [], []
     op, double_backward = fl._op, fl._double_backward_op
-    monkeypatch.setattr(fl, "_op", lambda *a: calls.append(1) or op(*a))
+    monkeypatch.setattr(fl, "_op", lambda *a: calls.append(fl._layout(a[0], a[4])) or op(*a))
     monkeypatch.setattr(fl, "_double_backward_op", lambda *a: second.append(1) or double_backward(*a))
     fused = _meta_gradient(model, batch, kind, batching)
     assert calls, "the fused layer did not run"
+    # the stride-2 net's folded layers run channels-last (batching.channels_last), all of them
+    rows = net is models.OmniglotConvNet and batching == "vmap"
+    assert set(calls) == {torch.channels_last if rows else torch.contiguous_format}
     # second derivatives: full MAML's inner loop, the adjoint's steps, iMAML's Hessian products
     assert bool(second) == (kind != "first_order")
     monkeypatch.setenv(fl.DISABLE_ENV, "1")
