@@ -175,11 +175,14 @@ class _TaskConv2d(_UnderVmapOnly):
     def vmap(info, in_dims, x, weight, bias, stride, padding, dilation, groups):
         T = info.batch_size
         w = _task_dim(weight, in_dims[1], T, 0)
-        folded = _fold(x, in_dims[0], T)
+        folded, w = _fold(x, in_dims[0], T), w.reshape(-1, *w.shape[2:])
         if folded.device.type == "cpu" and channels_last_active():
-            # oneDNN then writes the output channels-last too: the layout carries from layer to layer
+            # oneDNN then writes the output channels-last too: the layout carries from layer to
+            # layer.  It wants the weight channels-last as well: copied once here, not again in
+            # every backward and second derivative that reads it.
             folded = folded.contiguous(memory_format=torch.channels_last)
-        args = (folded, w.reshape(-1, *w.shape[2:]), _per_task_vector(bias, in_dims[2], T))
+            w = w.contiguous(memory_format=torch.channels_last)
+        args = (folded, w, _per_task_vector(bias, in_dims[2], T))
         if isinstance(padding, str) or any(t is not None and under_transform(t) or _has_tangent(t)
                                            for t in args):
             out = F.conv2d(*args, stride, padding, dilation, groups * T)

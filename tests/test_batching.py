@@ -271,9 +271,11 @@ def test_folded_layers_run_under_vmap_and_equal_the_generic_rules(monkeypatch):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_folded_convolution_equals_one_convolution_per_task(bias):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_convolution_equals_one_convolution_per_task(bias, channels_last):
     """Per-task weights with stride, padding, dilation and groups: the folded grouped
-    convolution under vmap gives each task's own F.conv2d output and gradients."""
+    convolution under vmap gives each task's own F.conv2d output and first and
+    second derivatives, also on channels-last activations (batching.channels_last)."""
     g = torch.Generator().manual_seed(3)
     T, n = 3, 2
     x = torch.randn(T, n, 4, 9, 9, generator=g, dtype=torch.float64, requires_grad=True)
@@ -285,12 +287,27 @@ def test_folded_convolution_equals_one_convolution_per_task(bias):
     def conv(x_t, w_t, b_t=None):
         return F.conv2d(x_t, w_t, b_t, **options)
 
-    folded = batching.over_tasks(conv, "vmap")(*args)
+    physical = []
+
+    def conv_seen(*a):
+        out = conv(*a)
+        physical.append(torch._C._functorch.get_unwrapped(out))
+        return out
+
+    with batching.channels_last(channels_last):
+        folded = batching.over_tasks(conv_seen, "vmap")(*args)
+    folded_layout = physical[0].view(n, T * 6, *physical[0].shape[-2:])  # [n, T, C, H, W] as folded
+    assert folded_layout.is_contiguous(memory_format=torch.channels_last) == channels_last
     looped = torch.stack([conv(*(a[t] for a in args)) for t in range(T)])
     torch.testing.assert_close(folded, looped, rtol=1e-12, atol=1e-12)
     v = torch.randn(looped.shape, generator=g, dtype=torch.float64)
-    for a, c in zip(torch.autograd.grad(folded, args, v), torch.autograd.grad(looped, args, v)):
+    got = torch.autograd.grad((folded ** 2 * v).sum(), args, create_graph=True)
+    want = torch.autograd.grad((looped ** 2 * v).sum(), args, create_graph=True)
+    for a, c in zip(got, want):
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+    u = [torch.randn(a.shape, generator=g, dtype=torch.float64) for a in args]
+    for a, c in zip(torch.autograd.grad(got, args, u), torch.autograd.grad(want, args, u)):
+        torch.testing.assert_close(a, c, rtol=1e-11, atol=1e-12)
 
 
 def test_auto_inside_a_torch_func_transform_is_vmap():
