@@ -10,8 +10,8 @@
   Batch-norm with batch statistics, 2-d max-pooling and 2-d convolutions
   with per-task weights are run folded: one ordinary call on
   ``[n, T·C, ...]`` (:class:`_TaskBatchNorm`, :class:`_TaskMaxPool2d`,
-  :class:`_TaskConv2d`), cheaper than vmap's generic rules; inside
-  :func:`channels_last`, the folded convolutions' activations are
+  :class:`_TaskConv2d`), cheaper than vmap's generic rules; with
+  :data:`CHANNELS_LAST` set, the folded convolutions' activations are
   channels-last.
 * ``"loop"``: a Python loop over the tasks, one ordinary call each, results
   stacked.  Runs any module that runs on one task; slower for small models.
@@ -25,10 +25,8 @@
 """
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,33 +35,21 @@ from torch.func import vmap
 from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
+from .switches import Switch
+
 __all__ = ["BATCHING_MODES", "BatchingError", "over_tasks", "choose", "under_transform"]
 
 BATCHING_MODES = ("vmap", "loop", "compiled", "auto")
 _VMAP_FAILURE_MARKS = ("vmap", "batching rule", "batched tensor", "functorch")
 
 
-_layout = threading.local()
-
-
-@contextlib.contextmanager
-def channels_last(on: bool = True) -> Iterator[None]:
-    """Inside the block (this thread), the folded convolutions on CPU run on
-    channels-last activations: ``[n, T·C, H, W]`` stored as ``[n, H, W, T·C]``,
-    which oneDNN's strided convolutions read without a reordering copy.  Their
-    outputs are channels-last too, so every layer after them must take that
-    layout (:func:`imaml_ext.fused_layers.runs_channels_last` says which models do)."""
-    before = getattr(_layout, "channels_last", False)
-    _layout.channels_last = on
-    try:
-        yield
-    finally:
-        _layout.channels_last = before
-
-
-def channels_last_active() -> bool:
-    """True inside :func:`channels_last` (on) in this thread."""
-    return getattr(_layout, "channels_last", False)
+#: Inside ``CHANNELS_LAST.set(True)`` (this thread), the folded convolutions on
+#: CPU run on channels-last activations: ``[n, T·C, H, W]`` stored as
+#: ``[n, H, W, T·C]``, which oneDNN's strided convolutions read without a
+#: reordering copy.  Their outputs are channels-last too, so every layer after
+#: them must take that layout (:func:`imaml_ext.fused_layers.runs_channels_last`
+#: says which models do; :class:`imaml_ext.functional.TaskLoss` sets it).
+CHANNELS_LAST: Switch[bool] = Switch("imaml_ext.channels_last", False)
 
 
 class BatchingError(RuntimeError):
@@ -176,7 +162,7 @@ class _TaskConv2d(_UnderVmapOnly):
         T = info.batch_size
         w = _task_dim(weight, in_dims[1], T, 0)
         folded, w = _fold(x, in_dims[0], T), w.reshape(-1, *w.shape[2:])
-        if folded.device.type == "cpu" and channels_last_active():
+        if folded.device.type == "cpu" and CHANNELS_LAST.get():
             # oneDNN then writes the output channels-last too: the layout carries from layer to
             # layer.  It wants the weight channels-last as well: copied once here, not again in
             # every backward and second derivative that reads it.

@@ -96,7 +96,7 @@ class TaskLoss:
         tensors = self.layout.unflatten(phi_t)
         tensors.update(self.constants)
         follow_modes(self.runner)
-        with _batching.channels_last(self.channels_last and fusion_enabled()):
+        with _batching.CHANNELS_LAST.set(self.channels_last and fusion_enabled()):
             return functional_call(self.runner, tensors, (x_t,))
 
     def per_task_outputs(self, phi_t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:

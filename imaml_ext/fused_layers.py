@@ -40,17 +40,15 @@ measured slower; a channels-last x without pooling runs the kernel's row
 path (channels contiguous, the statistics summed down the rows) at any plane
 size, and its outputs and gradients are channels-last too.  Models whose
 every batch-norm is such a layer (:func:`runs_channels_last`) run their
-folded convolutions channels-last (:func:`imaml_ext.batching.channels_last`).  :func:`unfused` turns the layer back into the three layers
-inside a ``with`` block (this thread); ``IMAML_EXT_NO_FUSION=1`` turns it off
-everywhere.
+folded convolutions channels-last (:data:`imaml_ext.batching.CHANNELS_LAST`).
+:func:`unfused` turns the layer back into the three layers inside a ``with``
+block (this thread); ``IMAML_EXT_NO_FUSION=1`` turns it off everywhere.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
-import threading
-from typing import Iterator, Optional, Tuple
+from typing import ContextManager, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +58,7 @@ from torch.autograd import forward_ad
 from . import _build
 from .batching import (_directly_under_vmap, _fold, _has_tangent, _per_task_vector, _unfold, _UnderVmapOnly,
                        under_transform)
+from .switches import Switch
 
 __all__ = ["BnReluPool", "bn_relu_pool", "fuse", "fused_for", "follow_modes", "runs_channels_last", "unfused",
            "fusion_enabled", "status",
@@ -78,23 +77,17 @@ _DTYPES = (torch.float32, torch.float64)  # what the operator takes; other dtype
 #: values; below it the kernel's cost per plane made the first derivative slower
 #: than PyTorch's two layers (benchmarks/RESULTS.md, "own second derivative").
 MIN_UNPOOLED_PLANE = 49
-_state = threading.local()
+_FUSION: Switch[bool] = Switch("imaml_ext.fusion", True)  # False inside unfused()
 
 
 def fusion_enabled() -> bool:
     """False inside :func:`unfused` and when ``IMAML_EXT_NO_FUSION`` is set (not "" or "0")."""
-    return getattr(_state, "enabled", True) and os.environ.get(DISABLE_ENV, "") in ("", "0")
+    return _FUSION.get() and os.environ.get(DISABLE_ENV, "") in ("", "0")
 
 
-@contextlib.contextmanager
-def unfused() -> Iterator[None]:
-    """Inside the block, :class:`BnReluPool` runs as its three PyTorch layers (this thread)."""
-    before = getattr(_state, "enabled", True)
-    _state.enabled = False
-    try:
-        yield
-    finally:
-        _state.enabled = before
+def unfused() -> ContextManager[None]:
+    """Inside the ``with`` block, :class:`BnReluPool` runs as its three PyTorch layers (this thread)."""
+    return _FUSION.set(False)
 
 
 def _check(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: Optional[float],
@@ -556,7 +549,7 @@ def follow_modes(fused: nn.Module) -> None:
 
 def runs_channels_last(runner: nn.Module) -> bool:
     """Whether ``runner`` (from :func:`fused_for`) should run its folded convolutions
-    channels-last (:func:`imaml_ext.batching.channels_last`): it has a ``Conv2d``
+    channels-last (:data:`imaml_ext.batching.CHANNELS_LAST`): it has a ``Conv2d``
     and every batch-norm in it is a :class:`BnReluPool` without pooling, whose
     CPU kernel has a channels-last path (PyTorch's batch-norm double backward
     is slow on that layout, and the pooling kernel reads contiguous planes)."""

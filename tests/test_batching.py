@@ -275,7 +275,7 @@ def test_folded_layers_run_under_vmap_and_equal_the_generic_rules(monkeypatch):
 def test_folded_convolution_equals_one_convolution_per_task(bias, channels_last):
     """Per-task weights with stride, padding, dilation and groups: the folded grouped
     convolution under vmap gives each task's own F.conv2d output and first and
-    second derivatives, also on channels-last activations (batching.channels_last)."""
+    second derivatives, also on channels-last activations (batching.CHANNELS_LAST)."""
     g = torch.Generator().manual_seed(3)
     T, n = 3, 2
     x = torch.randn(T, n, 4, 9, 9, generator=g, dtype=torch.float64, requires_grad=True)
@@ -294,7 +294,7 @@ def test_folded_convolution_equals_one_convolution_per_task(bias, channels_last)
         physical.append(torch._C._functorch.get_unwrapped(out))
         return out
 
-    with batching.channels_last(channels_last):
+    with batching.CHANNELS_LAST.set(channels_last):
         folded = batching.over_tasks(conv_seen, "vmap")(*args)
     folded_layout = physical[0].view(n, T * 6, *physical[0].shape[-2:])  # [n, T, C, H, W] as folded
     assert folded_layout.is_contiguous(memory_format=torch.channels_last) == channels_last

@@ -396,14 +396,16 @@ def test_models_whose_every_batch_norm_is_fused_without_pooling_run_channels_las
     assert not fl.runs_channels_last(fl.fuse(nn.Sequential(nn.Linear(3, 3), nn.ReLU())))
 
 
-def test_the_channels_last_block_restores_the_layout_it_found():
+def test_a_switch_restores_the_value_it_found_however_the_block_ends():
     from imaml_ext import batching
-    assert not batching.channels_last_active()
-    with batching.channels_last():
-        with batching.channels_last(False):
-            assert not batching.channels_last_active()
-        assert batching.channels_last_active()
-    assert not batching.channels_last_active()
+    assert not batching.CHANNELS_LAST.get()
+    with batching.CHANNELS_LAST.set(True):
+        with pytest.raises(KeyError):
+            with batching.CHANNELS_LAST.set(False):
+                assert not batching.CHANNELS_LAST.get()
+                raise KeyError
+        assert batching.CHANNELS_LAST.get()
+    assert not batching.CHANNELS_LAST.get()
 
 
 @compiled
@@ -441,7 +443,7 @@ def test_meta_gradients_with_fusion_equal_those_without(kind, batching, net, mon
     monkeypatch.setattr(fl, "_double_backward_op", lambda *a: second.append(1) or double_backward(*a))
     fused = _meta_gradient(model, batch, kind, batching)
     assert calls, "the fused layer did not run"
-    # the stride-2 net's folded layers run channels-last (batching.channels_last), all of them
+    # the stride-2 net's folded layers run channels-last (batching.CHANNELS_LAST), all of them
     rows = net is models.OmniglotConvNet and batching == "vmap"
     assert set(calls) == {torch.channels_last if rows else torch.contiguous_format}
     # second derivatives: full MAML's inner loop, the adjoint's steps, iMAML's Hessian products
