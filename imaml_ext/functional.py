@@ -16,6 +16,7 @@ constants shared by all tasks.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -32,6 +33,9 @@ from .fused_layers import follow_modes, fused_for, fusion_enabled, runs_channels
 __all__ = ["TaskLoss", "check_module"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: What ``Tensor.view`` says of a tensor whose strides it cannot view: a forward
+#: that assumes contiguous activations (TaskLoss then runs it without channels-last).
+_CONTIGUOUS_VIEW_FAILURE = "view size is not compatible with input tensor's size and stride"
 
 
 def check_module(model: nn.Module) -> None:
@@ -96,8 +100,27 @@ class TaskLoss:
         tensors = self.layout.unflatten(phi_t)
         tensors.update(self.constants)
         follow_modes(self.runner)
-        with _batching.CHANNELS_LAST.set(self.channels_last and fusion_enabled()):
+        if not (self.channels_last and fusion_enabled()):
             return functional_call(self.runner, tensors, (x_t,))
+        rng = torch.get_rng_state()
+        try:
+            with _batching.CHANNELS_LAST.set(True):
+                out = functional_call(self.runner, tensors, (x_t,))
+        except RuntimeError as e:
+            if _CONTIGUOUS_VIEW_FAILURE not in str(e):
+                raise
+            # the forward views an activation as if it were contiguous: from now on it runs
+            # contiguous, the random draws of the failed attempt undone
+            self.channels_last = False
+            warnings.warn(
+                "imaml_ext: the model's forward calls .view on an activation that imaml_ext keeps "
+                f"channels-last on the CPU ({str(e).splitlines()[0]}); it now runs with contiguous "
+                "activations, which is slower for this model. Use .reshape or .flatten there instead "
+                "of .view to keep the faster layout.", RuntimeWarning, stacklevel=2)
+            torch.set_rng_state(rng)
+            return functional_call(self.runner, tensors, (x_t,))
+        # what leaves the model has the usual layout, for a loss that views it
+        return out.contiguous() if out.dim() == 4 else out
 
     def per_task_outputs(self, phi_t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         """One task's model outputs ``model_phi_t(x_t)``, a pure function of ``phi_t`` [P]."""

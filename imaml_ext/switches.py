@@ -18,6 +18,7 @@ class Switch(Generic[V]):
     """A named setting with a default; ``with switch.set(value):`` changes it inside the block."""
 
     def __init__(self, name: str, default: V):
+        self._default = default
         self._var: contextvars.ContextVar[V] = contextvars.ContextVar(name, default=default)
 
     def get(self) -> V:
@@ -29,4 +30,7 @@ class Switch(Generic[V]):
         try:
             yield
         finally:
-            self._var.reset(token)
+            try:
+                self._var.reset(token)
+            except ValueError:  # the block ends in another context (a generator resumed there)
+                self._var.set(self._default if token.old_value is contextvars.Token.MISSING else token.old_value)

@@ -230,13 +230,44 @@ def test_reference_kernels_equal_the_three_layers():
 
 
 @compiled
-def test_nan_propagates_as_through_the_three_layers():
-    x, w, b = (t.detach() for t in _inputs(2, 3, 4, 4))
-    x[0, 1, 2, 3] = float("nan")
-    out = fl.bn_relu_pool(x, w, b, 1e-5, 2)
-    expected = _layers(x, w, b, 2)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("kernel, layout", [(2, torch.contiguous_format), (1, torch.contiguous_format),
+                                            (1, torch.channels_last)])  # plane and row kernels
+def test_nan_and_inf_propagate_as_through_the_three_layers(value, kernel, layout):
+    x, w, b = (t.detach() for t in _inputs(2, 3, 8, 8))
+    x[0, 1, 2, 3] = value
+    x = x.contiguous(memory_format=layout)
+    out = fl.bn_relu_pool(x, w, b, 1e-5, kernel)
+    expected = _layers(x, w, b, kernel)
     assert torch.equal(out.isnan(), expected.isnan())
-    assert out.isnan().any()
+    assert out[:, 1].isnan().all()  # the channel's statistics are NaN
+    torch.testing.assert_close(out[:, [0, 2]], expected[:, [0, 2]], rtol=1e-12, atol=1e-12)
+
+
+@compiled
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_results_do_not_depend_on_the_number_of_threads(layout):
+    x, w, b = (t.detach() for t in _inputs(7, 40, 14, 14, torch.float32))
+    x = x.contiguous(memory_format=layout)
+    grad, u = torch.randn_like(x), torch.randn_like(x)
+    ops = torch.ops.imaml_ext_layers
+    _build.backend()
+
+    def run():
+        out, *saved = ops.bn_relu_pool(x, w, b, 1e-5, 1)
+        return (out, *saved[:2], *ops.bn_relu_pool_backward(grad, x, w, *saved, 1),
+                *ops.bn_relu_pool_double_backward(u, w, b, grad, x, w, *saved, 1))
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(before)
+    for a, c in zip(one, two, strict=True):
+        assert torch.equal(a, c)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -386,6 +417,47 @@ def test_unfused_and_the_environment_switch_turn_fusion_off(monkeypatch):
     assert not calls
 
 
+class _ViewingNet(nn.Module):
+    """A stride-2 net whose forward flattens with .view, as many users write it, and
+    draws dropout masks before that."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 4, 3, 2, 1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(), nn.Dropout(0.3),
+            nn.Conv2d(4, 4, 3, 2, 1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU())
+        self.fc = nn.Linear(4 * 7 * 7, 5)
+
+    def forward(self, x):
+        h = self.features(x)
+        return self.fc(h.view(h.size(0), -1))
+
+
+@compiled
+def test_a_forward_that_views_an_activation_runs_contiguous_with_a_warning(monkeypatch):
+    model = _ViewingNet().double()
+    assert fl.runs_channels_last(fl.fuse(model))
+    T = 3
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(T, 5, 1, 28, 28, generator=g, dtype=torch.float64), torch.randint(0, 5, (T, 5), generator=g),
+             torch.randn(T, 6, 1, 28, 28, generator=g, dtype=torch.float64), torch.randint(0, 5, (T, 6), generator=g))
+
+    def meta_gradient():
+        torch.manual_seed(1)  # the same dropout masks both ways: the failed attempt's draws are undone
+        model.zero_grad()
+        xs, ys, xq, yq = batch
+        im.imaml(model, xs, ys, F.cross_entropy, inner_steps=2, cg_steps=2, batching="vmap").loss(xq, yq).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    with pytest.warns(RuntimeWarning, match=r"calls \.view on an activation.*\.reshape or \.flatten"):
+        got = meta_gradient()
+    monkeypatch.setattr(im.functional, "runs_channels_last", lambda runner: False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*calls .view on an activation")
+        want = meta_gradient()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
 def test_models_whose_every_batch_norm_is_fused_without_pooling_run_channels_last():
     assert fl.runs_channels_last(fl.fuse(models.OmniglotConvNet(ways=5)))
     assert not fl.runs_channels_last(fl.fuse(models.Conv4(ways=5)))  # pooled: the plane kernel
@@ -405,6 +477,15 @@ def test_a_switch_restores_the_value_it_found_however_the_block_ends():
                 assert not batching.CHANNELS_LAST.get()
                 raise KeyError
         assert batching.CHANNELS_LAST.get()
+    assert not batching.CHANNELS_LAST.get()
+
+
+def test_a_switch_set_in_one_context_and_left_in_another_does_not_raise():
+    import contextvars
+    from imaml_ext import batching
+    block = batching.CHANNELS_LAST.set(True)
+    contextvars.copy_context().run(block.__enter__)
+    block.__exit__(None, None, None)  # here, not in the context it was entered in
     assert not batching.CHANNELS_LAST.get()
 
 

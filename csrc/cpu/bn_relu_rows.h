@@ -85,7 +85,7 @@ void forward(int64_t R, int64_t C, const scalar_t* x, const scalar_t* weight, co
   std::vector<scalar_t> a(C), b(C);
   for (int64_t c = 0; c < C; ++c) {
     const double mu = s[c] / R, dm = mu - m[c];
-    const double var = std::max(0.0, m2[c] - R * dm * dm) / R;
+    const double var = std::max(m2[c] - R * dm * dm, 0.0) / R;  // NaN (an inf in x) stays NaN
     const double invstd = 1.0 / std::sqrt(var + eps);
     mean_out[c] = m[c];
     invstd_out[c] = static_cast<scalar_t>(invstd);
