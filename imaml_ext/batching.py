@@ -162,7 +162,8 @@ class _TaskConv2d(_UnderVmapOnly):
         T = info.batch_size
         w = _task_dim(weight, in_dims[1], T, 0)
         folded, w = _fold(x, in_dims[0], T), w.reshape(-1, *w.shape[2:])
-        if folded.device.type == "cpu" and CHANNELS_LAST.get():
+        channels_last = folded.device.type == "cpu" and CHANNELS_LAST.get()
+        if channels_last:
             # oneDNN then writes the output channels-last too: the layout carries from layer to
             # layer.  It wants the weight channels-last as well: copied once here, not again in
             # every backward and second derivative that reads it.
@@ -175,6 +176,8 @@ class _TaskConv2d(_UnderVmapOnly):
         else:
             conf = (_pair(stride), _pair(padding), _pair(dilation), groups * T)
             out = _GroupedConv2d.apply(*args, conf)
+        if channels_last:  # an input of one channel in all (T·C_in = 1) is both layouts, and oneDNN picks NCHW
+            out = out.contiguous(memory_format=torch.channels_last)
         return _unfold(out, T)
 
 

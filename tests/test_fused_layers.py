@@ -417,6 +417,22 @@ def test_unfused_and_the_environment_switch_turn_fusion_off(monkeypatch):
     assert not calls
 
 
+@compiled
+def test_one_task_with_one_input_channel_runs_channels_last_too(monkeypatch):
+    """T = 1 and a 1-channel image: the first folded convolution's input is both layouts."""
+    model = models.OmniglotConvNet(ways=5).double()
+    g = torch.Generator().manual_seed(2)
+    batch = (torch.randn(1, 5, 1, 28, 28, generator=g, dtype=torch.float64), torch.randint(0, 5, (1, 5), generator=g),
+             torch.randn(1, 6, 1, 28, 28, generator=g, dtype=torch.float64), torch.randint(0, 5, (1, 6), generator=g))
+    layouts = []
+    op = fl._op
+    monkeypatch.setattr(fl, "_op", lambda *a: layouts.append(fl._layout(a[0], a[4])) or op(*a))
+    fused = _meta_gradient(model, batch, "imaml", "vmap")
+    assert layouts and set(layouts) == {torch.channels_last}
+    monkeypatch.setenv(fl.DISABLE_ENV, "1")
+    torch.testing.assert_close(fused, _meta_gradient(model, batch, "imaml", "vmap"), rtol=1e-11, atol=1e-13)
+
+
 class _ViewingNet(nn.Module):
     """A stride-2 net whose forward flattens with .view, as many users write it, and
     draws dropout masks before that."""
