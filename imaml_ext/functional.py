@@ -17,6 +17,7 @@ constants shared by all tasks.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -36,6 +37,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: What ``Tensor.view`` says of a tensor whose strides it cannot view: a forward
 #: that assumes contiguous activations (TaskLoss then runs it without channels-last).
 _CONTIGUOUS_VIEW_FAILURE = "view size is not compatible with input tensor's size and stride"
+#: Models whose forward failed so: later TaskLosses of them run contiguous from the start.
+_VIEWS_ACTIVATIONS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def check_module(model: nn.Module) -> None:
@@ -86,7 +89,7 @@ class TaskLoss:
         # the module tree that runs: batch-norm, ReLU and max-pool fused (fused_layers)
         self.runner = fused_for(model, self.device)
         # its folded convolutions' activations channels-last where every layer after them takes that layout
-        self.channels_last = runs_channels_last(self.runner)
+        self.channels_last = runs_channels_last(self.runner) and model not in _VIEWS_ACTIVATIONS
         trainable = set(self.layout.names)
         self.constants: Dict[str, torch.Tensor] = {
             n: p for n, p in model.named_parameters() if n not in trainable}
@@ -112,6 +115,7 @@ class TaskLoss:
             # the forward views an activation as if it were contiguous: from now on it runs
             # contiguous, the random draws of the failed attempt undone
             self.channels_last = False
+            _VIEWS_ACTIVATIONS.add(self.model)
             warnings.warn(
                 "imaml_ext: the model's forward calls .view on an activation that imaml_ext keeps "
                 f"channels-last on the CPU ({str(e).splitlines()[0]}); it now runs with contiguous "

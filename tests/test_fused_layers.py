@@ -467,6 +467,12 @@ def test_a_forward_that_views_an_activation_runs_contiguous_with_a_warning(monke
 
     with pytest.warns(RuntimeWarning, match=r"calls \.view on an activation.*\.reshape or \.flatten"):
         got = meta_gradient()
+    # the model is remembered: the next meta-batch runs contiguous from the start
+    layouts = []
+    op = fl._op
+    monkeypatch.setattr(fl, "_op", lambda *a: layouts.append(fl._layout(a[0], a[4])) or op(*a))
+    torch.testing.assert_close(meta_gradient(), got, rtol=1e-12, atol=1e-14)
+    assert layouts and set(layouts) == {torch.contiguous_format}
     monkeypatch.setattr(im.functional, "runs_channels_last", lambda runner: False)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*calls .view on an activation")
