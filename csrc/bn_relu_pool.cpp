@@ -110,7 +110,7 @@ Dims check_backward(const at::Tensor& grad, const at::Tensor& x, const std::opti
 
 // Without pooling, a channels-last x runs the row kernels (cpu/bn_relu_rows.h)
 // and every x-shaped tensor in and out is channels-last; otherwise all are
-// contiguous.  fused_layers._channels_last is the same rule in Python.
+// contiguous.  fused_layers._layout is the same rule in Python.
 bool channels_last(const at::Tensor& x, int64_t k) {
   return k == 1 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }

@@ -103,28 +103,27 @@ class TaskLoss:
         tensors = self.layout.unflatten(phi_t)
         tensors.update(self.constants)
         follow_modes(self.runner)
-        if not (self.channels_last and fusion_enabled()):
-            return functional_call(self.runner, tensors, (x_t,))
-        rng = torch.get_rng_state()
-        try:
-            with _batching.CHANNELS_LAST.set(True):
-                out = functional_call(self.runner, tensors, (x_t,))
-        except RuntimeError as e:
-            if _CONTIGUOUS_VIEW_FAILURE not in str(e):
-                raise
-            # the forward views an activation as if it were contiguous: from now on it runs
-            # contiguous, the random draws of the failed attempt undone
-            self.channels_last = False
-            _VIEWS_ACTIVATIONS.add(self.model)
-            warnings.warn(
-                "imaml_ext: the model's forward calls .view on an activation that imaml_ext keeps "
-                f"channels-last on the CPU ({str(e).splitlines()[0]}); it now runs with contiguous "
-                "activations, which is slower for this model. Use .reshape or .flatten there instead "
-                "of .view to keep the faster layout.", RuntimeWarning, stacklevel=2)
-            torch.set_rng_state(rng)
-            return functional_call(self.runner, tensors, (x_t,))
-        # what leaves the model has the usual layout, for a loss that views it
-        return out.contiguous() if out.dim() == 4 else out
+        if self.channels_last and fusion_enabled():
+            rng = torch.get_rng_state()
+            try:
+                with _batching.CHANNELS_LAST.set(True):
+                    out = functional_call(self.runner, tensors, (x_t,))
+                # what leaves the model has the usual layout, for a loss that views it
+                return out.contiguous() if out.dim() == 4 else out
+            except RuntimeError as e:
+                if _CONTIGUOUS_VIEW_FAILURE not in str(e):
+                    raise
+                # the forward views an activation as if it were contiguous: from now on it runs
+                # contiguous (below), the random draws of the failed attempt undone
+                self.channels_last = False
+                _VIEWS_ACTIVATIONS.add(self.model)
+                warnings.warn(
+                    "imaml_ext: the model's forward calls .view on an activation that imaml_ext keeps "
+                    f"channels-last on the CPU ({str(e).splitlines()[0]}); it now runs with contiguous "
+                    "activations, which is slower for this model. Use .reshape or .flatten there instead "
+                    "of .view to keep the faster layout.", RuntimeWarning, stacklevel=2)
+                torch.set_rng_state(rng)
+        return functional_call(self.runner, tensors, (x_t,))
 
     def per_task_outputs(self, phi_t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         """One task's model outputs ``model_phi_t(x_t)``, a pure function of ``phi_t`` [P]."""

@@ -369,11 +369,11 @@ def _autograd_backward(ctx, grad, *_unused):
     x, weight, bias, mean, invstd, index, xmax = ctx.saved_tensors
     if under_transform(grad) or _has_tangent(grad):  # is_grads_batched, forward-mode AD: no rules for those
         return (*_layers_vjp(grad, x, weight, bias, ctx.eps, ctx.kernel), None, None)
+    grad = grad.contiguous(memory_format=_layout(x, ctx.kernel))
     if torch.is_grad_enabled():  # create_graph=True
-        found = _LayerBackward.apply(grad.contiguous(memory_format=_layout(x, ctx.kernel)), x, weight, bias, mean, invstd, index, xmax, ctx.eps,
-                                     ctx.kernel)
+        found = _LayerBackward.apply(grad, x, weight, bias, mean, invstd, index, xmax, ctx.eps, ctx.kernel)
     else:
-        found = _backward_op(grad.contiguous(memory_format=_layout(x, ctx.kernel)), x, weight, mean, invstd, index, xmax, ctx.kernel)
+        found = _backward_op(grad, x, weight, mean, invstd, index, xmax, ctx.kernel)
     grad_x, grad_w, grad_b = found
     return (grad_x, None if weight is None else grad_w, None if bias is None else grad_b, None, None)
 
@@ -553,10 +553,10 @@ def runs_channels_last(runner: nn.Module) -> bool:
     and every batch-norm in it is a :class:`BnReluPool` without pooling, whose
     CPU kernel has a channels-last path (PyTorch's batch-norm double backward
     is slow on that layout, and the pooling kernel reads contiguous planes)."""
-    kinds = [m for m in runner.modules() if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._NormBase, BnReluPool))]
-    return (any(isinstance(m, nn.Conv2d) for m in kinds) and any(isinstance(m, BnReluPool) for m in kinds)
-            and all(m.kernel == 1 for m in kinds if isinstance(m, BnReluPool))
-            and not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in kinds))
+    modules = list(runner.modules())
+    fused = [m for m in modules if isinstance(m, BnReluPool)]
+    return (bool(fused) and all(m.kernel == 1 for m in fused) and any(isinstance(m, nn.Conv2d) for m in modules)
+            and not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in modules))
 
 
 def _cpu_kernel_loaded() -> bool:

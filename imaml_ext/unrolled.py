@@ -51,9 +51,11 @@ from .inner_optim import OPTIMIZERS, SGD, InnerOptimizer, LearningRate, make_opt
 from .validation import (check_batching, check_positive, check_steps, check_task_batch, deprecated_alias,
                          is_integer)
 
-__all__ = ["maml", "reptile_grad", "plan_checkpoints", "CheckpointSchedule", "MODES", "INNER_SOLVERS"]
+__all__ = ["maml", "reptile_grad", "plan_checkpoints", "CheckpointSchedule", "MODES", "COMPILED_MODES", "INNER_SOLVERS"]
 
 MODES = ("full", "first_order", "checkpointed")
+#: The modes whose inner steps keep no graph, which ``batching="compiled"`` compiles.
+COMPILED_MODES = ("first_order", "checkpointed")
 INNER_SOLVERS = OPTIMIZERS
 _HINT = "lower inner_lr, or check the data and loss_fn"
 
@@ -458,7 +460,7 @@ def maml(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     check_batching(batching)
-    if batching == "compiled" and mode == "full":
+    if batching == "compiled" and mode not in COMPILED_MODES:
         raise ValueError("batching='compiled' compiles the inner steps' gradients that keep no graph; "
                          "mode='full' differentiates through every step and has none: use batching='vmap'")
     task_loss = TaskLoss(model, loss_fn)

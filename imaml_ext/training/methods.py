@@ -29,7 +29,7 @@ from ..adapted import Adapted
 from ..functional import TaskLoss
 from ..implicit import imaml
 from ..inner import solve_gd, solve_hf
-from ..unrolled import maml
+from ..unrolled import COMPILED_MODES, maml
 
 if TYPE_CHECKING:  # pragma: no cover
     from .experiment import TrainConfig
@@ -98,7 +98,8 @@ class Method:
     def check_batching(self, batching: str) -> None:
         """ValueError where this method cannot run its tasks as ``batching`` says: full MAML
         has no graph-free inner steps for ``"compiled"`` to compile."""
-        if batching == "compiled" and self.options.get("mode") == "full":
+        mode = self.options.get("mode")
+        if batching == "compiled" and mode is not None and mode not in COMPILED_MODES:
             raise ValueError(f"--batching compiled compiles the inner steps that keep no graph; method "
                              f"{self.name!r} (full MAML) differentiates through every step: use --batching vmap")
 
