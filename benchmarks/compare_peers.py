@@ -52,7 +52,8 @@ range) of the per-round ratio peer / imaml_ext.
 Memory (``--memory``): each variant runs in a fresh process that first
 builds the model and data; reported is the peak above what the process held
 then: on the CPU the peak RSS of a first meta-batch (Linux VmHWM, reset
-through /proc/self/clear_refs just before) and, with glibc, the peak of the
+through /proc/self/clear_refs just before, after the memory that malloc
+kept from building the data is given back) and, with glibc, the peak of the
 bytes malloc holds for the program during a second one, sampled after every
 PyTorch operator (``imaml_ext.cpu_malloc.heap_stats``: it leaves out
 freed memory that malloc keeps, which the RSS counts); on CUDA
@@ -82,7 +83,7 @@ sys.path.insert(0, HERE)
 import peer_loops as pl  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from imaml_ext.batching import BATCHING_MODES  # noqa: E402
-from imaml_ext.cpu_malloc import heap_stats  # noqa: E402
+from imaml_ext.cpu_malloc import heap_stats, release_freed_memory  # noqa: E402
 
 MB = 2.0 ** 20
 WORKS = ("imaml", "full", "first_order", "checkpointed")
@@ -364,6 +365,9 @@ def run_point(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
     else:
+        # what building the data freed and malloc keeps would otherwise be reused without
+        # counting: more of it at small T, where the data took less (RESULTS.md, "trim")
+        release_freed_memory()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
         start = _vm("VmRSS")

@@ -32,7 +32,9 @@ meta-batch was 28–44 % lower (RESULTS.md, "exact-fit").  Without the
 compiled CPU ops only the malloc settings apply.
 
 The cost is memory: the process's resident memory stays near its peak
-instead of falling after each meta-batch.  :class:`imaml_ext.functional.TaskLoss`
+instead of falling after each meta-batch; :func:`release_freed_memory`
+gives the freed part back to the system when that matters (after training,
+or before measuring a peak).  :class:`imaml_ext.functional.TaskLoss`
 calls it once per process for models on the CPU; setting the environment
 variable ``IMAML_EXT_SYSTEM_MALLOC=1`` keeps glibc's defaults and PyTorch's
 allocator.  On a C library other than glibc it does nothing.
@@ -45,7 +47,8 @@ import functools
 import os
 from typing import Optional
 
-__all__ = ["reuse_freed_memory", "exact_fit_allocator", "heap_stats", "DISABLE_ENV"]
+__all__ = ["reuse_freed_memory", "release_freed_memory", "exact_fit_allocator", "heap_stats",
+           "DISABLE_ENV"]
 
 DISABLE_ENV = "IMAML_EXT_SYSTEM_MALLOC"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, <malloc.h>
@@ -92,6 +95,15 @@ def reuse_freed_memory() -> bool:
             if _applied:
                 exact_fit_allocator(True)
     return _applied
+
+
+def release_freed_memory() -> bool:
+    """Give the memory that malloc keeps for reuse back to the system
+    (glibc's ``malloc_trim(0)``, which also releases the free pages inside the
+    heap, not only at its top); True if any was released.  The next tensors
+    that need it page-fault it in again.  False without glibc."""
+    libc = _glibc()
+    return bool(libc is not None and libc.malloc_trim(0))
 
 
 def exact_fit_allocator(on: Optional[bool] = None) -> bool:

@@ -123,3 +123,31 @@ def test_exact_fit_blocks_are_aligned_freed_by_their_own_allocator_and_seen_by_t
         assert ones and ones[0].cpu_memory_usage == 4 * 1000 * 1000
     finally:
         cpu_malloc.exact_fit_allocator(was)
+
+
+# A 256 MiB tensor, written (so its pages are resident), then freed; prints the
+# resident set in KiB with the tensor, after freeing it, and after
+# release_freed_memory(), and what that returned.
+RELEASE = textwrap.dedent("""
+    import torch
+    from imaml_ext import cpu_malloc
+    def rss():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    assert cpu_malloc.reuse_freed_memory()
+    t = torch.ones(256 * 2 ** 20 // 4)
+    held = rss()
+    del t
+    freed = rss()
+    released = cpu_malloc.release_freed_memory()
+    print(held, freed, rss(), released)
+""")
+
+
+def test_freed_memory_stays_resident_until_released():
+    if im.cpu_malloc.heap_stats() is None:
+        pytest.skip("the C library is not glibc: cpu_malloc does nothing there")
+    held, freed, after, released = probe(RELEASE, IMAML_EXT_SYSTEM_MALLOC="")
+    mib = 1024  # KiB
+    assert int(freed) > int(held) - 16 * mib  # kept for reuse: still resident
+    assert int(freed) - int(after) > 240 * mib and released == "True"
