@@ -3,7 +3,7 @@
 // ReLU and a k x k max-pool of stride k, in two passes over the activation.
 //
 // x is [N, C, H, W] (a channels-last x without pooling runs the row kernels
-// of cpu/bn_relu_rows.h instead); the statistics of channel c run over its N
+// of cpu/bn_relu_rows.h instead, through cpu/isa.h); the statistics of channel c run over its N
 // planes of H x W (M = N*H*W values).  Every pass walks x in memory order (example by
 // example, the channels of one example spread over the threads), which keeps
 // the reads sequential; per-channel results are merged in example order, so
@@ -50,7 +50,8 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu/bn_relu_rows.h"
+#include "cpu/isa.h"
+#include "cpu/relu_index.h"
 
 
 namespace imaml_ext {
@@ -462,9 +463,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_p
   at::Tensor xmax = at::empty({d.k == 1 ? 0 : d.N, d.C, d.Ho, d.Wo}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool", [&] {
     if (rows) {
-      rows::forward<scalar_t>(d.count(), d.C, x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(weight),
-                              data_or_null<scalar_t>(bias), eps, out.data_ptr<scalar_t>(),
-                              mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), index.data_ptr<uint8_t>());
+      cpu::vector_kernels<scalar_t>().rows_forward(
+          d.count(), d.C, x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(weight),
+          data_or_null<scalar_t>(bias), eps, out.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+          invstd.data_ptr<scalar_t>(), index.data_ptr<uint8_t>());
       return;
     }
     forward_kernel<scalar_t>(d, x.const_data_ptr<scalar_t>(), weight, bias, eps,
@@ -493,10 +495,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const scalar_t* mean_p = mean.contiguous().const_data_ptr<scalar_t>();
     const scalar_t* invstd_p = invstd.contiguous().const_data_ptr<scalar_t>();
     if (rows) {
-      rows::backward<scalar_t>(d.count(), d.C, grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                               data_or_null<scalar_t>(weight), mean_p, invstd_p, index.const_data_ptr<uint8_t>(),
-                               grad_x.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(),
-                               grad_bias.data_ptr<scalar_t>());
+      cpu::vector_kernels<scalar_t>().rows_backward(
+          d.count(), d.C, grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+          data_or_null<scalar_t>(weight), mean_p, invstd_p, index.const_data_ptr<uint8_t>(),
+          grad_x.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>());
       return;
     }
     backward_kernel<scalar_t>(
@@ -539,7 +541,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cpu(
     const scalar_t* mean_p = mean.contiguous().const_data_ptr<scalar_t>();
     const scalar_t* invstd_p = invstd.contiguous().const_data_ptr<scalar_t>();
     if (rows) {
-      rows::double_backward<scalar_t>(
+      cpu::vector_kernels<scalar_t>().rows_double_backward(
           d.count(), d.C, data_or_null<scalar_t>(u), data_or_null<scalar_t>(u_w), data_or_null<scalar_t>(u_b),
           grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(weight), mean_p,
           invstd_p, index.const_data_ptr<uint8_t>(), d_grad.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(),

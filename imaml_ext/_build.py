@@ -37,6 +37,7 @@ Environment variables:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import glob
 import importlib.util
@@ -68,6 +69,10 @@ class Backend:
     build), "jit" (compiled on first use) or None.
     reason: how the backend was chosen, and what is missing if anything.
     cpu_library: the path of the loaded CPU library, or None.
+    cpu_isa: the instruction set its vector kernels run (csrc/cpu/isa.h):
+    "avx2" where ATen reports AVX2 or AVX-512, else "default" (the
+    compiler's baseline; ``ATEN_CPU_CAPABILITY=default`` forces it); None
+    without the library or for one built before it chose.
     """
 
     name: str
@@ -76,6 +81,7 @@ class Backend:
     source: Optional[str]
     reason: str
     cpu_library: Optional[str] = None
+    cpu_isa: Optional[str] = None
 
     def __str__(self) -> str:
         source = f" ({self.source})" if self.source else ""
@@ -104,7 +110,7 @@ def describe() -> str:
         f"  reason: {b.reason}",
         f"  torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
         f"Python {platform.python_version()}, {platform.system()} {platform.machine()}",
-        f"  compiled CPU ops: {'yes' if b.cpu else 'no'}; "
+        f"  compiled CPU ops: {f'yes ({b.cpu_isa} vector kernels)' if b.cpu else 'no'}; "
         f"compiled CUDA ops: {'yes' if b.cuda else 'no'}",
         f"  CPU: {_cpu_name()}, {torch.get_num_threads()} threads",
     ]
@@ -175,7 +181,17 @@ def _load() -> Backend:
                 f"(CUDA {torch.version.cuda}), set CUDA_HOME, and reinstall with "
                 "`pip install --no-build-isolation .` (or let the ops compile on first use).")
     name = "compiled-cuda+cpu" if cuda else "compiled-cpu"
-    return Backend(name, True, cuda, cpu_source, "; ".join(notes), cpu_library)
+    return Backend(name, True, cuda, cpu_source, "; ".join(notes), cpu_library, _cpu_isa(cpu_library))
+
+
+def _cpu_isa(path: str) -> Optional[str]:
+    """The instruction set the CPU library's vector kernels run (csrc/cpu_isa.cpp);
+    None for a library built before it chose one."""
+    isa = getattr(ctypes.CDLL(path), "imaml_ext_cpu_isa", None)
+    if isa is None:
+        return None
+    isa.restype = ctypes.c_char_p
+    return isa().decode()
 
 
 def _fallback(message: str) -> None:

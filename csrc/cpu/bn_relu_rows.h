@@ -1,5 +1,6 @@
 // Channels-last kernels of imaml_ext_layers::bn_relu_pool without pooling
-// (k = 1), included by bn_relu_pool.cpp, whose header states the math.
+// (k = 1), whose math bn_relu_pool.cpp's header states; compiled once per
+// instruction set (cpu/isa_kernels.h) and called through cpu::vector_kernels().
 //
 // x is [N, C, H, W] stored channels-last: R = N*H*W rows of C contiguous
 // values.  A channel's statistics run down a column, so every pass walks
@@ -9,19 +10,10 @@
 // no result depends on the number of threads.
 #pragma once
 
-#include <ATen/Parallel.h>
+#include "isa_prelude.h"
+#include "relu_index.h"
 
-#include <algorithm>
-#include <array>
-#include <cmath>
-#include <cstdint>
-#include <vector>
-
-namespace imaml_ext {
-
-// `index` value of a window whose maximum is <= 0 (ReLU passes no gradient);
-// fused_layers.INACTIVE in Python.
-constexpr uint8_t kInactive = 255;
+namespace imaml_ext::cpu::IMAML_EXT_ISA {
 
 namespace rows {
 
@@ -233,4 +225,4 @@ void double_backward(int64_t R, int64_t C, const scalar_t* u, const scalar_t* u_
 }
 
 }  // namespace rows
-}  // namespace imaml_ext
+}  // namespace imaml_ext::cpu::IMAML_EXT_ISA

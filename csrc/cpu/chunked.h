@@ -5,16 +5,16 @@
 // chunk partials of a row are then added in chunk order, so the result does not
 // depend on the number of threads. They accumulate in double for float32 and
 // float64 alike.
+//
+// Compiled once per instruction set (cpu/isa_kernels.h): at::vec::Vectorized
+// is that instruction set's.
 #pragma once
 
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
-#include <algorithm>
-#include <cstdint>
-#include <vector>
+#include "isa_prelude.h"
 
-namespace imaml_ext::cpu {
+namespace imaml_ext::cpu::IMAML_EXT_ISA {
 
 // Elements per chunk. Fixed (not derived from the thread count) so that the
 // summation order, and hence every result bit, is reproducible.
@@ -121,4 +121,4 @@ class Partials {
   std::vector<double> values_;
 };
 
-}  // namespace imaml_ext::cpu
+}  // namespace imaml_ext::cpu::IMAML_EXT_ISA
