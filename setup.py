@@ -144,8 +144,10 @@ def _extensions():
             "imaml_ext._kernels",
             _sources("csrc/*.cpp"),
             # -fno-trapping-math: lets the compiler vectorize the kernels' selects
-            # (it changes no result, only floating-point exception flags)
-            extra_compile_args={"cxx": ["-O3", "-g0", "-fno-trapping-math", *openmp]},
+            # (it changes no result, only floating-point exception flags);
+            # -ffp-contract=off: the AVX2 build of csrc/cpu/isa.h fuses no
+            # multiply-add, so it gives the baseline build's bits
+            extra_compile_args={"cxx": ["-O3", "-g0", "-fno-trapping-math", "-ffp-contract=off", *openmp]},
             extra_link_args=openmp,
         )
     ]

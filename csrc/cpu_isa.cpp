@@ -11,19 +11,19 @@ namespace imaml_ext::cpu {
 
 namespace {
 
-bool use_avx2() {
 #if IMAML_EXT_HAVE_AVX2_KERNELS
-  // "AVX2" or "AVX512" where the CPU has them and ATEN_CPU_CAPABILITY does not
-  // ask for less; "DEFAULT" otherwise.
+bool use_avx2() {
+  // ATen says "AVX2" or "AVX512" where the CPU has them and ATEN_CPU_CAPABILITY
+  // does not ask for less, but also where ATEN_CPU_CAPABILITY asks for more
+  // than the CPU has: the CPU is asked as well.
   static const bool avx2 = [] {
     const std::string capability = at::get_cpu_capability();
-    return capability == "AVX2" || capability == "AVX512";
+    return (capability == "AVX2" || capability == "AVX512") && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }();
   return avx2;
-#else
-  return false;
-#endif
 }
+#endif
 
 template <typename scalar_t>
 VectorKernels<scalar_t> choose() {

@@ -110,7 +110,7 @@ def describe() -> str:
         f"  reason: {b.reason}",
         f"  torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
         f"Python {platform.python_version()}, {platform.system()} {platform.machine()}",
-        f"  compiled CPU ops: {f'yes ({b.cpu_isa} vector kernels)' if b.cpu else 'no'}; "
+        f"  compiled CPU ops: {'no' if not b.cpu else f'yes ({b.cpu_isa} vector kernels)' if b.cpu_isa else 'yes'}; "
         f"compiled CUDA ops: {'yes' if b.cuda else 'no'}",
         f"  CPU: {_cpu_name()}, {torch.get_num_threads()} threads",
     ]
@@ -187,8 +187,9 @@ def _load() -> Backend:
 def _cpu_isa(path: str) -> Optional[str]:
     """The instruction set the CPU library's vector kernels run (csrc/cpu_isa.cpp);
     None for a library built before it chose one."""
-    isa = getattr(ctypes.CDLL(path), "imaml_ext_cpu_isa", None)
-    if isa is None:
+    try:
+        isa = ctypes.CDLL(path).imaml_ext_cpu_isa
+    except (OSError, AttributeError):
         return None
     isa.restype = ctypes.c_char_p
     return isa().decode()
@@ -301,7 +302,7 @@ def _load_jit(kind: str) -> str:
     kwargs = {}
     if kind == "cpu":
         kwargs["sources"] = sorted(glob.glob(str(src / "*.cpp")))
-        kwargs["extra_cflags"] = ["-O3", "-fno-trapping-math", *_openmp_flags()]  # as setup.py
+        kwargs["extra_cflags"] = ["-O3", "-fno-trapping-math", "-ffp-contract=off", *_openmp_flags()]  # as setup.py
         kwargs["extra_ldflags"] = _openmp_flags()
     else:
         cuda_home = cpp_extension.CUDA_HOME

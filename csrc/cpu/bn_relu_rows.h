@@ -11,7 +11,6 @@
 #pragma once
 
 #include "isa_prelude.h"
-#include "relu_index.h"
 
 namespace imaml_ext::cpu::IMAML_EXT_ISA {
 

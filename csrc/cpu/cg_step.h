@@ -2,7 +2,6 @@
 // Compiled once per instruction set (cpu/isa_kernels.h).
 #pragma once
 
-#include "../cg_state.h"
 #include "chunked.h"
 
 namespace imaml_ext::cpu::IMAML_EXT_ISA {

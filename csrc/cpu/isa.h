@@ -6,7 +6,9 @@
 // target and csrc/cpu_kernels_avx2.cpp (GCC on x86-64) for AVX2 with FMA;
 // vector_kernels() returns the AVX2 build where ATen reports AVX2 or AVX-512
 // (at::get_cpu_capability(), so ATEN_CPU_CAPABILITY=default forces the
-// baseline), else the baseline build.
+// baseline) and the CPU has AVX2, FMA and F16C, else the baseline build.
+// Both give the same bits: the build contracts no multiply-add into an FMA
+// (-ffp-contract=off, setup.py), so results do not depend on the CPU.
 #pragma once
 
 #include <cstdint>

@@ -3,7 +3,9 @@
 // that the inline functions they define, which the linker keeps one copy of,
 // are compiled for the baseline in every translation unit.  at::vec's own
 // dependencies are among them; at::vec itself, whose code lives in a
-// namespace of its instruction set, is included after the switch.
+// namespace of its instruction set, is included after the switch.  A kernel
+// header may include only at::vec, this header and other kernel headers:
+// anything else it needs belongs here.
 #pragma once
 
 #include <ATen/NumericUtils.h>
@@ -29,4 +31,6 @@
 #include <type_traits>
 #include <vector>
 
+#include "../cg_state.h"
 #include "isa.h"
+#include "relu_index.h"
