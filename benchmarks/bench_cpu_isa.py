@@ -32,22 +32,14 @@ T, P = 32, 113_221
 ROWS = (5, 32 * 64, 14, 14)
 
 
-def _median_ms(call, repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def operator_times(repeats: int) -> dict:
     """{operator: median ms} in this process, with ``"isa"`` the build that ran."""
     import torch
     import imaml_ext as im
     from imaml_ext import fused_layers as fl
     from imaml_ext import ops
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_ops import time_ms
     g = torch.Generator().manual_seed(0)
     x, r, p, hp = (torch.randn(T, P, generator=g) for _ in range(4))
     rs, th = (r * r).sum(1), torch.zeros(T)
@@ -58,7 +50,7 @@ def operator_times(repeats: int) -> dict:
     grad, u = (torch.randn(ROWS, generator=g).contiguous(memory_format=torch.channels_last) for _ in range(2))
     saved = fl._op(a, w, b, 1e-5, 1)[1:]
     calls = {
-        "cg_step_": lambda: (state.zero_(), ops.cg_step_(x, r, p, hp, rs, state, th, 1.0, 0.5)),
+        "cg_step_": lambda: ops.cg_step_(x, r, p, hp, rs, state, th, 1.0, 0.5),
         "prox_sgd_step_": lambda: ops.prox_sgd_step_(x, p, theta, 1e-3, 2.0, 0.0),
         "batched_sq_norm": lambda: ops.batched_sq_norm(x),
         "batched_dot": lambda: ops.batched_dot(x, r),
@@ -66,7 +58,9 @@ def operator_times(repeats: int) -> dict:
         "rows backward": lambda: fl._backward_op(grad, a, w, *saved, 1),
         "rows double backward": lambda: fl._double_backward_op(u, w, None, grad, a, w, *saved, 1),
     }
-    out = {name: _median_ms(call, repeats) for name, call in calls.items()}
+    resets = {"cg_step_": state.zero_}  # every task running again
+    out = {name: time_ms(call, resets.get(name, lambda: None), torch.device("cpu"), repeats, 1)[0]
+           for name, call in calls.items()}
     out["isa"] = im.backend().cpu_isa
     return out
 

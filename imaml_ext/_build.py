@@ -105,12 +105,13 @@ def backend() -> Backend:
 def describe() -> str:
     """Multi-line report: backend, torch and devices."""
     b = backend()
+    cpu = ("yes" + (f" ({b.cpu_isa} vector kernels)" if b.cpu_isa else "")) if b.cpu else "no"
     lines = [
         f"imaml_ext ops backend: {b.name}" + (f" ({b.source})" if b.source else ""),
         f"  reason: {b.reason}",
         f"  torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
         f"Python {platform.python_version()}, {platform.system()} {platform.machine()}",
-        f"  compiled CPU ops: {'no' if not b.cpu else f'yes ({b.cpu_isa} vector kernels)' if b.cpu_isa else 'yes'}; "
+        f"  compiled CPU ops: {cpu}; "
         f"compiled CUDA ops: {'yes' if b.cuda else 'no'}",
         f"  CPU: {_cpu_name()}, {torch.get_num_threads()} threads",
     ]

@@ -35,7 +35,7 @@ The cost is memory: the process's resident memory stays near its peak
 instead of falling after each meta-batch; :func:`release_freed_memory`
 gives the freed part back to the system when that matters (after training,
 or before measuring a peak).  :class:`imaml_ext.functional.TaskLoss`
-calls it once per process for models on the CPU; setting the environment
+calls :func:`reuse_freed_memory` once per process for models on the CPU; setting the environment
 variable ``IMAML_EXT_SYSTEM_MALLOC=1`` keeps glibc's defaults and PyTorch's
 allocator.  On a C library other than glibc it does nothing.
 """

@@ -4,8 +4,6 @@
 // build's code, so that no two builds define the same symbol).
 #pragma once
 
-#include <ATen/cpu/vec/vec.h>
-
 #include "adjoint_sgd_step.h"
 #include "batched_dot.h"
 #include "bn_relu_rows.h"
