@@ -60,7 +60,9 @@ freed memory that malloc keeps, which the RSS counts); on CUDA
 ``torch.cuda.max_memory_allocated`` minus what was allocated before.
 
 Profile (``--profile``): ``torch.profiler`` over one meta-batch of each
-variant, the ops with the most self time.
+variant, the ops with the most self time; on the CPU also the copies by the
+op that called them and oneDNN's own primitive times (its weight reorders
+happen inside the convolution calls).
 
     python benchmarks/compare_peers.py --threads 2 --rounds 5
     python benchmarks/compare_peers.py --works imaml --models omniglot conv4 --memory
@@ -302,6 +304,9 @@ def ab_table(switch: Callable[[bool], None], problem, args, on: str, off: str) -
 
 
 def profile(vs: List[Variant], model, batch, settings, args) -> str:
+    """Per variant: the ops with the most self time; on the CPU also the copies by
+    the op that called them (:func:`copies_by_caller`) and oneDNN's primitives
+    (:func:`onednn_primitives`), each over one meta-batch after a warm-up."""
     import torch
     from torch.profiler import ProfilerActivity, profile as prof
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
@@ -309,13 +314,91 @@ def profile(vs: List[Variant], model, batch, settings, args) -> str:
     for v in vs:
         run_variant(v, model, batch, settings)  # warm
         model.zero_grad(set_to_none=True)
-        with prof(activities=activities) as p:
+        with prof(activities=activities, record_shapes=True) as p:
             run_variant(v, model, batch, settings)
             sync(args.device)
         model.zero_grad(set_to_none=True)
         key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
         out.append(f"#### {v.name}\n\n```\n{p.key_averages().table(sort_by=key, row_limit=args.profile_rows)}\n```")
+        if args.device == "cpu":
+            out.append(copies_by_caller(p.events(), args.profile_rows))
+            out.append(onednn_primitives(lambda: run_variant(v, model, batch, settings)))
+            model.zero_grad(set_to_none=True)
     return "\n\n".join(out)
+
+
+COPY_OPS = ("aten::copy_", "aten::cat")
+
+
+def copies_by_caller(events, rows: int) -> str:
+    """Self time of the copying ops (:data:`COPY_OPS`) grouped by op, first input's
+    shape and the chain of ops above them: which layout changes a meta-batch pays."""
+    groups: Dict[tuple, List[float]] = {}
+    for e in events:
+        if e.name not in COPY_OPS:
+            continue
+        chain, parent = [], e.cpu_parent
+        while parent is not None and len(chain) < 3:
+            chain.append(parent.name.replace("aten::", ""))
+            parent = parent.cpu_parent
+        shape = list(e.input_shapes[0]) if e.input_shapes and e.input_shapes[0] else []
+        entry = groups.setdefault((e.name, str(shape), " < ".join(chain)), [0.0, 0])
+        entry[0] += e.self_cpu_time_total / 1e3
+        entry[1] += 1
+    total = sum(ms for ms, _ in groups.values())
+    lines = [f"copies by caller: {total:.1f} ms in all", "", "| ms | calls | op | shape | called from |",
+             "|---:|---:|---|---|---|"]
+    for (name, shape, chain), (ms, calls) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"| {ms:.1f} | {calls} | {name} | {shape} | {chain} |")
+    return "\n".join(lines)
+
+
+def onednn_primitives(run: Callable[[], object]) -> str:
+    """:func:`onednn_table` of oneDNN's verbose output over ``run()``.  The weight
+    reorders that oneDNN does inside a convolution call show up there and in no
+    ``torch.profiler`` row of their own."""
+    import tempfile
+    import torch
+    with tempfile.TemporaryFile(mode="w+") as captured:
+        # oneDNN prints from C++ to file descriptor 1: it is pointed at the file meanwhile
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(captured.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                run()
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        captured.seek(0)
+        return onednn_table(captured.read())
+
+
+def onednn_table(verbose: str) -> str:
+    """oneDNN's execution times in its verbose output ``verbose``, summed by primitive
+    and propagation kind, reorders by source and destination format and shape."""
+    groups: Dict[str, List[float]] = {}
+    for line in verbose.splitlines():
+        # onednn_verbose,v1,primitive,exec,cpu,<primitive>,<implementation>,<propagation>,
+        # <memory descriptors>,<attributes>,<auxiliary>,<problem>,<milliseconds>
+        fields = line.split(",")
+        if len(fields) < 13 or fields[2:4] != ["primitive", "exec"]:
+            continue
+        kind = fields[5]
+        if kind == "reorder":  # descriptors "src:f32::blocked:<format>:..." and "dst:..."
+            formats = " -> ".join(d.split(":")[4] for d in fields[8].split())
+            what = f"reorder {formats} {fields[-2]}"
+        else:
+            what = f"{kind} {fields[7]}"
+        entry = groups.setdefault(what, [0.0, 0])
+        entry[0] += float(fields[-1])
+        entry[1] += 1
+    total = sum(ms for ms, _ in groups.values())
+    lines = [f"oneDNN primitives: {total:.1f} ms in all", "", "| ms | calls | primitive |", "|---:|---:|---|"]
+    for what, (ms, calls) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"| {ms:.1f} | {calls} | {what} |")
+    return "\n".join(lines)
 
 
 # --- memory, one fresh process per variant -------------------------------------------------------
