@@ -376,8 +376,9 @@ def onednn_primitives(run: Callable[[], object]) -> str:
 
 
 def onednn_table(verbose: str) -> str:
-    """oneDNN's execution times in its verbose output ``verbose``, summed by primitive
-    and propagation kind, reorders by source and destination format and shape."""
+    """oneDNN's execution times in its verbose output ``verbose``, summed by primitive,
+    propagation kind and problem (oneDNN's shape string), reorders by source and
+    destination format and shape; the totals per primitive and propagation kind first."""
     groups: Dict[str, List[float]] = {}
     for line in verbose.splitlines():
         # onednn_verbose,v1,primitive,exec,cpu,<primitive>,<implementation>,<propagation>,
@@ -385,19 +386,25 @@ def onednn_table(verbose: str) -> str:
         fields = line.split(",")
         if len(fields) < 13 or fields[2:4] != ["primitive", "exec"]:
             continue
-        kind = fields[5]
+        kind, problem = fields[5], fields[-2]
         if kind == "reorder":  # descriptors "src:f32::blocked:<format>:..." and "dst:..."
-            formats = " -> ".join(d.split(":")[4] for d in fields[8].split())
-            what = f"reorder {formats} {fields[-2]}"
+            what = f"reorder {' -> '.join(d.split(':')[4] for d in fields[8].split())} {problem}"
         else:
-            what = f"{kind} {fields[7]}"
+            what = f"{kind} {fields[7]} {problem}"
         entry = groups.setdefault(what, [0.0, 0])
         entry[0] += float(fields[-1])
         entry[1] += 1
+    kinds: Dict[str, List[float]] = {}
+    for what, (ms, calls) in groups.items():
+        entry = kinds.setdefault(" ".join(what.split()[:2]) if not what.startswith("reorder") else "reorder",
+                                 [0.0, 0])
+        entry[0] += ms
+        entry[1] += calls
     total = sum(ms for ms, _ in groups.values())
     lines = [f"oneDNN primitives: {total:.1f} ms in all", "", "| ms | calls | primitive |", "|---:|---:|---|"]
-    for what, (ms, calls) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
-        lines.append(f"| {ms:.1f} | {calls} | {what} |")
+    for table in (kinds, groups):
+        for what, (ms, calls) in sorted(table.items(), key=lambda kv: -kv[1][0]):
+            lines.append(f"| {ms:.1f} | {calls} | {what} |")
     return "\n".join(lines)
 
 
