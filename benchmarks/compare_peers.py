@@ -602,7 +602,8 @@ def parse(argv):
                          "imaml_ext.cpu_malloc.exact_fit_allocator; the malloc settings stay)")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds after one warm-up (0: no timing)")
     ap.add_argument("--memory", action="store_true", help="peak memory, a fresh process per variant")
-    ap.add_argument("--profile", action="store_true", help="torch.profiler table per variant")
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler table per variant; on the CPU also copies by caller and oneDNN's primitives")
     ap.add_argument("--profile-rows", type=int, default=15)
     ap.add_argument("--check-tasks", type=int, default=4, help="tasks of the float64 gradient check")
     ap.add_argument("--check-tol", type=float, default=1e-10)
