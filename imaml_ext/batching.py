@@ -90,20 +90,30 @@ def _unfold(out: torch.Tensor, tasks: int):
     return out.view(out.shape[0], tasks, out.shape[1] // tasks, *out.shape[2:]), 1
 
 
-class _UnderVmapOnly(torch.autograd.Function):
+class _UnderVmapOnly:
     """A channel-wise layer that vmap runs as one ordinary call on the folded
-    ``[n, T·C, ...]`` layout (:func:`_fold`).  Autograd records the ordinary
-    call made in ``vmap``, so first and second derivatives are PyTorch's own;
-    the Function is only applied directly under vmap (:class:`_BatchedLayers`)
-    and has no backward of its own."""
+    ``[n, T·C, ...]`` layout (:func:`_fold`).  :meth:`run` takes the arguments
+    of a call whose first tensor the innermost vmap batches
+    (:func:`_directly_under_vmap`), unwraps the tensors that vmap batches and
+    calls the subclass's ``folded(T, in_dims, *args) -> (out, out_dim)`` one
+    transform level down, as torch.func does for an ``autograd.Function``'s
+    vmap staticmethod, without that path's generic argument handling (about
+    60 ms of Python per iMAML meta-batch of the Omniglot net; RESULTS.md).
+    Autograd records the ordinary call, so first and second derivatives are
+    PyTorch's own (or the folded call's own Functions')."""
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("internal error: imaml_ext's folded layers run only under torch.func.vmap")
+    @classmethod
+    def run(cls, *args):
+        from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+        functorch = torch._C._functorch
+        interpreter = retrieve_current_functorch_interpreter()
+        level = interpreter.level()
+        unwrapped = [functorch._unwrap_batched(a, level) if isinstance(a, torch.Tensor) else (a, None)
+                     for a in args]
+        with interpreter.lower():
+            out, out_dim = cls.folded(interpreter.batch_size(), tuple(d for _, d in unwrapped),
+                                      *(a for a, _ in unwrapped))
+        return functorch._add_batch_dim(out, out_dim, level)
 
 
 class _TaskBatchNorm(_UnderVmapOnly):
@@ -117,12 +127,7 @@ class _TaskBatchNorm(_UnderVmapOnly):
     """
 
     @staticmethod
-    def forward(x, weight, bias, eps):
-        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-
-    @staticmethod
-    def vmap(info, in_dims, x, weight, bias, eps):
-        T = info.batch_size
+    def folded(T, in_dims, x, weight, bias, eps):
         out = F.batch_norm(_fold(x, in_dims[0], T), None, None, _per_task_vector(weight, in_dims[1], T),
                            _per_task_vector(bias, in_dims[2], T), True, 0.0, eps)
         return _unfold(out, T)
@@ -134,12 +139,7 @@ class _TaskMaxPool2d(_UnderVmapOnly):
     the copy that vmap's rule makes to put the tasks beside the examples."""
 
     @staticmethod
-    def forward(x, kernel_size, stride, padding, dilation, ceil_mode):
-        return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
-
-    @staticmethod
-    def vmap(info, in_dims, x, kernel_size, stride, padding, dilation, ceil_mode):
-        T = info.batch_size
+    def folded(T, in_dims, x, kernel_size, stride, padding, dilation, ceil_mode):
         out = F.max_pool2d(_fold(x, in_dims[0], T), kernel_size, stride, padding, dilation,
                            ceil_mode=ceil_mode)
         return _unfold(out, T)
@@ -154,22 +154,17 @@ class _TaskConv2d(_UnderVmapOnly):
     reduction for its gradient); here the convolution adds it."""
 
     @staticmethod
-    def forward(x, weight, bias, stride, padding, dilation, groups):
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def vmap(info, in_dims, x, weight, bias, stride, padding, dilation, groups):
-        T = info.batch_size
+    def folded(T, in_dims, x, weight, bias, stride, padding, dilation, groups):
         w = _task_dim(weight, in_dims[1], T, 0)
-        folded, w = _fold(x, in_dims[0], T), w.reshape(-1, *w.shape[2:])
-        channels_last = folded.device.type == "cpu" and CHANNELS_LAST.get()
+        x_folded, w = _fold(x, in_dims[0], T), w.reshape(-1, *w.shape[2:])
+        channels_last = x_folded.device.type == "cpu" and CHANNELS_LAST.get()
         if channels_last:
             # oneDNN then writes the output channels-last too: the layout carries from layer to
             # layer.  It wants the weight channels-last as well: copied once here, not again in
             # every backward and second derivative that reads it.
-            folded = folded.contiguous(memory_format=torch.channels_last)
+            x_folded = x_folded.contiguous(memory_format=torch.channels_last)
             w = w.contiguous(memory_format=torch.channels_last)
-        args = (folded, w, _per_task_vector(bias, in_dims[2], T))
+        args = (x_folded, w, _per_task_vector(bias, in_dims[2], T))
         if isinstance(padding, str) or any(t is not None and under_transform(t) or _has_tangent(t)
                                            for t in args):
             out = F.conv2d(*args, stride, padding, dilation, groups * T)
@@ -304,7 +299,7 @@ class _BatchedLayers(TorchFunctionMode):
                 and _directly_under_vmap(args[0]):
             call = folded[1](*args, **kwargs)
             if call is not None:
-                return folded[0].apply(*call)
+                return folded[0].run(*call)
         return func(*args, **kwargs)
 
 

@@ -386,12 +386,7 @@ class _TaskBnReluPool(_UnderVmapOnly):
     with weight and bias ``[T·C]`` (per-task statistics, as T separate calls)."""
 
     @staticmethod
-    def forward(x, weight, bias, eps, kernel):
-        return _op(x, weight, bias, eps, kernel)[0]
-
-    @staticmethod
-    def vmap(info, in_dims, x, weight, bias, eps, kernel):
-        T = info.batch_size
+    def folded(T, in_dims, x, weight, bias, eps, kernel):
         return _unfold(_fused_or_layers(_fold(x, in_dims[0], T), _per_task_vector(weight, in_dims[1], T),
                                         _per_task_vector(bias, in_dims[2], T), eps, kernel), T)
 
@@ -443,7 +438,7 @@ def bn_relu_pool(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ep
     _build.backend()  # loads the compiled kernels on first use
     if path == "operator":
         return _fused_or_layers(x, weight, bias, eps, kernel)
-    return _TaskBnReluPool.apply(x, weight, bias, eps, kernel)
+    return _TaskBnReluPool.run(x, weight, bias, eps, kernel)
 
 
 class BnReluPool(nn.Module):

@@ -249,8 +249,8 @@ def test_folded_layers_run_under_vmap_and_equal_the_generic_rules(monkeypatch):
     model, (xs, ys, _, _) = make("conv4-maxpool")
     used = []
     for cls in (batching._TaskBatchNorm, batching._TaskMaxPool2d, batching._TaskConv2d):
-        monkeypatch.setattr(cls, "vmap", staticmethod(
-            lambda info, dims, *a, _orig=cls.vmap, _name=cls.__name__: used.append(_name) or _orig(info, dims, *a)))
+        monkeypatch.setattr(cls, "folded", staticmethod(
+            lambda T, dims, *a, _orig=cls.folded, _name=cls.__name__: used.append(_name) or _orig(T, dims, *a)))
 
     def derivatives():
         tl = im.maml(model, xs, ys, inner_steps=0).task_loss
