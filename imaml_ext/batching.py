@@ -98,7 +98,8 @@ class _UnderVmapOnly:
     calls the subclass's ``folded(T, in_dims, *args) -> (out, out_dim)`` one
     transform level down, as torch.func does for an ``autograd.Function``'s
     vmap staticmethod, without that path's generic argument handling (about
-    60 ms of Python per iMAML meta-batch of the Omniglot net; RESULTS.md).
+    40 ms per iMAML meta-batch of 16 inner and 5 CG steps on the Omniglot net;
+    benchmarks/bench_folded_dispatch.py).
     Autograd records the ordinary call, so first and second derivatives are
     PyTorch's own (or the folded call's own Functions')."""
 
