@@ -27,6 +27,7 @@ Environment:
 """
 
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -43,6 +44,16 @@ def _flag(name):
 
 def _say(message):
     print(f"imaml_ext setup: {message}", file=sys.stderr, flush=True)
+
+
+def _compile_flags():
+    """imaml_ext/_compile_flags.py, loaded by its path: the package itself is not
+    importable before it is built."""
+    spec = importlib.util.spec_from_file_location(
+        "imaml_ext_compile_flags", os.path.join(ROOT, "imaml_ext", "_compile_flags.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _sources(pattern):
@@ -135,19 +146,13 @@ def _extensions():
         _say(f"torch is not importable ({e}); building no extension")
         return [], {}
 
-    # at::parallel_for is a header template: the kernels must be compiled with
-    # OpenMP to run in parallel where torch uses OpenMP.
-    openmp = (["-fopenmp"] if sys.platform.startswith("linux")
-              and torch.backends.openmp.is_available() else [])
+    flags = _compile_flags()
+    openmp = flags.openmp_flags(torch)
     extensions = [
         CppExtension(
             "imaml_ext._kernels",
             _sources("csrc/*.cpp"),
-            # -fno-trapping-math: lets the compiler vectorize the kernels' selects
-            # (it changes no result, only floating-point exception flags);
-            # -ffp-contract=off: the AVX2 build of csrc/cpu/isa.h fuses no
-            # multiply-add, so it gives the baseline build's bits
-            extra_compile_args={"cxx": ["-O3", "-g0", "-fno-trapping-math", "-ffp-contract=off", *openmp]},
+            extra_compile_args={"cxx": [*flags.CPU_CFLAGS, "-g0", *openmp]},
             extra_link_args=openmp,
         )
     ]

@@ -2,7 +2,7 @@
 vmap level down (``batching._UnderVmapOnly.run``) and through torch.func's
 ``autograd.Function`` path (a Function whose vmap staticmethod is the same rule),
 switched before every meta-batch and alternated round by round in one process
-(their order swapped every other round).
+(``compare_peers.alternate``).
 
 Two problems: the Omniglot net on real data (``compare_peers``' problem, T = 32),
 and the same net with 2 channels on random images, where the convolutions cost
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,7 +29,6 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = ap.parse_args(argv)
     import torch
-    import imaml_ext as im
     from imaml_ext import batching, cpu_malloc, models
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -60,32 +58,20 @@ def main(argv=None) -> int:
     def switch(on: bool) -> None:
         batching._UnderVmapOnly.run = direct if on else classmethod(via_function)
 
-    problem = cp.parse(["--models", "omniglot"])
-    omniglot = cp.build_problem("omniglot", 32, problem)
-    torch.manual_seed(0)
     T = 32
+    problem = cp.parse(["--models", "omniglot"])
+    omniglot = cp.build_problem("omniglot", T, problem)
+    torch.manual_seed(0)
     small = (models.OmniglotConvNet(ways=5, hidden=2),
              (torch.randn(T, 5, 1, 28, 28), torch.arange(5).repeat(T, 1),
               torch.randn(T, 5, 1, 28, 28), torch.randint(0, 5, (T, 5))))
-    settings = cp.SETTINGS["imaml"]
-    print(f"{cp.machine(problem)}; iMAML, T = {T}, {settings}; {args.rounds} rounds after a warm-up\n")
+    print(f"{cp.machine(problem)}; iMAML, T = {T}, {cp.SETTINGS['imaml']}; {args.rounds} rounds after a warm-up\n")
     print("| problem | direct ms | Function path ms | difference ms | Function path / direct, per round: "
           "median (quartiles) |\n|---|---:|---:|---:|---|")
     try:
-        for name, (model, (xs, ys, xq, yq)) in (("Omniglot net, 5 + 75 images per task", omniglot),
-                                                ("2-channel net, 5 + 5 random images per task", small)):
-            seconds = {True: [], False: []}
-            for r in range(args.rounds + 1):
-                for on in ((True, False) if r % 2 == 0 else (False, True)):
-                    switch(on)
-                    model.zero_grad(set_to_none=True)
-                    start = time.perf_counter()
-                    adapted = im.imaml(model, xs, ys, torch.nn.functional.cross_entropy, lam=settings["lam"],
-                                       inner_steps=settings["steps"], inner_lr=settings["lr"],
-                                       cg_steps=settings["cg_steps"])
-                    adapted.loss(xq, yq).sum().backward()
-                    if r:
-                        seconds[on].append(time.perf_counter() - start)
+        for name, (model, batch) in (("Omniglot net, 5 + 75 images per task", omniglot),
+                                     ("2-channel net, 5 + 5 random images per task", small)):
+            seconds = cp.alternate(switch, model, batch, "imaml", args.rounds)
             d, f = (statistics.median(seconds[on]) for on in (True, False))
             ratios = sorted(b / a for a, b in zip(seconds[True], seconds[False]))
             q = len(ratios) // 4

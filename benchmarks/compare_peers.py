@@ -267,11 +267,11 @@ def ab_parser(description: str, models: List[str], rounds: int) -> argparse.Argu
     return ap
 
 
-def alternate(switch: Callable[[bool], None], model, batch, work: str, rounds: int) -> Dict[bool, float]:
+def alternate(switch: Callable[[bool], None], model, batch, work: str, rounds: int) -> Dict[bool, List[float]]:
     """imaml_ext's meta-gradient of ``work`` with ``switch(True)`` and with ``switch(False)``
     called before every meta-batch, the two alternated round by round (their order
-    swapped every other round), all in this process; the median seconds of each
-    over ``rounds`` rounds after a warm-up round."""
+    swapped every other round), all in this process; the seconds of each of the
+    ``rounds`` rounds after a warm-up round, in round order."""
     settings = SETTINGS[work]
     ours = variants(work, settings["steps"], task_chunk=0)[0]  # imaml_ext, batching="vmap"
     seconds: Dict[bool, List[float]] = {True: [], False: []}
@@ -284,7 +284,7 @@ def alternate(switch: Callable[[bool], None], model, batch, work: str, rounds: i
             model.zero_grad(set_to_none=True)
             if r:
                 seconds[on].append(elapsed)
-    return {on: statistics.median(s) for on, s in seconds.items()}
+    return seconds
 
 
 def ab_table(switch: Callable[[bool], None], problem, args, on: str, off: str) -> None:
@@ -296,7 +296,8 @@ def ab_table(switch: Callable[[bool], None], problem, args, on: str, off: str) -
         for model_name in args.models:
             model, batch = build_problem(model_name, args.tasks, problem)
             for work in args.works:
-                median = alternate(switch, model, batch, work, args.rounds)
+                median = {on: statistics.median(s)
+                          for on, s in alternate(switch, model, batch, work, args.rounds).items()}
                 print(f"| {model_name} | {work} | {median[True]:.3f} | {median[False]:.3f} | "
                       f"{median[False] / median[True]:.3f} |", flush=True)
     finally:

@@ -44,13 +44,14 @@ import importlib.util
 import os
 import platform
 import shutil
-import sys
 import threading
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from ._compile_flags import CPU_CFLAGS, openmp_flags
 
 __all__ = ["Backend", "backend", "describe"]
 
@@ -303,8 +304,8 @@ def _load_jit(kind: str) -> str:
     kwargs = {}
     if kind == "cpu":
         kwargs["sources"] = sorted(glob.glob(str(src / "*.cpp")))
-        kwargs["extra_cflags"] = ["-O3", "-fno-trapping-math", "-ffp-contract=off", *_openmp_flags()]  # as setup.py
-        kwargs["extra_ldflags"] = _openmp_flags()
+        kwargs["extra_cflags"] = [*CPU_CFLAGS, *openmp_flags(torch)]
+        kwargs["extra_ldflags"] = openmp_flags(torch)
     else:
         cuda_home = cpp_extension.CUDA_HOME
         nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
@@ -327,14 +328,6 @@ def _load_jit(kind: str) -> str:
             f"the just-in-time {kind.upper()} build failed: {_first_lines(str(e), 8)}"
         ) from None
     return str(path)
-
-
-def _openmp_flags() -> list[str]:
-    """-fopenmp where torch parallelises with OpenMP (at::parallel_for is a header
-    template, so the extension must be compiled with OpenMP to run in parallel)."""
-    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
-        return ["-fopenmp"]
-    return []
 
 
 def _first_lines(text: str, n: int) -> str:

@@ -30,6 +30,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 from torch.autograd import forward_ad
 from torch.func import vmap
 from torch.nn.modules.utils import _pair
@@ -105,7 +106,6 @@ class _UnderVmapOnly:
 
     @classmethod
     def run(cls, *args):
-        from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
         functorch = torch._C._functorch
         interpreter = retrieve_current_functorch_interpreter()
         level = interpreter.level()
@@ -251,7 +251,6 @@ def _directly_under_vmap(t: torch.Tensor) -> bool:
     functorch = torch._C._functorch
     if functorch.peek_interpreter_stack() is None or not functorch.is_batchedtensor(t):
         return False
-    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
     top = retrieve_current_functorch_interpreter()
     return top.key() == functorch.TransformType.Vmap and functorch.maybe_get_level(t) == top.level()
 
